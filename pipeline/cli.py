@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module pipeline/cmd_<area>.py exposes register(subparsers).
-COMMANDS = ["demo", "shard", "train", "evaluate", "artifacts", "objectstore", "inspect", "flows"]
+COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
