@@ -1,0 +1,339 @@
+"""Typed run configs: small sub-configs composed into one `RunConfig`.
+
+Each part of the training loop receives only its slice (model, data, optim, schedule,
+checkpoint, launch). Every config validates itself in `__post_init__` and says how to fix
+what is wrong. `RunConfig.to_dict()` / `RunConfig.from_dict()` round-trip through JSON,
+`apply_overrides(cfg, ["optim.lr=0.001", ...])` implements `--set key=value`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work; the message says which field and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}; set {name} to one of them")
+
+
+@dataclass
+class ModelConfig:
+    """Which ViT to build (`vit.create_model(name, num_classes=..., img_size=..., **overrides)`)."""
+
+    name: str = "vit_base_patch16"
+    img_size: int = 224
+    # architecture overrides passed to vit.create_model (patch_size, embed_dim, depth, num_heads,
+    # mlp_ratio, representation_size, pool, drop_rate, ...)
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def patch_size(self) -> int:
+        if "patch_size" in self.overrides:
+            return int(self.overrides["patch_size"])
+        m = re.search(r"patch(\d+)", self.name)
+        _check(m is not None, f"model.name={self.name!r} does not say its patch size; add model.overrides.patch_size")
+        return int(m.group(1))
+
+    def __post_init__(self) -> None:
+        _check(self.img_size > 0, f"model.img_size={self.img_size} must be positive")
+        p = self.patch_size
+        _check(
+            self.img_size % p == 0,
+            f"model.img_size={self.img_size} is not divisible by the patch size {p}; "
+            f"use an img_size that is a multiple of {p} (e.g. {max(p, self.img_size // p * p)})",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards are and how the stream reads them (vit.data.TrainStream)."""
+
+    url: str = ""
+    seed: int = 0
+    num_workers: int = 2
+    lanes: int = 8
+    augment: str = "pretrain"  # pretrain | finetune | none
+    label_mode: str = "auto"  # auto | softmax | sigmoid
+
+    def __post_init__(self) -> None:
+        _choice("data.augment", self.augment, ("pretrain", "finetune", "none"))
+        _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.lanes >= 1, "data.lanes must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. Paper pretraining: AdamW(0.9, 0.999), wd 0.1 (JFT) / 0.03 (I21k); fine-tune: SGD m=0.9, no wd."""
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        self.betas = tuple(float(b) for b in self.betas)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas must be two numbers in [0, 1)")
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Steps and learning-rate schedule: linear warm-up, then linear or cosine decay to end_lr_factor*lr."""
+
+    total_steps: int = 100_000
+    warmup_steps: int = 10_000
+    decay: str = "linear"  # linear | cosine
+    end_lr_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("schedule.decay", self.decay, ("linear", "cosine"))
+        _check(self.total_steps >= 1, "schedule.total_steps must be >= 1")
+        _check(
+            0 <= self.warmup_steps < self.total_steps or self.total_steps == 1,
+            f"schedule.warmup_steps={self.warmup_steps} must be < schedule.total_steps={self.total_steps}; lower it",
+        )
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base lr at optimizer step `step` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        end = self.end_lr_factor
+        if self.decay == "cosine":
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+        return end + (1 - end) * (1 - t)
+
+
+@dataclass
+class BatchConfig:
+    """global = micro_batch_size × grad_accum × world_size; grad_accum is derived at launch."""
+
+    global_batch_size: int = 4096
+    micro_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.global_batch_size >= 1 and self.micro_batch_size >= 1, "batch sizes must be >= 1")
+
+    def grad_accum(self, world_size: int) -> int:
+        per_rank = self.micro_batch_size * world_size
+        if self.global_batch_size % per_rank:
+            local = self.global_batch_size // world_size if self.global_batch_size % world_size == 0 else 0
+            hint = (
+                f"set batch.micro_batch_size to a divisor of {local} (e.g. "
+                f"{max(d for d in range(1, min(local, self.micro_batch_size) + 1) if local % d == 0)})"
+                if local
+                else f"set batch.global_batch_size to a multiple of {per_rank}"
+            )
+            raise ConfigError(
+                f"batch.global_batch_size={self.global_batch_size} is not divisible by ranks ({world_size}) x "
+                f"micro_batch_size ({self.micro_batch_size}) x accumulation; {hint}"
+            )
+        return self.global_batch_size // per_rank
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints under <run>/checkpoints/, every `every_steps` and at the end."""
+
+    every_steps: int = 1000
+    resume: str = "auto"  # auto: resume if a checkpoint exists | must: fail if none | never
+    load_universal: bool = False  # force loading through a universal checkpoint
+    keep_local: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("checkpoint.resume", self.resume, ("auto", "must", "never"))
+        _check(self.every_steps >= 1, "checkpoint.every_steps must be >= 1")
+
+
+@dataclass
+class LaunchConfig:
+    """How ranks are started (pipeline.launcher) and which engine features they use."""
+
+    nproc_per_node: int = 1
+    num_nodes: int = 1
+    hostfile: str | None = None
+    launcher: str = "pdsh"  # pdsh | openmpi | mvapich | slurm | impi
+    no_ssh: bool = False
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int = 29500
+    accelerator: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    zero_stage: int = 0
+    bind_cores_to_rank: bool = False
+    log_dir: str | None = None  # per-rank logs (default <local run dir>/logs)
+
+    def __post_init__(self) -> None:
+        _choice("launch.launcher", self.launcher, ("pdsh", "openmpi", "mvapich", "slurm", "impi"))
+        _choice("launch.accelerator", self.accelerator, ("auto", "cpu", "cuda"))
+        _choice("launch.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("launch.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check(self.nproc_per_node >= 1 and self.num_nodes >= 1, "launch.nproc_per_node and launch.num_nodes must be >= 1")
+        if self.no_ssh:
+            _check(self.node_rank is not None, "launch.no_ssh needs launch.node_rank (this node's index); pass --node-rank I")
+            _check(self.master_addr is not None, "launch.no_ssh needs launch.master_addr (node 0's address); pass --master-addr A")
+        if self.node_rank is not None:
+            _check(0 <= self.node_rank < self.num_nodes, f"launch.node_rank={self.node_rank} must be in [0, num_nodes={self.num_nodes})")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.num_nodes
+
+    def resolved_accelerator(self, *, cuda_available: bool) -> str:
+        if self.accelerator == "auto":
+            return "cuda" if cuda_available else "cpu"
+        return self.accelerator
+
+    def resolved_precision(self, accelerator: str) -> str:
+        if self.precision == "auto":
+            return "bf16" if accelerator == "cuda" else "fp32"
+        _check(
+            accelerator == "cuda" or self.precision == "fp32",
+            f"launch.precision={self.precision} needs a GPU; on CPU use launch.precision=fp32",
+        )
+        return self.precision
+
+
+SUBCONFIGS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "batch": BatchConfig,
+    "checkpoint": CheckpointConfig,
+    "launch": LaunchConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """One training run (pretrain or finetune), composed of the sub-configs above."""
+
+    preset: str = ""
+    task: str = "pretrain"  # pretrain | finetune
+    run_url: str = ""  # <root>/runs/<run-id>
+    run_id: str = ""
+    init_from: str | None = None  # finetune: anything vit.checkpoint.load_model accepts
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    seed: int = 0
+    log_every: int = 1
+    peak_flops: float | None = None  # per-rank peak FLOP/s for MFU; None: measured (CPU) / table (GPU)
+    local_dir: str | None = None  # local staging dir when run_url is s3:// (default: /tmp/vitpipe-runs/<run-id>)
+    log_keys: bool = False  # tests: write the sample keys each rank consumed per step
+    fail_at_step: int | None = None  # tests only: a rank exits with code 13 after this step
+    fail_rank: int = 0
+    parent: str | None = None  # parent run id (finetune: the pretrain run)
+
+    def __post_init__(self) -> None:
+        for name, cls in SUBCONFIGS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, prefix=name))
+        _choice("task", self.task, ("pretrain", "finetune"))
+        _check(self.log_every >= 1, "log_every must be >= 1")
+        self.batch.grad_accum(self.launch.world_size)  # raises with a fix-it message
+        _check(
+            self.batch.global_batch_size % self.launch.world_size == 0,
+            f"batch.global_batch_size={self.batch.global_batch_size} is not divisible by the {self.launch.world_size} ranks",
+        )
+
+    def check_ready(self) -> None:
+        """Checks that only matter when a run starts (presets may leave these empty)."""
+        _check(bool(self.data.url), "data.url is empty; pass --data DATASET_URL")
+        _check(bool(self.run_url), "run_url is empty; pass --out RUNS_ROOT")
+        if self.task == "finetune":
+            _check(bool(self.init_from), "task=finetune needs init_from (a run folder, model dir, timm or big_vision file)")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch.grad_accum(self.launch.world_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        return _build(cls, data, prefix="")
+
+
+def _build(cls, data: dict, *, prefix: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    where = f"{prefix}." if prefix else ""
+    _check(not unknown, f"unknown config key(s) {[where + k for k in unknown]}; known keys: {sorted(known)}")
+    return cls(**data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
+    """Return a new RunConfig with `key=value` overrides (dotted keys, JSON values) applied."""
+    data = cfg.to_dict()
+    for item in items:
+        _check("=" in item, f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.001")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            _check(isinstance(node.get(p), dict), f"--set {key}: {p!r} is not a config section; sections: {sorted(SUBCONFIGS)}")
+            node = node[p]
+        leaf = parts[-1]
+        if not (len(parts) >= 2 and parts[-2] == "overrides"):
+            _check(leaf in node, f"--set {key}: unknown key {leaf!r}; known: {sorted(node)}")
+        node[leaf] = _parse_value(text)
+    return RunConfig.from_dict(data)
+
+
+def deepspeed_config(cfg: RunConfig, *, accelerator: str) -> dict:
+    """The DeepSpeed config dict for this run (optimizer and scheduler are built by vit.train)."""
+    precision = cfg.launch.resolved_precision(accelerator)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.launch.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": cfg.checkpoint.load_universal},
+    }
+    if precision == "bf16":  # unverified on GPU
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":  # unverified on GPU
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if cfg.launch.zero_stage >= 1 and accelerator == "cuda":  # unverified on GPU
+        ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
+    return ds

@@ -1,0 +1,181 @@
+"""Run presets as code (big_vision style): each a function returning a RunConfig.
+
+Pretraining recipe, Dosovitskiy et al. 2020 ("An Image is Worth 16x16 Words"), Sec. 4.1 and
+Appendix B.1: Adam(β1=0.9, β2=0.999), weight decay 0.1 (JFT-300M) / 0.03 (ImageNet-21k),
+batch 4096, 10k-step linear warm-up then linear decay, resolution 224, pre-logits layer on.
+Fine-tuning (Sec. 4.1, Appendix B.1.1): SGD momentum 0.9, no weight decay, gradient clipping
+at global norm 1, cosine decay, batch 512, resolution 384, zero-initialised head.
+Step counts: ImageNet-21k 90 epochs (~14M images => ~310k steps at 4096); JFT-300M 7 epochs
+(~500k steps); fine-tune steps per dataset from Table 4 of the paper.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from vit.config import (
+    BatchConfig,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+)
+
+
+WIDTH = {"vit_base_patch16": 768, "vit_base_patch32": 768, "vit_large_patch16": 1024, "vit_huge_patch14": 1280}
+
+
+def _pretrain(model: str, *, weight_decay: float, lr: float, total_steps: int, preset: str) -> RunConfig:
+    return RunConfig(
+        preset=preset,
+        task="pretrain",
+        model=ModelConfig(name=model, img_size=224, overrides={"representation_size": WIDTH[model]}),
+        data=DataConfig(augment="pretrain"),
+        optim=OptimConfig(name="adamw", lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, grad_clip=1.0),
+        schedule=ScheduleConfig(total_steps=total_steps, warmup_steps=10_000, decay="linear"),
+        batch=BatchConfig(global_batch_size=4096, micro_batch_size=32),
+        checkpoint=CheckpointConfig(every_steps=5000),
+    )
+
+
+I21K_STEPS = 90 * 14_197_122 // 4096  # 90 epochs of ImageNet-21k (paper Table 3 footnote / App. B.1)
+JFT_STEPS = 7 * 303_000_000 // 4096  # 7 epochs of JFT-300M
+
+
+def i21k_vit_b16() -> RunConfig:
+    """ViT-B/16 on ImageNet-21k: lr 1e-3, wd 0.03 (paper Table 3)."""
+    return _pretrain("vit_base_patch16", weight_decay=0.03, lr=1e-3, total_steps=I21K_STEPS, preset="i21k_vit_b16")
+
+
+def i21k_vit_b32() -> RunConfig:
+    """ViT-B/32 on ImageNet-21k: lr 1e-3, wd 0.03 (paper Table 3)."""
+    return _pretrain("vit_base_patch32", weight_decay=0.03, lr=1e-3, total_steps=I21K_STEPS, preset="i21k_vit_b32")
+
+
+def i21k_vit_l16() -> RunConfig:
+    """ViT-L/16 on ImageNet-21k: lr 1e-3, wd 0.03 (paper Table 3)."""
+    return _pretrain("vit_large_patch16", weight_decay=0.03, lr=1e-3, total_steps=I21K_STEPS, preset="i21k_vit_l16")
+
+
+def jft_vit_b16() -> RunConfig:
+    """ViT-B/16 on JFT-300M: lr 8e-4, wd 0.1 (paper Table 3)."""
+    return _pretrain("vit_base_patch16", weight_decay=0.1, lr=8e-4, total_steps=JFT_STEPS, preset="jft_vit_b16")
+
+
+def jft_vit_l16() -> RunConfig:
+    """ViT-L/16 on JFT-300M: lr 4e-4, wd 0.1 (paper Table 3)."""
+    return _pretrain("vit_large_patch16", weight_decay=0.1, lr=4e-4, total_steps=JFT_STEPS, preset="jft_vit_l16")
+
+
+def jft_vit_h14() -> RunConfig:
+    """ViT-H/14 on JFT-300M: lr 3e-4, wd 0.1, 14 epochs (paper Table 3 / Table 2)."""
+    cfg = _pretrain("vit_huge_patch14", weight_decay=0.1, lr=3e-4, total_steps=2 * JFT_STEPS, preset="jft_vit_h14")
+    cfg.launch.zero_stage = 1  # 632M params: shard optimizer state across ranks
+    return cfg
+
+
+def _digits_model() -> ModelConfig:
+    return ModelConfig(
+        name="vit_tiny_patch16",
+        img_size=16,
+        overrides={"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "representation_size": 64},
+    )
+
+
+def digits_tiny() -> RunConfig:
+    """The paper's recipe shrunk to scikit-learn's digits on CPU: 16 px, patch 4, depth 4, dim 64.
+
+    Warm-up and step count scaled down so the loss falls visibly within ~100 steps.
+    """
+    return RunConfig(
+        preset="digits_tiny",
+        task="pretrain",
+        model=_digits_model(),
+        data=DataConfig(augment="none", num_workers=1, lanes=4),
+        optim=OptimConfig(name="adamw", lr=3e-3, betas=(0.9, 0.999), weight_decay=0.03, grad_clip=1.0),
+        schedule=ScheduleConfig(total_steps=120, warmup_steps=10, decay="linear"),
+        batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
+        checkpoint=CheckpointConfig(every_steps=50),
+    )
+
+
+def _finetune(
+    *, preset: str, img_size: int, total_steps: int, lr: float, warmup_steps: int = 500, model: str = "vit_base_patch16"
+) -> RunConfig:
+    return RunConfig(
+        preset=preset,
+        task="finetune",
+        init_from="",  # set by the caller (--init-from)
+        model=ModelConfig(name=model, img_size=img_size),
+        data=DataConfig(augment="finetune"),
+        optim=OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
+        schedule=ScheduleConfig(total_steps=total_steps, warmup_steps=warmup_steps, decay="cosine"),
+        batch=BatchConfig(global_batch_size=512, micro_batch_size=16),
+        checkpoint=CheckpointConfig(every_steps=1000),
+    )
+
+
+def imagenet_384_ft() -> RunConfig:
+    """Fine-tune to ImageNet-1k at 384 px: 20k steps, lr from {0.003, 0.01, 0.03, 0.06} (paper Table 4)."""
+    return _finetune(preset="imagenet_384_ft", img_size=384, total_steps=20_000, lr=0.03)
+
+
+def cifar10_384_ft() -> RunConfig:
+    """Fine-tune to CIFAR-10 at 384 px: 10k steps (paper Table 4)."""
+    return _finetune(preset="cifar10_384_ft", img_size=384, total_steps=10_000, lr=0.03)
+
+
+def cifar100_384_ft() -> RunConfig:
+    """Fine-tune to CIFAR-100 at 384 px: 10k steps (paper Table 4)."""
+    return _finetune(preset="cifar100_384_ft", img_size=384, total_steps=10_000, lr=0.03)
+
+
+def pets_384_ft() -> RunConfig:
+    """Fine-tune to Oxford-IIIT Pets at 384 px: 500 steps (paper Table 4)."""
+    return _finetune(preset="pets_384_ft", img_size=384, total_steps=500, lr=0.03, warmup_steps=50)
+
+
+def digits_tiny_ft() -> RunConfig:
+    """Fine-tune a digits_tiny run at 2x the resolution (16 -> 32 px), zero head, SGD + cosine."""
+    model = _digits_model()
+    model.img_size = 32
+    model.overrides = {"patch_size": 4}  # the rest of the architecture comes from the checkpoint
+    return RunConfig(
+        preset="digits_tiny_ft",
+        task="finetune",
+        init_from="",
+        model=model,
+        data=DataConfig(augment="none", num_workers=1, lanes=4),
+        optim=OptimConfig(name="sgd", lr=0.03, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
+        schedule=ScheduleConfig(total_steps=60, warmup_steps=5, decay="cosine"),
+        batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
+        checkpoint=CheckpointConfig(every_steps=30),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    f.__name__: f
+    for f in (
+        i21k_vit_b16,
+        i21k_vit_b32,
+        i21k_vit_l16,
+        jft_vit_b16,
+        jft_vit_l16,
+        jft_vit_h14,
+        digits_tiny,
+        imagenet_384_ft,
+        cifar10_384_ft,
+        cifar100_384_ft,
+        pets_384_ft,
+        digits_tiny_ft,
+    )
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh RunConfig for preset `name`; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
