@@ -1,0 +1,32 @@
+"""The embedded SeaweedFS store: starts, serves authenticated S3, refuses wrong keys, stops by pid."""
+from __future__ import annotations
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from pipeline.objectstore import pid_alive, start_seaweedfs
+
+
+def test_s3_fixture_serves_authenticated_s3(s3):
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="objectstore/hello.txt", Body=b"hello")
+    assert client.get_object(Bucket=s3.bucket, Key="objectstore/hello.txt")["Body"].read() == b"hello"
+    bad = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.access_key,
+                       aws_secret_access_key="wrong-secret", region_name="us-east-1")
+    with pytest.raises(ClientError):
+        bad.get_object(Bucket=s3.bucket, Key="objectstore/hello.txt")
+    assert s3.url("a/b/") == f"s3://{s3.bucket}/a/b"
+
+
+@pytest.mark.timeout(90)
+def test_second_store_runs_beside_and_stops_by_pid(s3, tmp_path):
+    store = start_seaweedfs(tmp_path / "data", access_key="k2-access", secret_key="k2-secret", buckets=("second",))
+    try:
+        assert store.endpoint != s3.endpoint
+        client = store.client()
+        client.put_object(Bucket="second", Key="x", Body=b"1")
+        assert [o["Key"] for o in client.list_objects_v2(Bucket="second")["Contents"]] == ["x"]
+    finally:
+        store.stop()
+    assert not pid_alive(store.pid)
