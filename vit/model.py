@@ -254,7 +254,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, d))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth else []
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay
         self.blocks = nn.Sequential(*[Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(d, eps=1e-6)
         rep = cfg.representation_size
