@@ -25,6 +25,7 @@ w.r.t. torch). big_vision's layout (``params/`` prefix, top-level ``pos_embeddin
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -34,6 +35,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from einops import rearrange
+
+from shards import storage
 
 from vit.model import _REGISTRY, VisionTransformer, ViTConfig
 from vit.surgery import prepare_for_finetune, resize_model
@@ -65,7 +68,7 @@ def load_state_dict_strict(model: VisionTransformer, state_dict: Mapping[str, to
     return model
 
 
-def _finish(model: VisionTransformer, *, img_size: Any, num_classes: int | None,
+def adapt_model(model: VisionTransformer, *, img_size: Any, num_classes: int | None,
             mode: str) -> VisionTransformer:
     """Resample to ``img_size`` / put a new zero head for ``num_classes``, on purpose and logged."""
     if num_classes is not None and num_classes != model.cfg.num_classes:
@@ -164,7 +167,7 @@ def from_timm_state_dict(state_dict: Mapping[str, torch.Tensor], name: str | Non
         model = VisionTransformer(cfg)
     model = model.to_empty(device="cpu")
     load_state_dict_strict(model, state_dict, source=source)
-    return _finish(model, img_size=img_size, num_classes=num_classes, mode=mode)
+    return adapt_model(model, img_size=img_size, num_classes=num_classes, mode=mode)
 
 
 # ----------------------------------------------------------------------------- google .npz
@@ -245,12 +248,13 @@ def npz_to_timm_state_dict(w: Mapping[str, np.ndarray]) -> tuple[dict[str, torch
 def load_big_vision_npz(path: str | os.PathLike, name: str | None = None, *,
                         img_size: int | tuple[int, int] | None = None, num_classes: int | None = None,
                         mode: str = "bicubic", **overrides: Any) -> VisionTransformer:
-    """A model from a google-research/vision_transformer or big_vision ``.npz`` (unscanned).
+    """A model from a google-research/vision_transformer or big_vision ``.npz`` (unscanned),
+    at a local path or ``s3://`` URL.
 
     num_heads is read from the query kernel shape; position embeddings are resampled to
     ``img_size`` with ``mode`` (use ``"scipy_linear"`` to match the official code) and logged.
     """
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     try:
         sd, heads = npz_to_timm_state_dict(arrays)
@@ -262,7 +266,8 @@ def load_big_vision_npz(path: str | os.PathLike, name: str | None = None, *,
 
 
 def save_big_vision_npz(model: VisionTransformer, path: str | os.PathLike) -> None:
-    """Write the model in the google-research/vision_transformer ``.npz`` layout (atomic)."""
+    """Write the model in the google-research/vision_transformer ``.npz`` layout (atomic;
+    local path or ``s3://`` URL)."""
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     h = model.cfg.num_heads
     out: dict[str, np.ndarray] = {
@@ -292,11 +297,10 @@ def save_big_vision_npz(model: VisionTransformer, path: str | os.PathLike) -> No
     for ours, theirs in (("pre_logits.fc", "pre_logits"), ("head", "head")):
         if f"{ours}.weight" in sd:
             out[f"{theirs}/kernel"], out[f"{theirs}/bias"] = sd[f"{ours}.weight"].T, sd[f"{ours}.bias"]
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **{k: np.ascontiguousarray(v.numpy()) for k, v in out.items()})
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v.numpy()) for k, v in out.items()})
+    storage.write_bytes(path, buf.getvalue())  # atomic, local path or s3://
 
 
-__all__ = ["load_state_dict_strict", "timm_kwargs", "to_timm_state_dict", "from_timm_state_dict",
+__all__ = ["load_state_dict_strict", "adapt_model", "timm_kwargs", "to_timm_state_dict", "from_timm_state_dict",
            "npz_to_timm_state_dict", "load_big_vision_npz", "save_big_vision_npz"]
