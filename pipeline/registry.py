@@ -81,10 +81,12 @@ def read_run(url: str) -> RunInfo:
 def list_runs(root: str, *, kind: str | None = None) -> list[RunInfo]:
     """All runs under ``root`` (oldest first); folders without a readable run.json are ignored."""
     base = runs_url(root)
-    if not storage.exists(base) and not storage.listdir(base):
+    try:
+        names = storage.listdir(base)
+    except storage.StorageNotFound:
         return []
     runs = []
-    for name in storage.listdir(base):
+    for name in names:
         name = name.rstrip("/")
         url = storage.join(base, name)
         if not storage.exists(storage.join(url, RUN_JSON)):
@@ -92,8 +94,15 @@ def list_runs(root: str, *, kind: str | None = None) -> list[RunInfo]:
         info = read_run(url)
         if kind is None or info.kind == kind:
             runs.append(info)
-    runs.sort(key=lambda r: (r.created, r.run_id))
+    runs.sort(key=_age_key)
     return runs
+
+
+def _age_key(info: RunInfo) -> tuple[str, str, str]:
+    """Oldest first: `created`, then the UTC stamp inside the run id (`<kind>-YYYYmmdd-HHMMSS-<hex>`)."""
+    parts = info.run_id.rsplit("-", 3)
+    stamp = "-".join(parts[1:3]) if len(parts) == 4 else ""
+    return info.created, stamp, info.run_id
 
 
 def latest(root: str, kind: str) -> RunInfo:
