@@ -169,3 +169,128 @@ def test_rollout_on_real_model_non_negative_and_sums_to_one():
         assert r.shape == (3, 4, 4)
         assert float(r.min()) >= 0
         assert torch.allclose(r.flatten(1).sum(-1), torch.ones(3), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _write_run(root, run_id: str, model, *, parent: str | None, rows: list[dict], eval_json: dict | None = None):
+    from vit.checkpoint import save_model
+    from vit.runs import RunFolder
+    from shards import storage
+
+    run = RunFolder.create(str(root), run_id)
+    run.start(kind="finetune" if parent else "pretrain", parent=parent)
+    save_model(model, run.url)
+    fields = list(rows[0])
+    lines = [",".join(fields)] + [",".join(str(r.get(f, "")) for f in fields) for r in rows]
+    storage.write_bytes(run.metrics, ("\n".join(lines) + "\n").encode())
+    if eval_json:
+        storage.write_json(storage.join(run.report, "eval.json"), eval_json)
+    run.finish(metrics={"top1": eval_json["top1"]} if eval_json else {})
+    return run
+
+
+def _embedded_pngs(page: str) -> dict[str, bytes]:
+    found = re.findall(r"data-file='([^']+)' src='data:image/png;base64,([^']+)'", page)
+    return {name: base64.b64decode(data) for name, data in found}
+
+
+@pytest.mark.timeout(120)
+def test_write_report_for_finetune_run_with_parent(tmp_path):
+    from vit.report import write_report
+
+    pre = _write_run(tmp_path, "pretrain-20260101-000000-aaaaaa", tiny(32), parent=None,
+                     rows=[{"step": s, "epoch": 0, "loss": 2.0 - s / 100, "lr": 1e-3, "images_per_sec": 50 + s,
+                            "mfu": 0.1} for s in range(1, 31)])
+    ft = _write_run(tmp_path, "finetune-20260101-010000-bbbbbb", tiny(48), parent=pre.run_id,
+                    rows=[{"step": s, "loss": 1.0 / s, "lr": 1e-4, "images_per_sec": 40, "top1": s / 20}
+                          for s in range(1, 11)],
+                    eval_json={"top1": 0.75, "top5": 0.95, "count": 100, "class_names": ["a"]})
+    result = write_report(ft.url)
+
+    assert result["html"] == str(tmp_path / "runs" / ft.run_id / "report" / "report.html")
+    names = {p.rsplit("/", 1)[-1] for p in result["pngs"]}
+    assert names == {"fig7_filters.png", "fig7_pos_embed.png", "fig7_attention_distance.png",
+                     "fig6_rollout.png", "curves.png"}
+    page = open(result["html"], encoding="utf-8").read()
+    embedded = _embedded_pngs(page)
+    assert set(embedded) == names
+    for url in result["pngs"]:  # the page embeds exactly the bytes of every PNG it lists
+        data = open(url, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert embedded[url.rsplit("/", 1)[-1]] == data
+
+    n = result["numbers"]
+    assert set(n["pos_embed_distance_correlation"]) == {
+        ft.run_id, f"parent {pre.run_id}", f"parent {pre.run_id} resampled to 6x6"}
+    assert n["model"]["grid"] == [6, 6] and n["model"]["patch_size"] == 8
+    ad = n["attention_distance"]
+    assert len(ad["per_layer_mean"]) == 3
+    assert all(0 <= v <= ad["max_possible"] for v in ad["per_layer_min"] + ad["per_layer_max"])
+    assert n["rollout"]["images"] == ["astronaut", "coffee", "chelsea", "rocket"]
+    assert n["training"][f"parent {pre.run_id}"]["steps"] == 30
+    assert n["training"][ft.run_id]["final_top1"] == pytest.approx(0.5)
+    assert n["eval"][ft.run_id]["top1"] == 0.75
+    assert json.load(open(tmp_path / "runs" / ft.run_id / "report" / "numbers.json"))["eval"] == n["eval"]
+    assert json.load(open(tmp_path / "runs" / ft.run_id / "report" / "eval.json"))["top1"] == 0.75  # untouched
+    assert result["html"] in result["markdown"] and "| eval (" in result["markdown"]
+
+
+@pytest.mark.timeout(120)
+def test_inspect_cli_timm_file_to_s3_and_npz_with_own_images(tmp_path, s3):
+    from PIL import Image
+    from safetensors.torch import save_file
+    import skimage.data
+
+    from pipeline.cli import main
+    from shards import storage
+    from vit.interop import save_big_vision_npz, to_timm_state_dict
+
+    torch.manual_seed(0)  # a registry shape: a bare weight file does not say num_heads
+    model = vit.create_model("vit_tiny_patch16", num_classes=5, img_size=64)
+    timm_file = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in to_timm_state_dict(model).items()}, str(timm_file))
+    out = s3.url("inspect/timm")
+    assert main(["inspect", str(timm_file), "--out", out, "--num-pcs", "8"]) == 0
+    names = set(storage.listdir(out))
+    assert {"report.html", "report.md", "numbers.json", "fig7_filters.png", "fig7_pos_embed.png",
+            "fig7_attention_distance.png", "fig6_rollout.png"} <= names
+    assert "curves.png" not in names  # a bare checkpoint has no metrics.csv
+    numbers = storage.read_json(storage.join(out, "numbers.json"))
+    assert len(numbers["filters"]["explained_top"]) == 8
+    page = storage.read_bytes(storage.join(out, "report.html")).decode()
+    assert _embedded_pngs(page)["fig7_filters.png"] == storage.read_bytes(storage.join(out, "fig7_filters.png"))
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(photos / "b_coffee.png")
+    Image.fromarray(skimage.data.chelsea()).save(photos / "a_cat.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    npz = tmp_path / "vit_tiny.npz"
+    save_big_vision_npz(model, npz)
+    local_out = tmp_path / "npz_report"
+    assert main(["inspect", str(npz), "--out", str(local_out), "--images", str(photos),
+                 "--compare", str(timm_file)]) == 0
+    numbers = json.load(open(local_out / "numbers.json"))
+    assert numbers["rollout"]["images"] == ["a_cat.jpg", "b_coffee.png"]
+    # same weights through two formats: identical pos-embed structure
+    structure = list(numbers["pos_embed_distance_correlation"].values())
+    assert len(structure) == 2 and structure[0] == pytest.approx(structure[1], abs=1e-4)
+
+
+def test_inspect_cli_errors_are_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    model_file = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+    from vit.interop import to_timm_state_dict
+
+    save_file({k: v.contiguous() for k, v in to_timm_state_dict(tiny(32)).items()}, str(model_file))
+    assert main(["inspect", str(model_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--out" in err and str(model_file) in err
+    assert main(["inspect", str(model_file), "--out", str(tmp_path / "o"), "--images", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nope" in err
+    assert not (tmp_path / "o" / "report.html").exists()

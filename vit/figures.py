@@ -231,22 +231,28 @@ def draw_attention_distance(mad: torch.Tensor, *, max_distance: float) -> Figure
 
 
 def draw_rollout(images: np.ndarray, maps: torch.Tensor, *, names: list[str]) -> Figure:
-    """Input next to input * rollout mask (mask upsampled, scaled to max 1), like Fig 6."""
+    """Input | input * rollout mask (upsampled, scaled to max 1), like Fig 6 | the map itself."""
     b = images.shape[0]
-    fig = Figure(figsize=(6, 3 * b), dpi=_DPI)
+    fig = Figure(figsize=(8, 2.8 * b), dpi=_DPI)
     size = images.shape[1:3]
     up = torch.nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     for i in range(b):
         mask = up[i].numpy()
         mask = mask / max(float(mask.max()), 1e-30)
-        ax = fig.add_subplot(b, 2, 2 * i + 1)
-        ax.imshow(images[i])
-        ax.set_title(names[i], fontsize=8)
+        panels = [
+            (images[i], names[i]),
+            ((images[i].astype(np.float32) * mask[..., None]).astype(np.uint8), "image x rollout"),
+        ]
+        for j, (picture, title) in enumerate(panels):
+            ax = fig.add_subplot(b, 3, 3 * i + j + 1)
+            ax.imshow(picture)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        ax = fig.add_subplot(b, 3, 3 * i + 3)
+        shown = ax.imshow(maps[i].numpy(), cmap="magma", interpolation="nearest")
+        ax.set_title(f"rollout over patches (max {float(maps[i].max()):.3f})", fontsize=8)
         ax.axis("off")
-        ax = fig.add_subplot(b, 2, 2 * i + 2)
-        ax.imshow((images[i].astype(np.float32) * mask[..., None]).astype(np.uint8))
-        ax.set_title("attention rollout", fontsize=8)
-        ax.axis("off")
+        fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
 
