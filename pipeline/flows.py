@@ -51,9 +51,10 @@ class TrainParams(_Params):
 
     preset: str = Field(description="run preset name in vit.presets (e.g. digits_tiny)")
     set: list[str] = Field(default_factory=list, description="config overrides key=value, e.g. schedule.total_steps=50")
-    nproc_per_node: int = Field(1, ge=1)
-    num_nodes: int = Field(1, ge=1)
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs")
+    steps: int | None = Field(None, ge=1, description="total optimizer steps (None: the preset's)")
+    nproc_per_node: int = Field(1, ge=1, description="ranks per node")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile ('HOST slots=N' lines) for multi-node runs")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"] | None = Field(None, description="multi-node launcher (default pdsh)")
     stall_timeout: float = Field(600.0, gt=0, description="seconds without a new training step before the ranks are killed and retried")
     retries: int = Field(2, ge=0, description="relaunches after a failed or stalled launch (each resumes from the last checkpoint)")
 
@@ -222,21 +223,14 @@ def shard_stage(params: DatasetParams, *, map_shards=None) -> dict:
 # ----------------------------------------------------------------------------- training stages
 
 
-def build_run_config(params: TrainParams, *, dataset_url: str, root: str, init_from: str | None = None, parent: str | None = None):
-    """The vit.config.RunConfig of a stage (preset + overrides + where data and run live)."""
-    from vit.config import apply_overrides
-    from vit.presets import get_preset
+def build_run_config(params: TrainParams, *, dataset_url: str, root: str, run_id: str, init_from: str | None = None,
+                     parent: str | None = None):
+    """The vit.config.RunConfig of a stage: preset + overrides + where the data and the run live."""
+    from pipeline.launcher import make_run_config
 
-    cfg = apply_overrides(get_preset(params.preset), list(params.set))
-    data = cfg.to_dict()
-    data["data"]["url"] = dataset_url
-    data["launch"].update(nproc_per_node=params.nproc_per_node, num_nodes=params.num_nodes, hostfile=params.hostfile)
-    if init_from is not None:
-        data["init_from"] = init_from
-    data["parent"] = parent
-    from vit.config import RunConfig
-
-    return RunConfig.from_dict(data)
+    return make_run_config(params.preset, data=dataset_url, out=root, run_id=run_id, nproc=params.nproc_per_node,
+                           steps=params.steps, hostfile=params.hostfile, launcher=params.launcher, init_from=init_from,
+                           parent=parent, sets=list(params.set))
 
 
 _RUN_SPECIFIC = ("run_url", "run_id", "local_dir")
@@ -259,15 +253,17 @@ def prepare_train_run(params: TrainParams, *, kind: str, root: str, dataset_url:
     from vit.runs import RunFolder, new_run_id
 
     lineage = dataset_lineage(dataset_url)
-    cfg = build_run_config(params, dataset_url=dataset_url, root=root, init_from=init_from, parent=parent)
+    cfg = build_run_config(params, dataset_url=dataset_url, root=root, run_id=f"{kind}-pending", init_from=init_from, parent=parent)
     fingerprint = train_fingerprint(cfg, kind=kind, lineage=lineage)
     done = find_run(root, kind=kind, fingerprint=fingerprint, complete=True)
     if done is not None:
+        if not storage.exists(storage.join(done.url, registry.FILE_INDEX)):  # crashed between complete and indexing
+            registry.write_file_index(done.url)
         return {"action": "skip", "run_id": done.run_id, "run_url": done.url, "config": cfg, "fingerprint": fingerprint, "lineage": lineage}
     unfinished = find_run(root, kind=kind, fingerprint=fingerprint, complete=False)
     run_id = unfinished.run_id if unfinished else new_run_id(kind)
     folder = RunFolder.create(root, run_id)
-    cfg.run_id, cfg.run_url = run_id, folder.url
+    cfg = build_run_config(params, dataset_url=dataset_url, root=root, run_id=run_id, init_from=init_from, parent=parent)
     storage.write_json(folder.file(INPUTS_JSON), {"fingerprint": fingerprint, "kind": kind, "parent": parent, "lineage": lineage})
     storage.write_json(folder.config, cfg.to_dict())
     folder.start(kind=kind, parent=parent, lineage=lineage)
@@ -275,11 +271,39 @@ def prepare_train_run(params: TrainParams, *, kind: str, root: str, dataset_url:
             "fingerprint": fingerprint, "lineage": lineage}
 
 
-def launch_once(cfg, *, stall_timeout: float) -> None:
-    """One launch of the ranks of ``cfg`` (raises pipeline.launcher.LaunchError on failure or stall)."""
-    from pipeline.launcher import launch
+def launch_once(cfg, *, stall_timeout: float, progress_every: float = 10.0) -> None:
+    """One launch of the ranks of ``cfg`` (raises pipeline.launcher.LaunchError on failure or stall).
 
-    launch(cfg, stall_timeout=stall_timeout)
+    While the ranks run, the newest line of the run's metrics.csv is printed every
+    ``progress_every`` seconds, so a long launch shows its progress.
+    """
+    import threading
+
+    from pipeline.launcher import launch, local_dir
+
+    metrics = os.path.join(local_dir(cfg), "metrics.csv")
+    done = threading.Event()
+
+    def watch() -> None:
+        shown = None
+        while not done.wait(progress_every):
+            try:
+                with open(metrics, encoding="utf-8") as fh:
+                    lines = fh.read().strip().splitlines()
+            except OSError:
+                continue
+            if len(lines) > 1 and lines[-1] != shown:
+                shown = lines[-1]
+                row = dict(zip(lines[0].split(","), lines[-1].split(",")))
+                shown_cols = ", ".join(f"{k}={row[k]}" for k in ("loss", "lr", "img_per_s") if k in row)
+                print(f"{cfg.run_id}: step {row.get('step', '?')}/{cfg.schedule.total_steps} {shown_cols}", flush=True)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        launch(cfg, stall_timeout=stall_timeout)
+    finally:
+        done.set()
 
 
 def complete_train_run(run_url: str) -> dict:
@@ -337,7 +361,8 @@ def evaluate_stage(params: EvalParams, *, root: str, model_run: str, dataset_url
     from vit.evaluate import EvalJob, run_eval_job, scalar_metrics
     from vit.runs import RunFolder, new_run_id
 
-    parent = registry.read_run(model_run)
+    parent = registry.resolve(model_run, root=root)
+    model_run = parent.url
     if not parent.complete:
         raise StageError(f"{model_run}: run is {parent.status}, not complete; re-run its stage first")
     lineage = dataset_lineage(dataset_url)
@@ -468,17 +493,17 @@ def pretrain(params: TrainParams, root: str, dataset_url: str) -> dict:
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(params: TrainParams, root: str, dataset_url: str, pretrain_run: str) -> dict:
-    """Fine-tune the model of run pretrain_run (URL) at the preset's resolution with a zero-initialised head."""
-    parent = registry.read_run(pretrain_run)
+def finetune(params: TrainParams, root: str, dataset_url: str, pretrain_run: str = "latest:pretrain") -> dict:
+    """Fine-tune a pretrained run (URL, run id or latest:pretrain) at the preset's resolution with a zero-initialised head."""
+    parent = registry.resolve(pretrain_run, root=root)
     if not parent.complete:
-        raise StageError(f"{pretrain_run}: pretrain run is {parent.status}; re-run pretraining first")
-    return _train_flow(params, "finetune", root, dataset_url, pretrain_run, parent.run_id)
+        raise StageError(f"{parent.url}: pretrain run is {parent.status}; re-run pretraining first")
+    return _train_flow(params, "finetune", root, dataset_url, parent.url, parent.run_id)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(params: EvalParams, root: str, model_run: str, dataset_url: str) -> dict:
-    """Evaluate a fine-tuned run on a dataset; publishes metrics, the eval table and the run report."""
+def evaluate(params: EvalParams, root: str, dataset_url: str, model_run: str = "latest:finetune") -> dict:
+    """Evaluate a fine-tuned run (URL, run id or latest:finetune) on a dataset; publishes metrics, the eval table and the run report."""
     out = evaluate_task(params, root, model_run, dataset_url)
     m = out["metrics"]
     print(f"evaluate: {out['run_id']} top1={m.get('top1')} ({'skipped, already evaluated' if out['skipped'] else 'new'})")
@@ -514,7 +539,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         datasets[name] = shard(params)
     pre = pretrain(config.pretrain, config.root, config.pretrain_data.url)
     ft = finetune(config.finetune, config.root, config.finetune_data.url, pre["run_url"])
-    ev = evaluate(config.evaluate, config.root, ft["run_url"], config.eval_data.url)
+    ev = evaluate(config.evaluate, config.root, config.eval_data.url, ft["run_url"])
     return {
         "top1": ev["metrics"].get("top1"),
         "runs": {"pretrain": pre["run_id"], "finetune": ft["run_id"], "evaluate": ev["run_id"]},

@@ -1,0 +1,173 @@
+"""`vitpipe run CONFIG.yaml` (the whole pipeline from a config file) and `vitpipe serve`
+(the scheduled deployments of deploy/prefect.yaml, served from one long-running process)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PREFECT_YAML = PROJECT_ROOT / "deploy" / "prefect.yaml"
+_TEMPLATE = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+class DeploymentFileError(ValueError):
+    """A prefect.yaml that cannot be served (names the file, the deployment and the key)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run the whole pipeline (shard -> pretrain -> finetune -> evaluate) from a YAML config",
+                                description="The config is validated before anything runs (see deploy/pipeline.example.yaml).")
+    run.add_argument("config", metavar="CONFIG.yaml")
+    run.add_argument("--check", action="store_true", help="only validate the config and print it resolved")
+    run.set_defaults(func=run_cmd)
+
+    serve = subparsers.add_parser("serve", help="serve the scheduled deployments of deploy/prefect.yaml from this process",
+                                  description="Builds flow.to_deployment(...) for each deployment in prefect.yaml (cron "
+                                  "schedules, parameters, tags) and serves them until interrupted. {{ $VAR }} in the "
+                                  "file is replaced by the environment variable VAR.")
+    serve.add_argument("--file", default=str(DEFAULT_PREFECT_YAML), help="prefect.yaml to serve (default: deploy/prefect.yaml)")
+    serve.add_argument("--only", action="append", default=None, metavar="NAME", help="serve only this deployment (repeatable)")
+    serve.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once")
+    serve.add_argument("--list", action="store_true", help="print the deployments and their next run times, then exit")
+    serve.set_defaults(func=serve_cmd)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    from pipeline.flows import ConfigFileError, load_pipeline_config
+
+    try:
+        config = load_pipeline_config(args.config)
+    except (ConfigFileError, OSError) as err:
+        print(f"vitpipe run: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(config.model_dump(), indent=2))
+        return 0
+    if config.s3_endpoint:  # entry point: ranks and workers inherit the environment
+        os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
+    from pipeline.flows import vit_pipeline
+
+    result = vit_pipeline(config)
+    print(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve / prefect.yaml
+
+
+def substitute_env(value: Any, env: dict[str, str], *, where: str) -> Any:
+    """Replace ``{{ $VAR }}`` (prefect.yaml's syntax) everywhere in ``value``; a missing VAR is an error."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env, where=f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, env, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def repl(m: re.Match) -> str:
+            if m.group(1) not in env:
+                raise DeploymentFileError(f"{where}: environment variable {m.group(1)} is not set; export it before `vitpipe serve`")
+            return env[m.group(1)]
+
+        return _TEMPLATE.sub(repl, value)
+    return value
+
+
+def read_deployments(path: str | os.PathLike, *, env: dict[str, str] | None = None, resolve: bool = True) -> list[dict]:
+    """The ``deployments`` of a prefect.yaml, checked: name, entrypoint, schedules with cron."""
+    import yaml
+
+    path = str(path)
+    with open(path, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    deployments = doc.get("deployments")
+    if not isinstance(deployments, list) or not deployments:
+        raise DeploymentFileError(f"{path}: no `deployments:` list")
+    out = []
+    for i, dep in enumerate(deployments):
+        where = f"{path}: deployments[{i}]"
+        for key in ("name", "entrypoint"):
+            if not dep.get(key):
+                raise DeploymentFileError(f"{where}: missing `{key}`")
+        where = f"{path}: deployment {dep['name']}"
+        for j, sched in enumerate(dep.get("schedules") or []):
+            if "cron" not in sched:
+                raise DeploymentFileError(f"{where}: schedules[{j}] needs `cron`")
+        if resolve:
+            dep = substitute_env(dep, os.environ if env is None else env, where=where)
+        out.append(dep)
+    return out
+
+
+def load_entrypoint(entrypoint: str):
+    """``pipeline/flows.py:vit_pipeline`` -> the flow object (imported as a module of this package)."""
+    file, _, name = entrypoint.partition(":")
+    if not name or not file.endswith(".py"):
+        raise DeploymentFileError(f"entrypoint {entrypoint!r}: expected path/to/module.py:flow_name")
+    module = importlib.import_module(file[:-3].replace("/", "."))
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise DeploymentFileError(f"entrypoint {entrypoint!r}: {file} has no flow {name!r}") from None
+
+
+def build_deployments(deployments: list[dict]) -> list:
+    """``flow.to_deployment(...)`` for each entry (cron schedules with timezones, parameters, tags)."""
+    from prefect.schedules import Cron
+
+    out = []
+    for dep in deployments:
+        flow = load_entrypoint(dep["entrypoint"])
+        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
+                     for s in dep.get("schedules") or []]
+        out.append(flow.to_deployment(
+            name=dep["name"], schedules=schedules or None, parameters=dep.get("parameters") or {},
+            tags=dep.get("tags") or [], description=dep.get("description"),
+        ))
+    return out
+
+
+def next_runs(cron: str, *, timezone: str = "UTC", after=None, count: int = 3) -> list:
+    """The next ``count`` fire times of a cron schedule after ``after`` (default now), as the Prefect
+    server's scheduler computes them."""
+    import asyncio
+    import datetime as dt
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    start = after or dt.datetime.now(dt.timezone.utc)
+    schedule = CronSchedule(cron=cron, timezone=timezone)
+    return list(asyncio.run(schedule.get_dates(n=count, start=start)))
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    try:
+        deployments = read_deployments(args.file)
+        if args.only:
+            unknown = sorted(set(args.only) - {d["name"] for d in deployments})
+            if unknown:
+                raise DeploymentFileError(f"{args.file}: no deployment named {unknown[0]!r}")
+            deployments = [d for d in deployments if d["name"] in args.only]
+        if args.list:
+            for dep in deployments:
+                for sched in dep.get("schedules") or []:
+                    tz = sched.get("timezone", "UTC")
+                    times = ", ".join(t.isoformat() for t in next_runs(sched["cron"], timezone=tz))
+                    print(f"{dep['name']} ({dep['entrypoint']}): cron {sched['cron']!r} {tz}; next: {times}")
+            return 0
+        built = build_deployments(deployments)
+    except DeploymentFileError as err:
+        print(f"vitpipe serve: {err}", file=sys.stderr)
+        return 2
+    from prefect import serve
+
+    print(f"serving {len(built)} deployment(s) from {args.file}: {', '.join(d['name'] for d in deployments)}", flush=True)
+    serve(*built, limit=args.limit)
+    return 0
