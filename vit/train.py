@@ -1,0 +1,432 @@
+"""Per-rank training entry point started by the DeepSpeed launcher.
+
+    python -m vit.train --config CONFIG_JSON_PATH_OR_URL
+
+One loop for pretraining and fine-tuning (`task`), driven by a `vit.config.RunConfig`.
+Rank 0 writes metrics.csv / TensorBoard / run.json; every rank takes part in DeepSpeed
+checkpoints, which go to `<run>/checkpoints/` (synced to object storage after each save).
+A run whose folder already holds a checkpoint resumes from the latest one, also on a
+different world size (through DeepSpeed's universal checkpoint when ZeRO shards the
+optimizer state).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import faulthandler
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from shards import storage
+from vit.config import RunConfig, deepspeed_config
+from vit.runs import RunFolder
+
+METRIC_FIELDS = ["step", "epoch", "loss", "lr", "images_per_sec", "mfu"]
+GPU_PEAK_FLOPS = {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}  # A100 dense; unverified on GPU
+FAULT_EXIT_CODE = 13
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job, read once from the launcher's environment."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 3) -> float:
+    """fp32 GEMM FLOP/s of this process (the CPU 'peak' used for the MFU estimate)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def build_model(cfg: RunConfig, *, num_classes: int) -> torch.nn.Module:
+    """Pretrain: a fresh model from the config. Finetune: load `init_from`, then prepare_for_finetune."""
+    import vit
+
+    if cfg.task == "finetune":
+        from vit.checkpoint import load_model
+
+        model = load_model(cfg.init_from)
+        return vit.prepare_for_finetune(model, num_classes=num_classes, img_size=cfg.model.img_size)
+    return vit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, **cfg.model.overrides)
+
+
+def init_head_bias_from_prior(model: torch.nn.Module, prior: torch.Tensor) -> None:
+    """Sigmoid (multi-label) head: bias = log(p / (1 - p)) of the label priors (not a fixed -10)."""
+    p = prior.double().clamp(1e-6, 1 - 1e-6)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.log(p / (1 - p)).to(model.head.bias.dtype))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices (kernels) only, as big_vision does; not on biases, norms, tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and name.endswith("weight") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.dtype.is_floating_point:  # multi-hot: sigmoid cross-entropy summed over classes
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+    return F.cross_entropy(logits.float(), targets)
+
+
+# ----------------------------------------------------------------------------- run-folder I/O
+
+
+class RunIO:
+    """Local working copy of the run folder; mirrors to storage when the run lives in s3://."""
+
+    def __init__(self, cfg: RunConfig, dist: Dist) -> None:
+        self.run = RunFolder(cfg.run_url)
+        self.remote = storage.is_s3(cfg.run_url)
+        self.local = cfg.local_dir or (f"/tmp/vitpipe-runs/{self.run.run_id}" if self.remote else cfg.run_url)
+        self.dist = dist
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.local, "checkpoints")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.local, "metrics.csv")
+
+    def pull_checkpoint(self, tag: str) -> None:
+        """Bring checkpoints/<tag> (+ latest, metrics.csv) down from storage (once per node)."""
+        if not self.remote or os.path.exists(os.path.join(self.ckpt_dir, tag)):
+            return
+        storage.copy_tree(self.run.file("checkpoints", tag), os.path.join(self.ckpt_dir, tag))
+        with open(os.path.join(self.ckpt_dir, "latest"), "w") as f:
+            f.write(tag)
+        if self.dist.rank == 0 and storage.exists(self.run.metrics):
+            storage.download_file(self.run.metrics, self.metrics_path)
+
+    def push_checkpoint(self, tag: str) -> None:
+        """Upload checkpoints/<tag> from this node, then (rank 0, after a barrier) `latest` last."""
+        if not self.remote:
+            return
+        import deepspeed.comm as dist
+
+        if self.dist.local_rank == 0:
+            storage.copy_tree(os.path.join(self.ckpt_dir, tag), self.run.file("checkpoints", tag))
+        dist.barrier()
+        if self.dist.rank == 0:
+            self.push_logs()
+            storage.write_bytes(self.run.file("checkpoints", "latest"), tag.encode())
+
+    def push_logs(self) -> None:
+        if not self.remote:
+            return
+        if os.path.exists(self.metrics_path):
+            storage.upload_file(self.metrics_path, self.run.metrics)
+        tb = os.path.join(self.local, "tb")
+        if os.path.isdir(tb):
+            storage.copy_tree(tb, self.run.tb)
+
+
+class MetricsLog:
+    """Rank 0: metrics.csv (append, trimmed to the resumed step), TensorBoard, one-line progress."""
+
+    def __init__(self, path: str, tb_dir: str, *, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(tb_dir)
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+        for k in ("loss", "lr", "images_per_sec", "mfu"):
+            self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def setup_distributed(accelerator: str) -> None:
+    import deepspeed
+
+    if accelerator == "cpu":
+        # DeepSpeed's shared-memory all-reduce is only used for inference all-reduce; not building it
+        # saves a ~2 min JIT compile on first use. Training collectives go through gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if accelerator == "cuda" else "gloo")  # nccl: unverified on GPU
+
+
+def convert_to_universal(ckpt_dir: str, tag: str) -> str:
+    """DeepSpeed checkpoint -> universal checkpoint `<tag>_universal` (for a new world size)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = f"{tag}_universal"
+    if not os.path.exists(os.path.join(ckpt_dir, out, "zero")):
+        tmp = os.path.join(ckpt_dir, out + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp, num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )
+        ds_to_universal.main(args)
+        os.replace(tmp, os.path.join(ckpt_dir, out))
+    return out
+
+
+def batches_from(stream, *, start_step: int) -> Iterator[tuple[int, int, Any]]:
+    """(global_step, epoch, batch) from `start_step` on, crossing epochs; position = f(global step)."""
+    spe = stream.steps_per_epoch
+    epoch, s = divmod(start_step, spe)
+    while True:
+        for batch in stream.batches(epoch, start_step=s):
+            yield epoch * spe + batch.step, epoch, batch
+        epoch, s = epoch + 1, 0
+
+
+def train(cfg: RunConfig, dist_info: Dist) -> dict:
+    import deepspeed
+    import deepspeed.comm as dist
+    from vit.data import TrainStream
+
+    cfg.check_ready()
+    accelerator = cfg.launch.resolved_accelerator(cuda_available=torch.cuda.is_available())
+    setup_distributed(accelerator)
+    rank, world = dist_info.rank, dist_info.world_size
+    if world != cfg.launch.world_size:  # the launcher's view wins (hostfile may differ); re-validate batch split
+        cfg.launch.nproc_per_node, cfg.launch.num_nodes = world, 1
+        cfg.batch.grad_accum(world)
+    is0 = rank == 0
+    io = RunIO(cfg, dist_info)
+    run = io.run
+
+    # --- where to start
+    tag = None if cfg.checkpoint.resume == "never" else run.latest_checkpoint()
+    if cfg.checkpoint.resume == "must" and tag is None:
+        raise SystemExit(f"[vit.train] checkpoint.resume=must but {run.checkpoints} holds no checkpoint")
+    if tag and dist_info.local_rank == 0:
+        io.pull_checkpoint(tag)
+    dist.barrier()
+    load_tag, load_universal = tag, cfg.checkpoint.load_universal
+    if tag:
+        saved_world = _saved_world_size(os.path.join(io.ckpt_dir, tag))
+        if cfg.launch.zero_stage >= 1 and (saved_world != world or load_universal):
+            if dist_info.local_rank == 0:
+                log(f"[vit.train] checkpoint {tag} was written by {saved_world} ranks, now {world}: converting to universal")
+                convert_to_universal(io.ckpt_dir, tag)
+            dist.barrier()
+            load_tag, load_universal = f"{tag}_universal", True
+    cfg.checkpoint.load_universal = load_universal
+
+    # --- data, model, engine
+    stream = TrainStream(
+        cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size, rank=rank,
+        world_size=world, seed=cfg.data.seed, num_workers=cfg.data.num_workers, lanes=cfg.data.lanes,
+        augment=cfg.data.augment, label_mode=cfg.data.label_mode,
+    )
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes=stream.num_classes)
+    if stream.multi_label:
+        init_head_bias_from_prior(model, torch.as_tensor(stream.label_prior))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.schedule.lr_factor)
+    ds_config = deepspeed_config(cfg, accelerator=accelerator)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.launch.resolved_precision(accelerator), torch.float32)
+    device = engine.device
+
+    start_step = 0
+    if tag:
+        _, client = engine.load_checkpoint(io.ckpt_dir, tag=load_tag)
+        start_step = int(client["step"])
+        if is0:
+            log(f"[vit.train] resumed from {run.checkpoints}/{tag} at step {start_step} "
+                f"(data position {client['data_position']}, saved by {client.get('world_size')} ranks, now {world})")
+
+    # --- rank-0 outputs
+    metrics = None
+    if is0:
+        storage.write_json(run.config, cfg.to_dict())
+        run.start(kind=cfg.task, parent=cfg.parent, lineage=_lineage(cfg))
+        metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step)
+    keys_file = None
+    if cfg.log_keys:
+        os.makedirs(os.path.join(io.local, "keys"), exist_ok=True)
+        keys_file = open(os.path.join(io.local, "keys", f"rank{rank}.jsonl"), "a")
+    flops_per_image = engine.module.flops_per_image()
+    peak = cfg.peak_flops or (measure_cpu_peak_flops() if accelerator == "cpu" else GPU_PEAK_FLOPS.get(
+        cfg.launch.resolved_precision(accelerator), 312e12))
+
+    # --- loop
+    accum, total = cfg.grad_accum, cfg.schedule.total_steps
+    spe = stream.steps_per_epoch
+    last_loss = float("nan")
+    if is0:
+        log(f"[vit.train] {cfg.task} {run.run_id}: {world} rank(s) x micro {cfg.batch.micro_batch_size} x accum {accum}"
+            f" = {cfg.batch.global_batch_size}; steps {start_step}->{total}; {spe} steps/epoch; {accelerator}")
+    t_last = time.perf_counter()
+    engine.train()
+    for step, epoch, batch in batches_from(stream, start_step=start_step):
+        if step >= total:
+            break
+        images = batch.images.to(device=device, dtype=dtype)
+        targets = batch.targets.to(device)
+        lr = scheduler.get_last_lr()[0]  # the lr this step uses
+        micro_losses = []
+        for x, y in zip(images.chunk(accum), targets.chunk(accum)):
+            loss = loss_fn(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(loss.detach().float())
+        loss_t = torch.stack(micro_losses).mean()
+        dist.all_reduce(loss_t)
+        last_loss = loss_t.item() / world
+        done = step + 1
+        if keys_file:
+            keys_file.write(_json_line({"step": step, "epoch": epoch, "world_size": world, "keys": list(batch.keys)}))
+            keys_file.flush()
+        if is0:
+            now = time.perf_counter()
+            ips = cfg.batch.global_batch_size / max(now - t_last, 1e-9)
+            t_last = now
+            mfu = flops_per_image * 3 * ips / (peak * world)
+            if step == 0:
+                k = stream.num_classes
+                log(f"[vit.train] first loss {last_loss:.4f} (ln K = ln {k} = {math.log(k):.4f})")
+            if done % cfg.log_every == 0 or done == total:
+                metrics.write({"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
+                               "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"})
+                log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
+        if done % cfg.checkpoint.every_steps == 0 or done == total:
+            e, s = divmod(done, spe)
+            ckpt_tag = f"step{done:08d}"
+            client_state = {"step": done, "data_position": {"epoch": e, "step": s, "seed": cfg.data.seed,
+                                                             "lanes": cfg.data.lanes}, "world_size": world}
+            engine.save_checkpoint(io.ckpt_dir, tag=ckpt_tag, client_state=client_state)
+            io.push_checkpoint(ckpt_tag)
+            if is0:
+                log(f"[vit.train] checkpoint {ckpt_tag} saved")
+        if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == cfg.fail_rank:
+            log(f"[vit.train] fault injection: rank {rank} exits with code {FAULT_EXIT_CODE} after step {done}")
+            os._exit(FAULT_EXIT_CODE)
+
+    # --- final weights, then run.json complete last
+    if keys_file:
+        keys_file.close()
+    result = {"final_loss": last_loss, "steps": total}
+    if is0:
+        metrics.close()
+        from vit.checkpoint import save_model
+
+        module = engine.module  # ZeRO-3 would need gathered params: unverified on GPU
+        save_model(module, run.url)
+        io.push_logs()
+        run.finish(status="complete", metrics=result)
+        log(f"[vit.train] done: {run.url} (final loss {last_loss:.4f})")
+    dist.barrier()
+    return result
+
+
+def _json_line(obj: dict) -> str:
+    import json
+
+    return json.dumps(obj) + "\n"
+
+
+def _saved_world_size(tag_dir: str) -> int:
+    files = [f for f in os.listdir(tag_dir) if f.endswith("optim_states.pt")]
+    if files:
+        return len(files)
+    return 1
+
+
+def _lineage(cfg: RunConfig) -> dict:
+    lineage = {"dataset_url": cfg.data.url}
+    try:
+        manifest_url = storage.join(cfg.data.url, "manifest.json")
+        lineage["manifest_sha256"] = storage.sha256_url(manifest_url)
+        lineage["source_fingerprint"] = storage.read_json(manifest_url).get("source", {}).get("fingerprint")
+    except Exception as err:  # noqa: BLE001 - lineage is informative; training already read the manifest
+        log(f"[vit.train] lineage: {err}")
+    return lineage
+
+
+def _on_sigterm(signum, frame) -> None:
+    # the launcher terminates the surviving ranks when one fails; say so in this rank's log
+    log(f"[vit.train] rank {os.environ.get('RANK', '?')} terminated by the launcher (signal {signum})")
+    os._exit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vit.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="run config JSON (path or s3:// URL)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    args = parser.parse_args(argv)
+    env = os.environ
+    dist_info = Dist(
+        rank=int(env.get("RANK", 0)),
+        local_rank=int(env.get("LOCAL_RANK", args.local_rank or 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+    )
+    if env.get("AWS_ENDPOINT_URL"):
+        storage.configure(endpoint_url=env["AWS_ENDPOINT_URL"])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # if SIGTERM arrives while blocked in a collective, the Python handler cannot run: dump stacks from C
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    cfg = RunConfig.from_dict(storage.read_json(args.config))
+    train(cfg, dist_info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
