@@ -1,0 +1,276 @@
+"""vit.data: the deterministic, elastic training stream and the exactly-once eval stream.
+
+Datasets are written here with the stock ``webdataset.TarWriter`` + a manifest.json, with
+deliberately uneven shard sizes; ranks are simulated in-process (``rank=r``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vit.data import EvalStream, TrainStream, window_order
+
+SHARD_SIZES = [37, 50, 13, 61, 44, 29, 50, 8, 70, 33]  # 395 samples, uneven on purpose
+NUM_CLASSES = 5
+
+
+def _image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
+    h, w = rng.integers(10, 24, size=2)
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_dataset(root: Path, sizes=SHARD_SIZES, *, multi_label=False, bad: dict | None = None,
+                  truncate_shard: int | None = None, seed: int = 0) -> tuple[Path, dict[str, list[int]]]:
+    """Shards + manifest; returns (root, {key: labels}). ``bad`` maps key -> 'image' | 'label'."""
+    bad = bad or {}
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    labels_of, entries, hist = {}, [], [0] * NUM_CLASSES
+    for s, n in enumerate(sizes):
+        name = f"data-{s:06d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(n):
+                key = f"s{s:02d}_{i:03d}"
+                if multi_label:
+                    labels = sorted(rng.choice(NUM_CLASSES, size=int(rng.integers(1, 4)), replace=False).tolist())
+                else:
+                    labels = [int(rng.integers(NUM_CLASSES))]
+                sample = {"__key__": key, "jpg" if i % 2 else "png": _image_bytes(rng, "JPEG" if i % 2 else "PNG"),
+                          "json": json.dumps({"labels": labels, "classes": [f"c{x}" for x in labels]}).encode()}
+                if not multi_label:
+                    sample["cls"] = str(labels[0]).encode()
+                if bad.get(key) == "image":
+                    sample["jpg" if i % 2 else "png"] = b"not an image at all"
+                if bad.get(key) == "label":
+                    sample["cls"] = b"banana"
+                    sample["json"] = b"{broken"
+                sink.write(sample)
+                labels_of[key] = labels
+                for x in labels:
+                    hist[x] += 1
+        data = (root / name).read_bytes()
+        if truncate_shard == s:
+            data = data[: len(data) // 2]
+            (root / name).write_bytes(data)
+        entries.append({"name": name, "samples": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {
+        "name": "data", "shards": entries, "num_samples": sum(sizes), "classes": [f"c{i}" for i in range(NUM_CLASSES)],
+        "label_histogram": hist, "multi_label": multi_label,
+        "source": {"kind": "test", "url": str(root), "fingerprint": "x"}, "settings": {}, "skipped": [],
+        "dropped": {}, "created": "2026-01-01T00:00:00Z",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root, labels_of
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def run_epoch(url, *, world_size, num_workers, epoch=0, start_step=0, stop_step=None, **kw):
+    """Global view of an epoch: {step: {key: image tensor}} over all ranks, plus per-rank step counts."""
+    kw = {"img_size": 8, "global_batch_size": 16, "seed": 3, "lanes": 8, "shuffle_buffer": 20} | kw
+    steps: dict[int, dict[str, torch.Tensor]] = {}
+    counts, streams = [], []
+    for rank in range(world_size):
+        stream = TrainStream(str(url), rank=rank, world_size=world_size, num_workers=num_workers, **kw)
+        streams.append(stream)
+        n = 0
+        for batch in stream.batches(epoch, start_step=start_step):
+            if stop_step is not None and batch.step >= stop_step:
+                break
+            assert batch.images.shape == (stream.local_batch_size, 3, 8, 8)
+            assert batch.images.dtype == torch.float32
+            assert len(batch.keys) == stream.local_batch_size == batch.targets.shape[0]
+            merged = steps.setdefault(batch.step, {})
+            for key, image in zip(batch.keys, batch.images):
+                assert key not in merged, f"{key} twice in step {batch.step}"
+                merged[key] = image
+            n += 1
+        counts.append(n)
+    return steps, counts, streams
+
+
+def test_order_is_independent_of_ranks_and_workers(dataset):
+    root, _ = dataset
+    reference, counts, streams = run_epoch(root, world_size=1, num_workers=0)
+    stream = streams[0]
+    assert stream.steps_per_epoch == (395 // 8) // 2 == 24
+    assert stream.dropped_per_epoch == 395 - 24 * 16
+    assert counts == [24]
+    all_keys = [k for step in reference.values() for k in step]
+    assert len(all_keys) == len(set(all_keys)) == 24 * 16  # no sample twice in an epoch
+    for world_size, num_workers in [(1, 2), (2, 0), (2, 1), (4, 2), (8, 1)]:
+        steps, counts, _ = run_epoch(root, world_size=world_size, num_workers=num_workers)
+        assert counts == [24] * world_size, (world_size, num_workers)  # every rank the same number of steps
+        assert steps.keys() == reference.keys()
+        for s in reference:
+            assert steps[s].keys() == reference[s].keys(), (world_size, num_workers, s)
+            for key, image in reference[s].items():  # same augmentation too
+                assert torch.equal(steps[s][key], image), (world_size, num_workers, s, key)
+
+
+def test_epochs_differ_and_each_covers_distinct_samples(dataset):
+    root, _ = dataset
+    e0, _, _ = run_epoch(root, world_size=1, num_workers=0, epoch=0)
+    e1, _, _ = run_epoch(root, world_size=1, num_workers=0, epoch=1)
+    order0 = [sorted(e0[s]) for s in sorted(e0)]
+    order1 = [sorted(e1[s]) for s in sorted(e1)]
+    assert order0 != order1
+    assert len({k for s in e1.values() for k in s}) == 24 * 16
+    other_seed, _, _ = run_epoch(root, world_size=1, num_workers=0, epoch=0, seed=4)
+    assert [sorted(other_seed[s]) for s in sorted(other_seed)] != order0
+
+
+def test_resume_on_fewer_ranks_continues_the_epoch(dataset):
+    root, _ = dataset
+    full, _, _ = run_epoch(root, world_size=1, num_workers=0, epoch=2)
+    k = 9
+    first, counts, _ = run_epoch(root, world_size=2, num_workers=1, epoch=2, stop_step=k)
+    assert counts == [k, k] and sorted(first) == list(range(k))
+    rest, counts, streams = run_epoch(root, world_size=1, num_workers=2, epoch=2, start_step=k)
+    assert counts == [24 - k] and sorted(rest) == list(range(k, 24))
+    seen = Counter(key for part in (first, rest) for step in part.values() for key in step)
+    assert max(seen.values()) == 1  # no sample repeated
+    assert set(seen) == {key for step in full.values() for key in step}  # none skipped
+    for s in range(24):  # and it is exactly the uninterrupted epoch, sample for sample
+        got = (first if s < k else rest)[s]
+        assert got.keys() == full[s].keys()
+        assert all(torch.equal(got[key], full[s][key]) for key in got)
+    assert streams[0].state(epoch=2, step=k) == {"epoch": 2, "step": k, "seed": 3, "lanes": 8}
+
+
+def test_resume_skips_without_decoding(dataset, monkeypatch):
+    import vit.data as data
+
+    root, _ = dataset
+    decoded = []
+    real = data.decode_sample
+    monkeypatch.setattr(data, "decode_sample", lambda sample, **kw: decoded.append(sample["__key__"]) or real(sample, **kw))
+    stream = TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, num_workers=0, seed=3,
+                         shuffle_buffer=20)
+    batches = list(stream.batches(0, start_step=20))
+    assert [b.step for b in batches] == [20, 21, 22, 23]
+    assert len(decoded) == 4 * 16  # only the emitted samples were decoded
+
+
+def test_single_label_targets_and_prior(dataset):
+    root, labels_of = dataset
+    stream = TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, num_workers=0)
+    assert not stream.multi_label and stream.num_classes == NUM_CLASSES
+    batch = next(stream.batches(0))
+    assert batch.targets.dtype == torch.long and batch.targets.shape == (16,)
+    assert batch.targets.tolist() == [labels_of[k][0] for k in batch.keys]
+    hist = json.loads((root / "manifest.json").read_text())["label_histogram"]
+    assert torch.allclose(stream.label_prior, torch.tensor(hist, dtype=torch.float32) / sum(hist))
+    # the pretraining augmentation maps pixels to [-1, 1] (mean = std = 0.5)
+    assert batch.images.min() >= -1.0 and batch.images.max() <= 1.0 and batch.images.min() < -0.5
+
+
+def test_multi_label_targets_are_multi_hot(tmp_path):
+    root, labels_of = write_dataset(tmp_path / "ml", multi_label=True)
+    stream = TrainStream(str(root), img_size=8, global_batch_size=16, rank=1, world_size=2, num_workers=1)
+    assert stream.multi_label
+    batch = next(stream.batches(0))
+    assert batch.targets.dtype == torch.float32 and batch.targets.shape == (8, NUM_CLASSES)
+    for key, row in zip(batch.keys, batch.targets):
+        assert torch.nonzero(row).flatten().tolist() == labels_of[key]
+    manifest = json.loads((root / "manifest.json").read_text())
+    expected = torch.tensor(manifest["label_histogram"], dtype=torch.float32) / manifest["num_samples"]
+    assert torch.allclose(stream.label_prior, expected)
+    with pytest.raises(ValueError, match="multi_label"):
+        TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, label_mode="softmax")
+    # single-label data can be trained with a sigmoid head: one-hot targets
+    single, labels1 = write_dataset(tmp_path / "sl", sizes=[20] * 8)
+    b = next(TrainStream(str(single), img_size=8, global_batch_size=8, rank=0, world_size=1, num_workers=0,
+                         label_mode="sigmoid").batches(0))
+    assert b.targets.shape == (8, NUM_CLASSES) and b.targets.sum(1).tolist() == [1.0] * 8
+
+
+def test_corrupt_samples_are_skipped_counted_and_ranks_stay_in_step(tmp_path):
+    bad = {"s01_004": "image", "s03_010": "label", "s05_001": "image"}
+    root, _ = write_dataset(tmp_path / "bad", bad=bad, truncate_shard=8)  # shard 8 (70 samples) cut in half
+    kw = dict(img_size=8, global_batch_size=16, seed=0, lanes=8, shuffle_buffer=20)
+    per_rank = []
+    for rank in range(2):
+        stream = TrainStream(str(root), rank=rank, world_size=2, num_workers=1, **kw)
+        batches = list(stream.batches(0))
+        per_rank.append((stream, batches))
+    assert [len(b) for _, b in per_rank] == [24, 24]
+    corrupt = [key for stream, _ in per_rank for key, _ in stream.corrupt]
+    emitted = {k for _, batches in per_rank for b in batches for k in b.keys}
+    dropped_tail = len(corrupt) - sum(1 for k in corrupt if k in bad)
+    assert {k for k in corrupt if k in bad} <= set(bad)
+    assert not (emitted & set(bad))  # a corrupt sample never reaches the model
+    # the truncated shard's missing samples were counted (unless that epoch dropped them)
+    reference = TrainStream(str(tmp_path / "bad"), rank=0, world_size=1, num_workers=0, **kw)
+    order = reference.plan.epoch_shards(0)
+    if any("data-000008" in s.url for s in order[:-2]):
+        assert dropped_tail > 0
+    for _, batches in per_rank:
+        assert all(b.images.shape[0] == 8 and torch.isfinite(b.images).all() for b in batches)
+
+
+def test_clear_errors_for_impossible_settings(dataset, tmp_path):
+    root, _ = dataset
+    with pytest.raises(ValueError, match="multiple of 8"):
+        TrainStream(str(root), img_size=8, global_batch_size=12, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="lanes 8 is not a multiple of world_size 3"):
+        TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=4, num_workers=3)
+    few, _ = write_dataset(tmp_path / "few", sizes=[30, 30, 30])
+    with pytest.raises(ValueError, match="shard-size"):
+        TrainStream(str(few), img_size=8, global_batch_size=16, rank=0, world_size=1)
+    with pytest.raises(FileNotFoundError):
+        TrainStream(str(tmp_path / "nothing"), img_size=8, global_batch_size=16, rank=0, world_size=1)
+
+
+def test_window_order_is_a_bounded_permutation():
+    order = window_order(1000, 50, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert np.abs(order - np.arange(1000)).max() < 50
+    assert (order != np.arange(1000)).mean() > 0.9
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2), (3, 1)])
+def test_eval_stream_sees_every_sample_exactly_once(dataset, world_size, num_workers):
+    root, labels_of = dataset
+    seen = Counter()
+    for rank in range(world_size):
+        stream = EvalStream(str(root), img_size=8, batch_size=32, rank=rank, world_size=world_size,
+                            num_workers=num_workers)
+        for batch in stream:
+            assert batch.images.shape[1:] == (3, 8, 8) and batch.images.shape[0] <= 32
+            assert batch.targets.tolist() == [labels_of[k][0] for k in batch.keys]
+            seen.update(batch.keys)
+    assert seen == Counter(labels_of.keys())
+
+
+@pytest.mark.timeout(300)
+def test_reads_shards_from_s3(dataset, s3):
+    from shards import storage
+
+    root, _ = dataset
+    url = s3.url("data-test/ds")
+    storage.copy_tree(str(root), url)
+    local, _, _ = run_epoch(root, world_size=1, num_workers=0, stop_step=6)
+    remote, counts, _ = run_epoch(url, world_size=2, num_workers=1, stop_step=6)
+    assert counts == [6, 6]
+    assert {s: set(v) for s, v in remote.items()} == {s: set(v) for s, v in local.items()}
+    seen = Counter(k for b in EvalStream(url, img_size=8, batch_size=64, rank=0, world_size=1) for k in b.keys)
+    assert len(seen) == 395 and max(seen.values()) == 1

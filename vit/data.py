@@ -1,0 +1,773 @@
+"""The training input pipeline: deterministic, elastic streaming over WebDataset tar shards.
+
+Plain WebDataset splits shards by node and worker, so the order of samples depends on how
+many ranks and workers read them, and a resumed run cannot continue an epoch on a different
+number of ranks. Here the order is a function of (seed, epoch, position) alone:
+
+* **Epoch stream.** Each epoch the shard list is permuted with ``rng(seed, epoch)`` and
+  concatenated into one virtual stream of N samples (sample counts come from the manifest).
+* **Lanes.** The stream is cut into ``lanes`` (C, default 8) contiguous ranges of equal
+  length ``L = steps_per_epoch * G / C``; a lane may begin or end inside a shard (the lane
+  skips the head of its first shard's tar members without decoding them). Every lane has
+  exactly the same length in every epoch, so ``steps_per_epoch = (N // C) * C // G`` is a
+  constant and every rank takes the same number of steps, however uneven the shards are.
+  The last ``N - steps_per_epoch * G`` samples of the permuted stream are left out of that
+  epoch (``dropped_per_epoch``; different samples each epoch).
+* **Shuffle window.** Inside a lane, output position j takes raw sample ``order[j]`` where
+  ``order = argsort(i + U(0, shuffle_buffer))`` with ``rng(seed, epoch, lane)``: a sliding-window
+  shuffle like WebDataset's buffer (a sample moves < ``shuffle_buffer`` places), but computed
+  on indices, so it does not depend on what was read. Raw samples are kept as tar bytes until
+  their turn; images are decoded only when emitted.
+* **Global position.** Position p of the epoch is lane ``p % C``, index ``p // C`` in that lane;
+  global step s is positions ``[s*G, (s+1)*G)``. Rank r owns the lanes ``c % world_size == r``,
+  and its DataLoader workers split those lanes among them. Each worker yields one chunk per
+  step; the rank assembles its local batch from its workers' chunks and orders it by p, so
+  the batch does not depend on the number of workers either.
+* **Resume.** ``batches(epoch, start_step=s)`` starts every lane at index ``s * G / C``. Shards
+  whose samples were all emitted before that are not opened; inside a shard, already-emitted
+  samples are skipped as tar members (read past, never decoded). The data position in a
+  checkpoint is ``{"epoch", "step"}`` plus ``seed`` and ``lanes``, which must not change.
+* **Augmentation** randomness is seeded by (seed, epoch, p) for the same reason.
+
+Corrupt samples (undecodable image, missing/invalid label, a tar that breaks mid-stream)
+are never fatal: the sample's slot is filled with the previous good sample of the same lane
+(or, at the start of a lane, the next good one in the same step chunk), the key and reason
+are counted on the stream (``TrainStream.corrupt``) and logged. Filling the slot keeps every
+lane, and so every rank, at exactly the same number of samples per step. A whole step
+chunk without a single readable sample is an error.
+
+``EvalStream`` reads the manifest-order stream without shuffling: rank r reads the contiguous
+range ``[r*N//W, (r+1)*N//W)``, every sample exactly once over all ranks, no padding. Ranks
+may therefore yield different numbers of batches (the last one may be short); the evaluator
+all-reduces sums, not per-batch values.
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, open_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
+
+# Tags that keep the random streams of the different uses of one (seed, epoch) apart.
+_SHARD_ORDER, _WINDOW, _AUGMENT = 0x5A1D, 0x3E77, 0xA06E
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 [B, 3, H, W], normalised
+    targets: torch.Tensor  # Long[B] (softmax) or Float[B, K] multi-hot (sigmoid)
+    keys: list[str]
+    step: int
+
+
+class CorruptSample(ValueError):
+    """A sample that cannot be used (bad image bytes, missing or invalid label)."""
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipeline needs from ``manifest.json``."""
+
+    url: str
+    shards: tuple[ShardInfo, ...]
+    classes: tuple[str, ...]
+    label_histogram: tuple[int, ...]
+    multi_label: bool
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_dataset_info(dataset_url: str) -> DatasetInfo:
+    """Read the manifest of ``dataset_url`` (local folder or ``s3://`` prefix) and check its fields."""
+    load_manifest, shard_urls = _reader()
+    manifest = load_manifest(dataset_url)
+    where = f"{dataset_url}/manifest.json"
+    for key in ("shards", "classes"):
+        if key not in manifest:
+            raise ValueError(f"{where}: field {key!r} is missing; re-shard the dataset with `vitpipe shard`")
+    urls = shard_urls(dataset_url)
+    if len(urls) != len(manifest["shards"]):
+        raise ValueError(f"{where}: shard_urls gave {len(urls)} urls for {len(manifest['shards'])} shards")
+    shards = []
+    for url, entry in zip(urls, manifest["shards"]):
+        samples = entry.get("samples")
+        if not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"{where}: shard {entry.get('name')!r} has no valid 'samples' count")
+        if samples:
+            shards.append(ShardInfo(url=url, samples=samples))
+    classes = tuple(str(c) for c in manifest["classes"])
+    histogram = tuple(int(c) for c in manifest.get("label_histogram") or [0] * len(classes))
+    if len(histogram) != len(classes):
+        raise ValueError(f"{where}: label_histogram has {len(histogram)} entries for {len(classes)} classes")
+    return DatasetInfo(
+        url=str(dataset_url),
+        shards=tuple(shards),
+        classes=classes,
+        label_histogram=histogram,
+        multi_label=bool(manifest.get("multi_label", False)),
+    )
+
+
+def _reader():
+    try:
+        from shards.reader import load_manifest, shard_urls
+    except ImportError:  # TEMPORARY until shards.reader lands
+        from shards import storage
+
+        def load_manifest(url):
+            return storage.read_json(storage.join(url, "manifest.json"))
+
+        def shard_urls(url):
+            return [storage.join(url, s["name"]) for s in load_manifest(url)["shards"]]
+    return load_manifest, shard_urls
+
+
+def _open_shard(url: str) -> BinaryIO:
+    try:
+        from shards.reader import open_shard
+    except ImportError:  # TEMPORARY until shards.reader lands
+        from shards.storage import open_read as open_shard
+    return open_shard(url)
+
+
+# ----------------------------------------------------------------------------- reading tars
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``count`` consecutive samples of one shard, starting at sample ``first``."""
+
+    url: str
+    first: int
+    count: int
+
+
+def slice_stream(shards: Sequence[ShardInfo], start: int, stop: int) -> list[Segment]:
+    """The samples ``[start, stop)`` of the concatenation of ``shards`` as per-shard segments."""
+    out, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            out.append(Segment(shard.url, lo - offset, hi - lo))
+        offset += shard.samples
+        if offset >= stop:
+            break
+    return out
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's convention: the key is the path up to the first dot of the file name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
+
+
+def read_segment(
+    segment: Segment, *, keep: Callable[[int], bool], open_fn: Callable[[str], BinaryIO]
+) -> Iterator[tuple[int, dict | None]]:
+    """``(i, sample)`` for each kept sample i of the segment (0-based, ascending).
+
+    A sample is ``{"__key__": key, ext: bytes, ...}``; samples not kept are read past as tar
+    members without extracting them. ``sample`` is None when the tar ends early or breaks
+    (every kept index is still yielded exactly once). Opening the shard failing is fatal.
+    """
+    stop = segment.first + segment.count
+    emitted = 0  # segment indices < emitted are done
+    stream = open_fn(segment.url)
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        index, key, sample = -1, None, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = _split_name(member.name)
+            if member_key != key:
+                if sample is not None:
+                    yield index - segment.first, sample
+                    emitted = index - segment.first + 1
+                index, key, sample = index + 1, member_key, None
+                if index >= stop:
+                    break
+                emitted = max(emitted, index - segment.first)
+                if index >= segment.first and keep(index - segment.first):
+                    sample = {"__key__": member_key}
+            if sample is not None:
+                sample[ext] = tar.extractfile(member).read()
+        else:
+            if sample is not None and index < stop:
+                yield index - segment.first, sample
+                emitted = index - segment.first + 1
+    except _TAR_ERRORS as err:
+        log.warning("%s: tar stream broke after sample %d (%s); remaining samples count as corrupt", segment.url,
+                    segment.first + emitted, err)
+    finally:
+        stream.close()
+    for i in range(emitted, segment.count):
+        if keep(i):
+            yield i, None
+
+
+def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of ``range(n)`` in which an item moves fewer than ``window`` places."""
+    if window <= 1 or n <= 1:
+        return np.arange(n)
+    return np.argsort(np.arange(n) + rng.random(n) * window, kind="stable")
+
+
+def iter_lane(
+    segments: Sequence[Segment], order: np.ndarray, start: int, stop: int, *, open_fn: Callable[[str], BinaryIO]
+) -> Iterator[tuple[int, dict | None]]:
+    """``(j, sample)`` for lane output positions ``start <= j < stop``; sample = raw index ``order[j]``.
+
+    Raw samples emitted before ``start`` are never kept; shards that hold only such samples
+    are never opened. Memory: the samples read but not yet emitted (about the window size).
+    """
+    if start >= stop:
+        return
+    wanted = np.zeros(len(order), dtype=bool)
+    wanted[order[start:stop]] = True
+    raw = _iter_raw(segments, wanted, open_fn=open_fn)
+    held: dict[int, dict | None] = {}
+    for j in range(start, stop):
+        r = int(order[j])
+        while r not in held:
+            idx, sample = next(raw)
+            held[idx] = sample
+        yield j, held.pop(r)
+
+
+def _iter_raw(segments, wanted: np.ndarray, *, open_fn) -> Iterator[tuple[int, dict | None]]:
+    offset = 0
+    for segment in segments:
+        base = offset
+        offset += segment.count
+        if not wanted[base : base + segment.count].any():
+            continue
+        for i, sample in read_segment(segment, keep=lambda i, base=base: bool(wanted[base + i]), open_fn=open_fn):
+            yield base + i, sample
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    num_classes: int
+    multi_label: bool  # the targets' form: multi-hot (sigmoid) or class index (softmax)
+
+
+def parse_labels(sample: dict, spec: LabelSpec) -> list[int]:
+    """The sample's label ids from ``.cls`` (ascii int) or ``.json`` ``labels``; checked against the class count."""
+    if "json" in sample:
+        import json
+
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as err:
+            raise CorruptSample(f"invalid .json ({err})") from None
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if labels is None and "cls" not in sample:
+            raise CorruptSample(".json has no 'labels'")
+    else:
+        labels = None
+    if labels is None:
+        if "cls" not in sample:
+            raise CorruptSample("no .cls or .json label")
+        try:
+            labels = [int(sample["cls"].strip())]
+        except ValueError:
+            raise CorruptSample(f"invalid .cls {sample['cls'][:20]!r}") from None
+    if not isinstance(labels, list) or not all(isinstance(x, int) and 0 <= x < spec.num_classes for x in labels):
+        raise CorruptSample(f"labels {str(labels)[:60]} not ids in [0, {spec.num_classes})")
+    if not spec.multi_label and len(labels) != 1:
+        raise CorruptSample(f"{len(labels)} labels on a single-label (softmax) dataset")
+    return labels
+
+
+def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[torch.Tensor, list[int]]:
+    """Raw tar sample -> (uint8 image [3,S,S], label ids). Raises CorruptSample."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise CorruptSample(f"no image member (has {sorted(k for k in sample if k != '__key__')})")
+    labels = parse_labels(sample, spec)
+    try:
+        image = transform(open_image(sample[ext]), rng)
+    except Exception as err:  # PIL raises many kinds on broken bytes
+        raise CorruptSample(f"undecodable .{ext} ({type(err).__name__}: {err})") from None
+    return image, labels
+
+
+def targets_tensor(labels: Sequence[list[int]], spec: LabelSpec) -> torch.Tensor:
+    if not spec.multi_label:
+        return torch.tensor([ls[0] for ls in labels], dtype=torch.long)
+    out = torch.zeros(len(labels), spec.num_classes, dtype=torch.float32)
+    for row, ls in enumerate(labels):
+        out[row, ls] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """Where every sample of an epoch goes: pure arithmetic on (dataset, seed, epoch, lanes, G)."""
+
+    shards: tuple[ShardInfo, ...]
+    seed: int
+    lanes: int
+    global_batch_size: int
+    shuffle_buffer: int
+
+    @property
+    def per_lane_step(self) -> int:  # samples a lane gives to one global step
+        return self.global_batch_size // self.lanes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        total = sum(s.samples for s in self.shards)
+        return (total // self.lanes) // self.per_lane_step
+
+    @property
+    def lane_length(self) -> int:
+        return self.steps_per_epoch * self.per_lane_step
+
+    def epoch_shards(self, epoch: int) -> list[ShardInfo]:
+        rng = np.random.default_rng([self.seed, epoch, _SHARD_ORDER])
+        return [self.shards[i] for i in rng.permutation(len(self.shards))]
+
+    def lane_segments(self, epoch: int, lane: int) -> list[Segment]:
+        n = self.lane_length
+        return slice_stream(self.epoch_shards(epoch), lane * n, (lane + 1) * n)
+
+    def lane_order(self, epoch: int, lane: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, lane, _WINDOW])
+        return window_order(self.lane_length, self.shuffle_buffer, rng)
+
+    def position(self, lane: int, index: int) -> int:
+        return index * self.lanes + lane
+
+
+@dataclass
+class _Slot:
+    """One lane position of a step chunk while it is being filled."""
+
+    position: int
+    key: str | None = None
+    image: torch.Tensor | None = None
+    labels: list[int] | None = None
+
+
+def _fill_corrupt(slots: list[_Slot], last_good: _Slot | None) -> _Slot | None:
+    """Fill corrupt slots of one lane's chunk in place; return the lane's last good slot."""
+    first_good = next((s for s in slots if s.image is not None), None)
+    for slot in slots:
+        if slot.image is not None:
+            last_good = slot
+            continue
+        source = last_good or first_good
+        if source is not None:
+            slot.key, slot.image, slot.labels = source.key, source.image, source.labels
+    return last_good
+
+
+class _TrainLanes(IterableDataset):
+    """The rank's lanes for one epoch; each worker takes every num_workers-th of them.
+
+    Yields one chunk per step: ``dict(step, positions, keys, images uint8, labels, corrupt)``.
+    """
+
+    def __init__(self, *, plan: LanePlan, lanes: list[int], epoch: int, start_step: int, transform, spec: LabelSpec):
+        super().__init__()
+        self.plan, self.lanes, self.epoch, self.start_step = plan, lanes, epoch, start_step
+        self.transform, self.spec = transform, spec
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        return self.chunks(self.lanes[worker::workers])
+
+    def chunks(self, lanes: list[int]) -> Iterator[dict]:
+        plan, k = self.plan, self.plan.per_lane_step
+        streams = {
+            lane: iter_lane(
+                plan.lane_segments(self.epoch, lane), plan.lane_order(self.epoch, lane),
+                self.start_step * k, plan.lane_length, open_fn=_open_shard,
+            )
+            for lane in lanes
+        }
+        last_good: dict[int, _Slot | None] = {lane: None for lane in lanes}
+        for step in range(self.start_step, plan.steps_per_epoch):
+            slots, corrupt = [], []
+            for lane in lanes:
+                lane_slots = []
+                for _ in range(k):
+                    j, sample = next(streams[lane])
+                    slot = _Slot(position=plan.position(lane, j))
+                    if sample is None:
+                        corrupt.append((f"lane {lane} index {j}", "unreadable tar member"))
+                    else:
+                        rng = np.random.default_rng([plan.seed, self.epoch, slot.position, _AUGMENT])
+                        try:
+                            slot.image, slot.labels = decode_sample(sample, transform=self.transform, rng=rng,
+                                                                    spec=self.spec)
+                            slot.key = sample["__key__"]
+                        except CorruptSample as err:
+                            corrupt.append((sample["__key__"], str(err)))
+                    lane_slots.append(slot)
+                last_good[lane] = _fill_corrupt(lane_slots, last_good[lane])
+                slots.extend(lane_slots)
+            if corrupt:
+                good = next((s for s in slots if s.image is not None), None)
+                if good is None:
+                    raise RuntimeError(
+                        f"epoch {self.epoch} step {step}: none of the {len(slots)} samples of lanes {lanes} could be "
+                        f"read ({corrupt[0][0]}: {corrupt[0][1]}); run `vitpipe verify` on the dataset"
+                    )
+                for slot in slots:
+                    if slot.image is None:
+                        slot.key, slot.image, slot.labels = good.key, good.image, good.labels
+            yield {
+                "step": step,
+                "positions": [s.position for s in slots],
+                "keys": [s.key for s in slots],
+                "images": torch.stack([s.image for s in slots]),
+                "labels": [s.labels for s in slots],
+                "corrupt": corrupt,
+            }
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _label_mode(label_mode: str, info: DatasetInfo) -> bool:
+    """True for sigmoid (multi-hot targets)."""
+    if label_mode == "auto":
+        return info.multi_label
+    if label_mode == "sigmoid":
+        return True
+    if label_mode == "softmax":
+        if info.multi_label:
+            raise ValueError(
+                f"label_mode='softmax' but {info.url}/manifest.json says multi_label: true; "
+                "use label_mode='sigmoid' (or 'auto') for multi-label data"
+            )
+        return False
+    raise ValueError(f"label_mode={label_mode!r} is not known; use 'auto', 'softmax' or 'sigmoid'")
+
+
+def _label_prior(info: DatasetInfo, multi_label: bool) -> torch.Tensor:
+    counts = torch.tensor(info.label_histogram, dtype=torch.float64)
+    denom = info.num_samples if multi_label else counts.sum().item()
+    return (counts / max(denom, 1)).to(torch.float32)
+
+
+class TrainStream:
+    """This rank's share of the training batches; see the module docstring for the guarantees.
+
+    ``global_batch_size`` must be a multiple of ``lanes``; ``lanes`` a multiple of
+    ``world_size``; every rank gets ``global_batch_size // world_size`` samples per step.
+    ``label_prior`` is the per-class frequency from the manifest histogram (fraction of
+    images carrying the class for multi-label data; class share for single-label data).
+    """
+
+    def __init__(self, dataset_url: str, *, img_size: int, global_batch_size: int, rank: int, world_size: int,
+                 seed: int = 0, num_workers: int = 2, lanes: int = 8, shuffle_buffer: int = 1000,
+                 augment: str = "pretrain", label_mode: str = "auto", mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                 crop_pct: float = 0.875):
+        self.dataset_url, self.img_size, self.global_batch_size = str(dataset_url), img_size, global_batch_size
+        self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
+        self.lanes, self.shuffle_buffer, self.augment, self.label_mode = lanes, shuffle_buffer, augment, label_mode
+        self.mean, self.std, self.crop_pct = tuple(mean), tuple(std), crop_pct
+        self.corrupt = []
+        self._check_numbers()
+        self.info = load_dataset_info(self.dataset_url)
+        self.transform = build_transform(augment, img_size=img_size, crop_pct=crop_pct)
+        self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
+        if len(self.info.shards) < lanes:
+            raise ValueError(
+                f"{self.dataset_url} has {len(self.info.shards)} non-empty shards but lanes={lanes}: every lane "
+                f"should read its own shards; re-shard with a smaller --shard-size or set lanes <= "
+                f"{len(self.info.shards)} (a divisor-friendly value such as {_largest_ok_lanes(len(self.info.shards), world_size)})"
+            )
+        self.plan = LanePlan(shards=self.info.shards, seed=seed, lanes=lanes, global_batch_size=global_batch_size,
+                             shuffle_buffer=shuffle_buffer)
+        if self.plan.steps_per_epoch == 0:
+            raise ValueError(
+                f"{self.dataset_url} has {self.info.num_samples} samples: not enough for one global batch of "
+                f"{global_batch_size} over {lanes} lanes; lower global_batch_size"
+            )
+        self.rank_lanes = list(range(rank, lanes, world_size))
+
+    def _check_numbers(self) -> None:
+        g, c, w = self.global_batch_size, self.lanes, self.world_size
+        if c <= 0 or g <= 0 or w <= 0:
+            raise ValueError(f"lanes ({c}), global_batch_size ({g}) and world_size ({w}) must be positive")
+        if not 0 <= self.rank < w:
+            raise ValueError(f"rank {self.rank} is outside world_size {w}")
+        if g % c:
+            raise ValueError(
+                f"global_batch_size {g} is not a multiple of lanes {c}: set global_batch_size to a multiple of {c} "
+                f"(e.g. {max(c, g // c * c)}) or lanes to a divisor of {g}"
+            )
+        if c % w:
+            raise ValueError(
+                f"lanes {c} is not a multiple of world_size {w}: every rank needs the same number of lanes; "
+                f"use lanes = a multiple of {w} (lanes is saved in the checkpoint and must stay the same on resume, "
+                "so pick one divisible by every world size you may resume on, e.g. 8 or 24)"
+            )
+        if self.num_workers < 0 or self.num_workers > c // w:
+            raise ValueError(
+                f"num_workers {self.num_workers} with lanes {c} on world_size {w}: each worker needs at least one of "
+                f"the rank's {c // w} lanes; set num_workers <= {c // w} or raise lanes (multiple of {w})"
+            )
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+    # -- what the trainer reads
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def multi_label(self) -> bool:
+        """True when targets are multi-hot (sigmoid cross-entropy)."""
+        return self.spec.multi_label
+
+    @property
+    def label_prior(self) -> torch.Tensor:
+        return _label_prior(self.info, self.spec.multi_label)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of the (permuted) stream left out of each epoch so that every lane has the same length."""
+        return self.info.num_samples - self.steps_per_epoch * self.global_batch_size
+
+    def state(self, *, epoch: int, step: int) -> dict:
+        """The data position to put in a checkpoint."""
+        return {"epoch": epoch, "step": step, "seed": self.seed, "lanes": self.lanes}
+
+    def check_resume(self, state: dict) -> None:
+        """Raise unless ``state`` (from ``state()``) can be resumed with this stream's settings."""
+        for key in ("seed", "lanes"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint data position has {key}={state[key]} but this run has {key}={getattr(self, key)}; "
+                    f"resume with {key}={state[key]} (the sample order depends on it)"
+                )
+
+    # -- the batches
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's batches of ``epoch`` from global step ``start_step`` to ``steps_per_epoch - 1``."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
+        dataset = _TrainLanes(plan=self.plan, lanes=self.rank_lanes, epoch=epoch, start_step=start_step,
+                              transform=self.transform, spec=self.spec)
+        workers = max(self.num_workers, 1)
+        if self.num_workers == 0:
+            chunks = dataset.chunks(self.rank_lanes)
+        else:
+            chunks = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                     multiprocessing_context=_mp_context(), persistent_workers=False))
+        for step in range(start_step, self.steps_per_epoch):
+            parts = [next(chunks) for _ in range(workers)]
+            if any(p["step"] != step for p in parts):
+                raise RuntimeError(f"data workers out of step: expected {step}, got {[p['step'] for p in parts]}")
+            yield self._assemble(parts, step, epoch)
+
+    def _assemble(self, parts: list[dict], step: int, epoch: int) -> Batch:
+        positions = [p for part in parts for p in part["positions"]]
+        keys = [k for part in parts for k in part["keys"]]
+        labels = [ls for part in parts for ls in part["labels"]]
+        images = torch.cat([part["images"] for part in parts]) if len(parts) > 1 else parts[0]["images"]
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        for part in parts:
+            for key, reason in part["corrupt"]:
+                log.warning("epoch %d step %d: corrupt sample %s skipped (%s); slot filled with a neighbour",
+                            epoch, step, key, reason)
+            self.corrupt.extend(part["corrupt"])
+        return Batch(
+            images=normalize(images[order], mean=self.mean, std=self.std),
+            targets=targets_tensor([labels[i] for i in order], self.spec),
+            keys=[keys[i] for i in order],
+            step=step,
+        )
+
+
+def _largest_ok_lanes(num_shards: int, world_size: int) -> int:
+    return max(world_size, num_shards // world_size * world_size)
+
+
+def _mp_context():
+    import multiprocessing
+
+    # fork keeps the process's storage settings (endpoint) and is cheap; spawn where fork is unavailable
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _EvalRange(IterableDataset):
+    def __init__(self, *, shards, start: int, stop: int, batch_size: int, transform, spec: LabelSpec):
+        super().__init__()
+        self.shards, self.start, self.stop = shards, start, stop
+        self.batch_size, self.transform, self.spec = batch_size, transform, spec
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        n = self.stop - self.start
+        lo, hi = self.start + worker * n // workers, self.start + (worker + 1) * n // workers
+        return self.batches(lo, hi)
+
+    def batches(self, lo: int, hi: int) -> Iterator[dict]:
+        images, labels, keys, corrupt = [], [], [], []
+        for segment in slice_stream(self.shards, lo, hi):
+            for _, sample in read_segment(segment, keep=lambda i: True, open_fn=_open_shard):
+                if sample is None:
+                    corrupt.append((f"{segment.url} (tail)", "unreadable tar member"))
+                    continue
+                try:
+                    image, ls = decode_sample(sample, transform=self.transform, rng=None, spec=self.spec)
+                except CorruptSample as err:
+                    corrupt.append((sample["__key__"], str(err)))
+                    continue
+                images.append(image)
+                labels.append(ls)
+                keys.append(sample["__key__"])
+                if len(images) == self.batch_size:
+                    yield {"images": torch.stack(images), "labels": labels, "keys": keys, "corrupt": corrupt}
+                    images, labels, keys, corrupt = [], [], [], []
+        if images or corrupt:
+            yield {"images": torch.stack(images) if images else None, "labels": labels, "keys": keys,
+                   "corrupt": corrupt}
+
+
+class EvalStream:
+    """Resize + centre crop, every sample of the dataset exactly once over all ranks, in manifest order.
+
+    Rank r reads samples ``[r*N//W, (r+1)*N//W)`` of the manifest-order stream (its workers
+    split that range again); nothing is padded, so ranks may yield different numbers of
+    batches and the last batch of a worker may be short: all-reduce sums, not batch counts.
+    Corrupt samples are skipped, counted in ``corrupt`` and logged (the evaluator's count
+    check then reports the shortfall).
+    """
+
+    def __init__(self, dataset_url: str, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, crop_pct: float = 0.875, label_mode: str = "auto",
+                 mean=INCEPTION_MEAN, std=INCEPTION_STD):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset_url, self.img_size, self.batch_size = str(dataset_url), img_size, batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.info = load_dataset_info(self.dataset_url)
+        self.transform = ResizeCenterCrop(img_size=img_size, crop_pct=crop_pct)
+        self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
+        n = self.info.num_samples
+        self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
+        self.corrupt: list[tuple[str, str]] = []
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def multi_label(self) -> bool:
+        return self.spec.multi_label
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads."""
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+    def batches(self) -> Iterator[Batch]:
+        dataset = _EvalRange(shards=self.info.shards, start=self.start, stop=self.stop, batch_size=self.batch_size,
+                             transform=self.transform, spec=self.spec)
+        if self.num_workers == 0:
+            parts = dataset.batches(self.start, self.stop)
+        else:
+            parts = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                               multiprocessing_context=_mp_context())
+        step = 0
+        for part in parts:
+            for key, reason in part["corrupt"]:
+                log.warning("eval: corrupt sample %s skipped (%s)", key, reason)
+            self.corrupt.extend(part["corrupt"])
+            if part["images"] is None:
+                continue
+            yield Batch(images=normalize(part["images"], mean=self.mean, std=self.std),
+                        targets=targets_tensor(part["labels"], self.spec), keys=list(part["keys"]), step=step)
+            step += 1
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def bare_decode_rate(dataset_url: str, n: int, *, img_size: int = 224) -> float:
+    """Images/s of the simplest loop over the same shards: read tar, decode, resize (one process).
+
+    The reference a benchmark compares ``TrainStream`` against.
+    """
+    from PIL import Image
+
+    info = load_dataset_info(dataset_url)
+    done, start = 0, time.perf_counter()
+    for segment in slice_stream(info.shards, 0, min(n, info.num_samples)):
+        for _, sample in read_segment(segment, keep=lambda i: True, open_fn=_open_shard):
+            ext = next(e for e in IMAGE_EXTS if e in sample)
+            img = open_image(sample[ext]).convert("RGB").resize((img_size, img_size), Image.BILINEAR)
+            np.asarray(img)
+            done += 1
+    return done / (time.perf_counter() - start)
