@@ -1,0 +1,82 @@
+"""shards: image corpora -> WebDataset tar shards + manifest.json, and reading them back.
+
+    from shards import shard_dataset
+    manifest = shard_dataset("/data/imagenet21k", "s3://bucket/i21k", name="train", workers=8)
+
+The stage is plan (list, scan, dedup, shuffle, split) -> write_shard per task (idempotent,
+parallel) -> finish_dataset (manifest.json written last).
+"""
+from __future__ import annotations
+
+from shards.manifest import finish_dataset
+from shards.plan import ShardError, ShardPlan, ShardSettings, ShardTask, plan_shards
+from shards.sources import SourceError, source_fingerprint
+from shards.writer import write_shard
+
+__all__ = ["shard_dataset", "plan_shards", "write_shard", "finish_dataset", "source_fingerprint",
+           "ShardError", "SourceError", "ShardPlan", "ShardSettings", "ShardTask"]
+
+
+def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, on_shard_done=None,
+                  **settings) -> dict:
+    """Shard `source` into `out_url` (local folder or s3:// prefix); returns the manifest dict.
+
+    `settings` are ShardSettings fields (name, shard_size, max_shard_bytes, resize, quality, seed,
+    strict, format, classes, exclude, near_dup_threshold, dedup_within, max_pixels). Re-running
+    after a crash keeps complete shards and writes the rest. `on_shard_done(entry)` is called in
+    this process after each shard is published.
+    """
+    import time
+
+    from shards import storage
+
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    start = time.monotonic()
+    try:
+        storage.check_writable(out_url)
+    except storage.StorageError as err:
+        raise ShardError(str(err)) from None
+    plan = plan_shards(source, out_url, workers=workers, progress=progress, **settings)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.num_samples, desc="write", unit="img", dynamic_ncols=True)
+    entries = []
+
+    def done(task, entry):
+        entries.append(entry)
+        if bar is not None:
+            bar.update(len(task.items))
+            bar.set_postfix_str(f"shards {len(entries)}/{len(plan.tasks)}")
+        if on_shard_done is not None:
+            on_shard_done(entry)
+
+    try:
+        if workers == 1 or len(plan.tasks) == 1:
+            for task in plan.tasks:
+                done(task, write_shard(task))
+        else:
+            from concurrent.futures import as_completed
+
+            from shards.workers import process_pool
+
+            with process_pool(workers) as pool:
+                futures = {pool.submit(write_shard, task): task for task in plan.tasks}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+    finally:
+        if bar is not None:
+            bar.close()
+    manifest = finish_dataset(plan, entries)
+    if progress:
+        from shards.storage import join
+
+        elapsed = time.monotonic() - start
+        print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards "
+              f"({manifest['total_bytes'] / 1e6:.1f} MB, {len(manifest['classes'])} classes) in {elapsed:.1f}s "
+              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s); skipped {len(manifest['skipped'])}"
+              + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
+        print(f"manifest: {join(plan.out_url, 'manifest.json')}")
+    return manifest

@@ -306,6 +306,38 @@ def list_recursive(url: str | os.PathLike) -> list[str]:
     return sorted(f"s3://{bucket}/{item['Key']}" for item in _iter_objects(url) if "Key" in item)
 
 
+def walk(url: str | os.PathLike) -> list[dict]:
+    """Every file under a folder / prefix as {'url', 'size', 'mtime'}, sorted by url (one listing, no heads)."""
+    url = str(url)
+    if not is_s3(url):
+        out = []
+        for path in list_recursive(url):
+            st = os.stat(path)
+            out.append({"url": path, "size": st.st_size, "mtime": st.st_mtime})
+        return out
+    bucket, _ = split(url)
+    items = [{"url": f"s3://{bucket}/{item['Key']}", "size": int(item["Size"]),
+              "mtime": item["LastModified"].timestamp()} for item in _iter_objects(url) if "Key" in item]
+    return sorted(items, key=lambda item: item["url"])
+
+
+def read_range(url: str | os.PathLike, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset` (an S3 ranged GET; a seek locally)."""
+    url = str(url)
+    if length <= 0:
+        return b""
+    if not is_s3(url):
+        try:
+            with open(_local(url), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise StorageNotFound(f"{url}: not found") from None
+    bucket, key = split(url)
+    response = _s3_call(url, _client().get_object, Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
+    return _s3_call(url, response["Body"].read)
+
+
 def stat(url: str | os.PathLike) -> dict:
     """{'size', 'mtime' (float or None), 'etag' (S3 only)} of one file."""
     url = str(url)

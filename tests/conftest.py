@@ -74,3 +74,13 @@ def digits_tree(tmp_path_factory) -> Path:
     from shards.digits import write_digits_tree
 
     return write_digits_tree(tmp_path_factory.mktemp("digits") / "tree")
+
+
+@pytest.fixture(scope="session")
+def digits_shards(digits_tree, tmp_path_factory) -> str:
+    """The digits tree sharded to a local folder: 9 shards of <= 200 samples, seed 0, name 'digits'."""
+    from shards import shard_dataset
+
+    out = tmp_path_factory.mktemp("digits-shards") / "digits"
+    shard_dataset(str(digits_tree), str(out), name="digits", shard_size=200, seed=0)
+    return str(out)

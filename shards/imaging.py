@@ -1,0 +1,131 @@
+"""Image checks and transforms with PIL + numpy: probe (validate, size, perceptual hash), resize.
+
+`probe` decodes every image (JPEGs at 1/8 scale through libjpeg's DCT scaling, which still walks
+the whole entropy-coded stream, so truncation and corruption are caught cheaply) and computes a
+64-bit dHash used to find near-duplicates (re-encoded or resized copies).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL format -> the extension a sample carries in the tar (webdataset decodes by extension)
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+              "PPM": "ppm"}
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bound; above it an image counts as a decompression bomb
+
+
+class BadImage(ValueError):
+    """This record is not a usable image; the message is the skip reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    ext: str
+    width: int
+    height: int
+    dhash: int
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("decompression bomb (too many pixels)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Exception as err:  # PIL raises many types on garbage headers
+        raise BadImage(f"corrupt image header ({type(err).__name__})") from None
+    if image.format not in EXTENSIONS:
+        raise BadImage(f"unsupported image format {image.format}")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise BadImage("image has no pixels")
+    if width * height > max_pixels:
+        raise BadImage(f"decompression bomb ({width}x{height} pixels > limit {max_pixels})")
+    return image
+
+
+def dhash(image: Image.Image) -> int:
+    """64-bit difference hash: 9x8 grey thumbnail, one bit per horizontal neighbour comparison."""
+    small = np.asarray(image.convert("L").resize((9, 8), Image.BOX), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+    """Validate by decoding; raises BadImage with the skip reason."""
+    image = _open(data, max_pixels)
+    ext, (width, height) = EXTENSIONS[image.format], image.size
+    try:
+        if image.format == "JPEG":
+            image.draft("L", (max(9, width // 8), max(8, height // 8)))
+        image.load()
+        value = dhash(image)
+    except BadImage:
+        raise
+    except Exception as err:
+        raise BadImage(f"corrupt or truncated image ({str(err).splitlines()[0][:80] or type(err).__name__})") from None
+    return Probe(ext, width, height, value)
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """Shorter side to `shorter`, aspect kept, never upscaled."""
+    short = min(width, height)
+    if short <= shorter:
+        return width, height
+    scale = shorter / short
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_encode(data: bytes, *, shorter: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                  ) -> tuple[bytes, str, int, int]:
+    """Decode, resize (shorter side, never up), re-encode. Returns (bytes, ext, width, height).
+
+    An image already small enough is passed through byte for byte. JPEG/WebP keep their format;
+    PNG keeps PNG; other formats become JPEG (PNG when they carry transparency).
+    """
+    image = _open(data, max_pixels)
+    fmt = image.format
+    target = resized_size(*image.size, shorter)
+    if target == image.size:
+        return data, EXTENSIONS[fmt], image.size[0], image.size[1]
+    if fmt == "JPEG":
+        image.draft("RGB", target)  # DCT-domain downscale to >= target, then a proper filter
+    image = ImageOps.exif_transpose(image)
+    target = resized_size(*image.size, shorter)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    out_fmt = fmt if fmt in ("JPEG", "PNG", "WEBP") else ("PNG" if has_alpha else "JPEG")
+    if out_fmt == "JPEG":
+        image = image.convert("RGB")
+    elif has_alpha:
+        image = image.convert("RGBA")
+    elif image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    image = image.resize(target, Image.BICUBIC, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    if out_fmt == "JPEG":
+        image.save(buffer, "JPEG", quality=quality, optimize=False)
+    elif out_fmt == "WEBP":
+        image.save(buffer, "WEBP", quality=quality, method=4)
+    else:
+        image.save(buffer, "PNG", compress_level=6)
+    return buffer.getvalue(), EXTENSIONS[out_fmt], image.size[0], image.size[1]
+
+
+def decode_check(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Full decode (used by verify): (width, height) or BadImage."""
+    image = _open(data, max_pixels)
+    try:
+        image.load()
+    except Exception as err:
+        raise BadImage(f"not decodable ({str(err).splitlines()[0][:80] or type(err).__name__})") from None
+    return image.size

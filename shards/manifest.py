@@ -1,0 +1,57 @@
+"""The dataset manifest: written last; a dataset without `manifest.json` does not exist."""
+from __future__ import annotations
+
+import datetime as dt
+
+from shards import storage
+from shards.plan import ShardError, ShardPlan
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def label_histogram(plan: ShardPlan) -> list[int]:
+    counts = [0] * len(plan.classes)
+    for task in plan.tasks:
+        for item in task.items:
+            for label in item.label_ids:
+                counts[label] += 1
+    return counts
+
+
+def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
+    by_name = {entry["name"]: entry for entry in entries}
+    shards = []
+    for task in plan.tasks:
+        entry = by_name.get(task.name)
+        if entry is None:
+            raise ShardError(f"{task.url}: shard was not written; re-run to finish the dataset")
+        if entry["samples"] != len(task.items):
+            raise ShardError(f"{task.url}: holds {entry['samples']} samples, plan says {len(task.items)}; re-run")
+        shards.append({"name": task.name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"]})
+    return {
+        "format": "vitpipe-webdataset",
+        "version": FORMAT_VERSION,
+        "name": plan.name,
+        "shards": shards,
+        "num_shards": len(shards),
+        "num_samples": sum(s["samples"] for s in shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "classes": plan.classes,
+        "num_classes": len(plan.classes),
+        "label_histogram": label_histogram(plan),
+        "multi_label": plan.multi_label,
+        "source": plan.source,
+        "fingerprint": plan.fingerprint,
+        "settings": plan.settings,
+        "skipped": plan.skipped,
+        "dropped": plan.dropped,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def finish_dataset(plan: ShardPlan, entries: list[dict]) -> dict:
+    """Check every shard is there, then publish manifest.json (the last write). Returns the manifest."""
+    manifest = build_manifest(plan, entries)
+    storage.write_json(storage.join(plan.out_url, MANIFEST), manifest)
+    return manifest

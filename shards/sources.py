@@ -1,0 +1,317 @@
+"""Sources: list the records of an image corpus (key, where the bytes are, labels) and read them.
+
+Formats (local or under s3://):
+- `imagefolder`: ROOT/<class>/<image> (ImageNet-21k winter21, ImageNet-1k train/val);
+- `i21k-tars`: a folder of per-synset tars (n01440764.tar holds that class's images) or one
+  tar of such tars (the ImageNet-21k release). Tars are read as streams and indexed by member
+  offset; nothing is extracted to disk. Unsafe members (absolute, `..`, links, devices) are refused;
+- `jsonl`: one JSON object per line {"path": ..., "labels": [...]} (JFT style, multi-label); the
+  path is relative to the manifest or an s3:// URL;
+- `csv`: the same columns (`path`, `labels` separated by `;` or a JSON list).
+Listing is cheap (no image is read) and sorted, so everything built on it is deterministic.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+from shards import storage
+
+FORMATS = ("imagefolder", "i21k-tars", "jsonl", "csv")
+
+
+class SourceError(ValueError):
+    """The source cannot be read as asked; the one-line message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """Where one record's bytes are: a whole file (`offset` None) or `length` bytes at `offset` of a tar."""
+
+    key: str
+    url: str
+    labels: tuple[str, ...]
+    path: str  # the original path, relative to the source root (for the sample's json)
+    offset: int | None = None
+    length: int | None = None
+
+    def read(self) -> bytes:
+        if self.offset is None:
+            return storage.read_bytes(self.url)
+        return storage.read_range(self.url, self.offset, self.length or 0)
+
+
+@dataclass
+class Listing:
+    kind: str
+    url: str
+    records: list[RecordRef]
+    skipped: list[dict] = field(default_factory=list)  # refused at listing time: {"path", "reason"}
+    fingerprint: str = ""
+    class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
+
+
+_KEY_BAD = re.compile(r"[.\s/\\\x00-\x1f]+")
+
+
+def make_key(rel_path: str) -> str:
+    """A tar-safe sample key from a relative path: no dots, slashes or whitespace."""
+    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    key = _KEY_BAD.sub("_", stem).strip("_")
+    return key or "sample"
+
+
+def unique_keys(records: list[RecordRef]) -> list[RecordRef]:
+    """Make keys unique (a collision gets a short hash of its path appended); input order kept."""
+    seen: set[str] = set()
+    out = []
+    for rec in records:
+        key = rec.key
+        if key in seen:
+            key = f"{key}_{hashlib.sha1(rec.path.encode('utf-8')).hexdigest()[:10]}"
+        seen.add(key)
+        out.append(rec if key == rec.key else RecordRef(key, rec.url, rec.labels, rec.path, rec.offset, rec.length))
+    return out
+
+
+def _hash_entries(kind: str, entries) -> str:
+    digest = hashlib.sha256(kind.encode())
+    for entry in entries:
+        digest.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def detect_format(url: str) -> str:
+    url = str(url)
+    lower = url.lower().rstrip("/")
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith(".tar"):
+        return "i21k-tars"
+    names = storage.listdir(url)
+    if not names:
+        raise SourceError(f"{url}: empty source (no files); point at a class-folder tree, a folder of tars or a manifest")
+    tars = [n for n in names if n.lower().endswith(".tar")]
+    if tars and len(tars) == len([n for n in names if not n.startswith(".")]):
+        return "i21k-tars"
+    if any(storage.isdir(storage.join(url, n)) for n in names if not n.startswith(".")):
+        return "imagefolder"
+    raise SourceError(f"{url}: unknown source format (no class folders, tars or .jsonl/.csv manifest); "
+                      "pass --format imagefolder|i21k-tars|jsonl|csv")
+
+
+def list_source(url: str, *, format: str | None = None) -> Listing:
+    """List a source; raises SourceError (missing, empty, unknown format, empty class folder...)."""
+    url = str(url)
+    if not storage.is_s3(url):
+        url = os.path.abspath(storage._local(url))
+    try:
+        present = storage.exists(url)
+    except storage.StorageError as err:
+        raise SourceError(str(err)) from None
+    if not present:
+        raise SourceError(f"{url}: source not found; check the path or URL")
+    kind = format or detect_format(url)
+    if kind not in FORMATS:
+        raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
+    listing = {"imagefolder": _list_imagefolder, "i21k-tars": _list_tars, "jsonl": _list_manifest,
+               "csv": _list_manifest}[kind](url, kind)
+    if not listing.records and not listing.skipped:
+        raise SourceError(f"{url}: empty source (no images found as {kind})")
+    listing.records = unique_keys(listing.records)
+    return listing
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+def _list_imagefolder(url: str, kind: str) -> Listing:
+    files = storage.walk(url)
+    root = url.rstrip("/") if storage.is_s3(url) else url.rstrip(os.sep)
+    records, skipped, entries = [], [], []
+    class_files: dict[str, int] = {}
+    if not storage.is_s3(url):  # empty class folders exist only locally (S3 has no empty prefixes)
+        for name in storage.listdir(url):
+            if not name.startswith(".") and os.path.isdir(os.path.join(url, name)):
+                class_files.setdefault(name, 0)
+    for item in files:
+        rel = item["url"][len(root):].lstrip("/").replace(os.sep, "/")
+        entries.append([rel, item["size"], item["mtime"]])
+        parts = rel.split("/")
+        if len(parts) < 2:
+            skipped.append({"path": rel, "reason": "not inside a class folder"})
+            continue
+        cls = parts[0]
+        if cls.startswith("."):
+            continue
+        class_files[cls] = class_files.get(cls, 0) + 1
+        records.append(RecordRef(make_key(rel), item["url"], (cls,), rel))
+    empty = sorted(c for c, n in class_files.items() if n == 0)
+    if empty:
+        raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"
+                          + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    if not class_files:
+        raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
+    return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(class_files))
+
+
+# ----------------------------------------------------------------------------- i21k tars
+
+def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if member.issym() or member.islnk():
+        return "unsafe tar member (link)"
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        return "unsafe tar member (device or fifo)"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "unsafe tar member (absolute path)"
+    if ".." in re.split(r"[/\\]", name):
+        return "unsafe tar member (.. in path)"
+    if not member.isfile() and not member.isdir():
+        return "unsafe tar member (not a regular file)"
+    return None
+
+
+def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_path: str,
+               records: list, skipped: list) -> int:
+    """Index one per-synset tar read from `fileobj` (a stream); returns how many images it held."""
+    count = 0
+    try:
+        seekable = getattr(fileobj, "seekable", lambda: False)()
+        with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
+            for member in tar:
+                rel = f"{label_path}/{member.name}"
+                reason = unsafe_member_reason(member)
+                if reason:
+                    skipped.append({"path": rel, "reason": reason})
+                    continue
+                if member.isdir():
+                    continue
+                stem = member.name.replace("\\", "/").rsplit("/", 1)[-1]
+                records.append(RecordRef(make_key(f"{synset}/{stem}"), tar_url, (synset,), rel,
+                                         base_offset + member.offset_data, member.size))
+                count += 1
+    except tarfile.TarError as err:
+        skipped.append({"path": label_path, "reason": f"unreadable tar ({err})"})
+    return count
+
+
+def _list_tars(url: str, kind: str) -> Listing:
+    records, skipped, entries = [], [], []
+    synsets = []
+    if url.lower().endswith(".tar") and not storage.isdir(url):
+        # one tar of per-synset tars: inner tars are streamed, their members indexed by absolute offset
+        st = storage.stat(url)
+        entries.append([storage.basename(url), st["size"], st["mtime"]])
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as outer:
+            for inner in outer:
+                reason = unsafe_member_reason(inner)
+                if reason:
+                    skipped.append({"path": inner.name, "reason": reason})
+                    continue
+                if not inner.isfile():
+                    continue
+                if not inner.name.lower().endswith(".tar"):
+                    skipped.append({"path": inner.name, "reason": "not a per-synset tar"})
+                    continue
+                synset = inner.name.rsplit("/", 1)[-1][:-4]
+                synsets.append(synset)
+                stream = outer.extractfile(inner)
+                _index_tar(stream, tar_url=url, synset=synset, base_offset=inner.offset_data,
+                           label_path=inner.name[:-4], records=records, skipped=skipped)
+        return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(set(synsets)))
+    for item in storage.walk(url):
+        name = item["url"].rstrip("/").rsplit("/", 1)[-1]
+        entries.append([name, item["size"], item["mtime"]])
+        if not name.lower().endswith(".tar"):
+            if not name.startswith("."):
+                skipped.append({"path": name, "reason": "not a per-synset tar"})
+            continue
+        synset = name[:-4]
+        synsets.append(synset)
+        with storage.open_read(item["url"]) as f:
+            n = _index_tar(f, tar_url=item["url"], synset=synset, base_offset=0, label_path=synset,
+                           records=records, skipped=skipped)
+        if n == 0:
+            raise SourceError(f"{item['url']}: class tar has no images; remove it or fix the tar")
+    if not synsets:
+        raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
+    return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(set(synsets)))
+
+
+# ----------------------------------------------------------------------------- jsonl / csv manifests
+
+def _parse_labels(value, *, where: str) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        labels = value
+    elif isinstance(value, (int, str)):
+        text = str(value).strip()
+        if text.startswith("["):
+            try:
+                labels = json.loads(text)
+            except json.JSONDecodeError:
+                raise SourceError(f"{where}: labels {text!r} is not a JSON list") from None
+        else:
+            labels = [part for part in re.split(r"[;|]", text) if part.strip()]
+    else:
+        raise SourceError(f"{where}: 'labels' must be a list of class names")
+    out = tuple(str(label).strip() for label in labels)
+    if not out or any(not label for label in out):
+        raise SourceError(f"{where}: empty label; every record needs at least one class name")
+    return out
+
+
+def _list_manifest(url: str, kind: str) -> Listing:
+    raw = storage.read_bytes(url)
+    text = raw.decode("utf-8-sig")
+    base = storage.parent(url)
+    rows: list[tuple[int, dict]] = []
+    if kind == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "path" not in reader.fieldnames or not ({"labels", "label"} & set(reader.fieldnames)):
+            raise SourceError(f"{url}: CSV needs columns 'path' and 'labels'; found {reader.fieldnames}")
+        rows = [(i + 2, row) for i, row in enumerate(reader)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SourceError(f"{url}:{lineno}: not valid JSON ({err.msg}); one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise SourceError(f"{url}:{lineno}: expected a JSON object with 'path' and 'labels'")
+            rows.append((lineno, obj))
+    records, entries = [], [[storage.basename(url), hashlib.sha256(raw).hexdigest()]]
+    for lineno, row in rows:
+        where = f"{url}:{lineno}"
+        path = row.get("path") or row.get("image")
+        if not path:
+            raise SourceError(f"{where}: missing 'path' (the image path, relative to the manifest, or an s3:// URL)")
+        labels = _parse_labels(row.get("labels", row.get("label")), where=where)
+        path = str(path)
+        target = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, *path.split("/"))
+        if not storage.is_s3(target):
+            try:
+                st = os.stat(target)
+                entries.append([path, st.st_size, st.st_mtime])
+            except OSError:
+                entries.append([path, None, None])
+        key = make_key(str(row["key"])) if row.get("key") else make_key(path.split("://", 1)[-1])
+        records.append(RecordRef(key, target, labels, path))
+    if not records:
+        raise SourceError(f"{url}: empty manifest (no records)")
+    return Listing(kind, url, records, [], _hash_entries(kind, entries), sorted({l for r in records for l in r.labels}))
+
+
+def source_fingerprint(source: str, *, format: str | None = None) -> str:
+    """Stable hash of the source listing (paths, sizes, mtimes; a manifest's contents): unchanged input, same hash."""
+    return list_source(source, format=format).fingerprint

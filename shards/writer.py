@@ -1,0 +1,114 @@
+"""Writing one shard: a deterministic tar (fixed member order, mtime, owner, mode) from a ShardTask.
+
+`write_shard(task)` is the idempotent unit of work: the tar is assembled in a staging file and
+published whole (local rename, or an S3 upload that appears only when complete); then a
+completion record `_progress/<shard>.json` (task digest, samples, bytes, sha256) is written. A
+re-run that finds a record whose digest matches the task and a shard whose sha256 matches the
+record keeps that shard and does no work.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+
+from shards import storage
+from shards.imaging import resize_encode
+from shards.plan import ShardError, ShardPlan, ShardTask
+
+MTIME = 946684800  # 2000-01-01: every member gets the same timestamp, so shards are byte-identical
+PROGRESS_DIR = "_progress"
+
+
+def sample_members(task: ShardTask, item, data: bytes) -> list[tuple[str, bytes]]:
+    """The tar members of one sample: `<key>.<ext>` image, `<key>.cls` (single-label), `<key>.json`."""
+    ext, width, height = item.ext, item.width, item.height
+    if task.resize:
+        data, ext, width, height = resize_encode(data, shorter=task.resize, quality=task.quality,
+                                                 max_pixels=task.max_pixels)
+    key = item.ref.key
+    meta = {"labels": list(item.label_ids), "classes": [task.classes[i] for i in item.label_ids],
+            "path": item.ref.path, "width": width, "height": height}
+    members = [(f"{key}.{ext}", data)]
+    if not task.multi_label:
+        members.append((f"{key}.cls", str(item.label_ids[0]).encode("ascii")))
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")))
+    return members
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def progress_url(task: ShardTask) -> str:
+    return storage.join(task.out_url, PROGRESS_DIR, task.name.rsplit(".", 1)[0] + ".json")
+
+
+def completed_entry(task: ShardTask) -> dict | None:
+    """The completion record if this shard is already written correctly, else None."""
+    record_url = progress_url(task)
+    if not storage.exists(record_url):
+        return None
+    record = storage.read_json(record_url)
+    if record.get("task_digest") != task.digest or not storage.exists(task.url):
+        return None
+    if storage.size(task.url) != record.get("bytes") or storage.sha256_url(task.url) != record.get("sha256"):
+        return None
+    return {k: record[k] for k in ("name", "samples", "bytes", "sha256")}
+
+
+def _write_tar(task: ShardTask, path: str) -> None:
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item in task.items:
+            try:
+                data = item.ref.read()
+            except (storage.StorageError, OSError) as err:
+                raise ShardError(f"{item.ref.path}: unreadable while writing {task.name} ({err}); fix access and re-run") from None
+            if hashlib.sha256(data).hexdigest() != item.sha256:
+                raise ShardError(f"{item.ref.path}: changed since it was scanned; re-run to re-plan")
+            for name, payload in sample_members(task, item, data):
+                _add(tar, name, payload)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -> dict:
+    """Write (or keep, if already complete) one shard; returns {name, samples, bytes, sha256}."""
+    task = plan_or_task.tasks[index] if isinstance(plan_or_task, ShardPlan) else plan_or_task
+    done = completed_entry(task)
+    if done is not None:
+        return done
+    local_out = not storage.is_s3(task.url)
+    staging_dir = task.out_url if local_out else None
+    if local_out:
+        os.makedirs(staging_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".partial", dir=staging_dir)
+    os.close(fd)
+    try:
+        _write_tar(task, tmp)
+        entry = {"name": task.name, "samples": len(task.items), "bytes": os.path.getsize(tmp), "sha256": _sha256_file(tmp)}
+        if local_out:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, task.url)
+        else:
+            storage.upload_file(tmp, task.url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    storage.write_json(progress_url(task), {**entry, "task_digest": task.digest})
+    return entry
