@@ -60,9 +60,10 @@ def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
 
 def register_webdataset_s3() -> None:
     """Let webdataset open s3:// URLs through shards.storage (idempotent)."""
-    from webdataset import gopen
+    import importlib
 
-    gopen.gopen_schemes["s3"] = _gopen_s3
+    gopen_module = importlib.import_module("webdataset.gopen")  # the module, not the function of that name
+    gopen_module.gopen_schemes["s3"] = _gopen_s3
 
 
 register_webdataset_s3()
