@@ -94,7 +94,7 @@ def build_argv(launch_cfg: LaunchConfig, train_config_path: str, *, rank_log_dir
         argv += [f"--enable_each_rank_log={rank_log_dir}"]
     if lc.bind_cores_to_rank:
         argv += ["--bind_cores_to_rank"]
-    argv += ["-m", "vit.train", "--config", train_config_path]
+    argv += ["--module", "vit.train", "--config", train_config_path]
     return argv
 
 
@@ -146,10 +146,15 @@ def _js(value) -> str:
 
 def preflight(cfg: RunConfig) -> None:
     """Errors that can be found before any rank starts (one line each, naming what to fix)."""
-    from shards.reader import load_manifest
+    from vit.data import TrainStream
 
     cfg.check_ready()
-    load_manifest(cfg.data.url)  # a dataset without a manifest does not exist
+    try:  # reads the manifest (a dataset without one does not exist) and checks batch / lanes / workers
+        TrainStream(cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size,
+                    rank=0, world_size=cfg.launch.world_size, seed=cfg.data.seed, num_workers=cfg.data.num_workers,
+                    lanes=cfg.data.lanes, augment=cfg.data.augment, label_mode=cfg.data.label_mode)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
     run = RunFolder(cfg.run_url)
     if cfg.checkpoint.resume == "must" and run.latest_checkpoint() is None:
         raise ConfigError(f"checkpoint.resume=must but {run.checkpoints} holds no checkpoint to resume from")

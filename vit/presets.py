@@ -17,6 +17,7 @@ from vit.config import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
+    LaunchConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -80,7 +81,7 @@ def _digits_model() -> ModelConfig:
     return ModelConfig(
         name="vit_tiny_patch16",
         img_size=16,
-        overrides={"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "representation_size": 64},
+        overrides={"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_dim": 128, "representation_size": 64},
     )
 
 
@@ -98,6 +99,7 @@ def digits_tiny() -> RunConfig:
         schedule=ScheduleConfig(total_steps=120, warmup_steps=10, decay="linear"),
         batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
         checkpoint=CheckpointConfig(every_steps=50),
+        launch=LaunchConfig(zero_stage=1),  # sharded optimizer state: resuming on another world size goes universal
     )
 
 

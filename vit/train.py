@@ -289,6 +289,7 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
     if tag:
         _, client = engine.load_checkpoint(io.ckpt_dir, tag=load_tag)
         start_step = int(client["step"])
+        stream.check_resume(client["data_position"])
         if is0:
             log(f"[vit.train] resumed from {run.checkpoints}/{tag} at step {start_step} "
                 f"(data position {client['data_position']}, saved by {client.get('world_size')} ranks, now {world})")
@@ -350,8 +351,7 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
         if done % cfg.checkpoint.every_steps == 0 or done == total:
             e, s = divmod(done, spe)
             ckpt_tag = f"step{done:08d}"
-            client_state = {"step": done, "data_position": {"epoch": e, "step": s, "seed": cfg.data.seed,
-                                                             "lanes": cfg.data.lanes}, "world_size": world}
+            client_state = {"step": done, "data_position": stream.state(epoch=e, step=s), "world_size": world}
             engine.save_checkpoint(io.ckpt_dir, tag=ckpt_tag, client_state=client_state)
             io.push_checkpoint(ckpt_tag)
             if is0:
