@@ -203,26 +203,36 @@ def test_multi_label_targets_are_multi_hot(tmp_path):
 
 def test_corrupt_samples_are_skipped_counted_and_ranks_stay_in_step(tmp_path):
     bad = {"s01_004": "image", "s03_010": "label", "s05_001": "image"}
-    root, _ = write_dataset(tmp_path / "bad", bad=bad, truncate_shard=8)  # shard 8 (70 samples) cut in half
+    root, labels_of = write_dataset(tmp_path / "bad", bad=bad, truncate_shard=8)  # shard 8 (70 samples) cut in half
     kw = dict(img_size=8, global_batch_size=16, seed=0, lanes=8, shuffle_buffer=20)
+    # which samples of the epoch the stream uses (the permuted stream minus its dropped tail)
+    plan = TrainStream(str(root), rank=0, world_size=1, num_workers=0, **kw).plan
+    used = {f"s{int(seg.url[-10:-4]):02d}_{seg.first + i:03d}" for lane in range(8)
+            for seg in plan.lane_segments(0, lane) for i in range(seg.count)}
+    assert set(bad) <= used and sum(k.startswith("s08_") for k in used) == 70  # the test needs them in play
     per_rank = []
     for rank in range(2):
         stream = TrainStream(str(root), rank=rank, world_size=2, num_workers=1, **kw)
-        batches = list(stream.batches(0))
-        per_rank.append((stream, batches))
-    assert [len(b) for _, b in per_rank] == [24, 24]
-    corrupt = [key for stream, _ in per_rank for key, _ in stream.corrupt]
-    emitted = {k for _, batches in per_rank for b in batches for k in b.keys}
-    dropped_tail = len(corrupt) - sum(1 for k in corrupt if k in bad)
-    assert {k for k in corrupt if k in bad} <= set(bad)
-    assert not (emitted & set(bad))  # a corrupt sample never reaches the model
-    # the truncated shard's missing samples were counted (unless that epoch dropped them)
-    reference = TrainStream(str(tmp_path / "bad"), rank=0, world_size=1, num_workers=0, **kw)
-    order = reference.plan.epoch_shards(0)
-    if any("data-000008" in s.url for s in order[:-2]):
-        assert dropped_tail > 0
+        per_rank.append((stream, list(stream.batches(0))))
+    assert [len(batches) for _, batches in per_rank] == [24, 24]  # every rank the same steps
     for _, batches in per_rank:
         assert all(b.images.shape[0] == 8 and torch.isfinite(b.images).all() for b in batches)
+    corrupt = [key for stream, _ in per_rank for key, _ in stream.corrupt]
+    assert len(corrupt) == len(set(corrupt))
+    emitted = Counter(k for _, batches in per_rank for b in batches for k in b.keys)
+    assert sum(emitted.values()) == 24 * 16
+    # the broken samples are counted and never reach the model
+    assert set(bad) <= set(corrupt) and not set(bad) & set(emitted)
+    # the truncated shard: an intact prefix is read, the rest is counted by shard and index
+    intact = sorted(k for k in used if k.startswith("s08_") and k in emitted)
+    tail = sorted(k for k in corrupt if k.startswith("data-000008.tar#"))
+    assert 0 < len(intact) < 70 and len(intact) + len(tail) == 70
+    assert intact == [f"s08_{i:03d}" for i in range(len(intact))]
+    assert tail == [f"data-000008.tar#{i}" for i in range(len(intact), 70)]
+    assert len(corrupt) == len(bad) + len(tail)
+    # every usable sample appears; the filled slots are duplicates of good neighbours
+    assert set(emitted) == used - set(bad) - {f"s08_{i:03d}" for i in range(len(intact), 70)}
+    assert sum(emitted.values()) - len(emitted) == len(corrupt)
 
 
 def test_clear_errors_for_impossible_settings(dataset, tmp_path):
@@ -236,7 +246,7 @@ def test_clear_errors_for_impossible_settings(dataset, tmp_path):
     few, _ = write_dataset(tmp_path / "few", sizes=[30, 30, 30])
     with pytest.raises(ValueError, match="shard-size"):
         TrainStream(str(few), img_size=8, global_batch_size=16, rank=0, world_size=1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(Exception, match="manifest"):
         TrainStream(str(tmp_path / "nothing"), img_size=8, global_batch_size=16, rank=0, world_size=1)
 
 

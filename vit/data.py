@@ -105,13 +105,14 @@ class DatasetInfo:
 
 def load_dataset_info(dataset_url: str) -> DatasetInfo:
     """Read the manifest of ``dataset_url`` (local folder or ``s3://`` prefix) and check its fields."""
-    load_manifest, shard_urls = _reader()
+    from shards.reader import load_manifest, shard_urls
+
     manifest = load_manifest(dataset_url)
     where = f"{dataset_url}/manifest.json"
     for key in ("shards", "classes"):
         if key not in manifest:
             raise ValueError(f"{where}: field {key!r} is missing; re-shard the dataset with `vitpipe shard`")
-    urls = shard_urls(dataset_url)
+    urls = shard_urls(dataset_url, manifest)
     if len(urls) != len(manifest["shards"]):
         raise ValueError(f"{where}: shard_urls gave {len(urls)} urls for {len(manifest['shards'])} shards")
     shards = []
@@ -134,25 +135,9 @@ def load_dataset_info(dataset_url: str) -> DatasetInfo:
     )
 
 
-def _reader():
-    try:
-        from shards.reader import load_manifest, shard_urls
-    except ImportError:  # TEMPORARY until shards.reader lands
-        from shards import storage
-
-        def load_manifest(url):
-            return storage.read_json(storage.join(url, "manifest.json"))
-
-        def shard_urls(url):
-            return [storage.join(url, s["name"]) for s in load_manifest(url)["shards"]]
-    return load_manifest, shard_urls
-
-
 def _open_shard(url: str) -> BinaryIO:
-    try:
-        from shards.reader import open_shard
-    except ImportError:  # TEMPORARY until shards.reader lands
-        from shards.storage import open_read as open_shard
+    from shards.reader import open_shard
+
     return open_shard(url)
 
 
@@ -193,12 +178,13 @@ _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 
 def read_segment(
     segment: Segment, *, keep: Callable[[int], bool], open_fn: Callable[[str], BinaryIO]
-) -> Iterator[tuple[int, dict | None]]:
+) -> Iterator[tuple[int, dict]]:
     """``(i, sample)`` for each kept sample i of the segment (0-based, ascending).
 
     A sample is ``{"__key__": key, ext: bytes, ...}``; samples not kept are read past as tar
-    members without extracting them. ``sample`` is None when the tar ends early or breaks
-    (every kept index is still yielded exactly once). Opening the shard failing is fatal.
+    members without extracting them. When the tar ends early or breaks, every kept index is
+    still yielded exactly once, as ``{"__key__": "<shard>#<index>", "__error__": reason}``
+    (``decode_sample`` rejects it as corrupt). Failing to open the shard is fatal.
     """
     stop = segment.first + segment.count
     emitted = 0  # segment indices < emitted are done
@@ -226,14 +212,17 @@ def read_segment(
             if sample is not None and index < stop:
                 yield index - segment.first, sample
                 emitted = index - segment.first + 1
+        reason = "the tar ends before this sample (manifest count larger than the shard)"
     except _TAR_ERRORS as err:
-        log.warning("%s: tar stream broke after sample %d (%s); remaining samples count as corrupt", segment.url,
+        reason = f"the tar stream broke before this sample ({type(err).__name__}: {err})"
+        log.warning("%s: tar stream broke at sample %d (%s); the rest of the shard counts as corrupt", segment.url,
                     segment.first + emitted, err)
     finally:
         stream.close()
+    name = segment.url.rstrip("/").rsplit("/", 1)[-1]
     for i in range(emitted, segment.count):
         if keep(i):
-            yield i, None
+            yield i, {"__key__": f"{name}#{segment.first + i}", "__error__": reason}
 
 
 def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
@@ -245,7 +234,7 @@ def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
 
 def iter_lane(
     segments: Sequence[Segment], order: np.ndarray, start: int, stop: int, *, open_fn: Callable[[str], BinaryIO]
-) -> Iterator[tuple[int, dict | None]]:
+) -> Iterator[tuple[int, dict]]:
     """``(j, sample)`` for lane output positions ``start <= j < stop``; sample = raw index ``order[j]``.
 
     Raw samples emitted before ``start`` are never kept; shards that hold only such samples
@@ -256,7 +245,7 @@ def iter_lane(
     wanted = np.zeros(len(order), dtype=bool)
     wanted[order[start:stop]] = True
     raw = _iter_raw(segments, wanted, open_fn=open_fn)
-    held: dict[int, dict | None] = {}
+    held: dict[int, dict] = {}
     for j in range(start, stop):
         r = int(order[j])
         while r not in held:
@@ -265,7 +254,7 @@ def iter_lane(
         yield j, held.pop(r)
 
 
-def _iter_raw(segments, wanted: np.ndarray, *, open_fn) -> Iterator[tuple[int, dict | None]]:
+def _iter_raw(segments, wanted: np.ndarray, *, open_fn) -> Iterator[tuple[int, dict]]:
     offset = 0
     for segment in segments:
         base = offset
@@ -315,6 +304,8 @@ def parse_labels(sample: dict, spec: LabelSpec) -> list[int]:
 
 def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[torch.Tensor, list[int]]:
     """Raw tar sample -> (uint8 image [3,S,S], label ids). Raises CorruptSample."""
+    if "__error__" in sample:
+        raise CorruptSample(sample["__error__"])
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise CorruptSample(f"no image member (has {sorted(k for k in sample if k != '__key__')})")
@@ -435,16 +426,13 @@ class _TrainLanes(IterableDataset):
                 for _ in range(k):
                     j, sample = next(streams[lane])
                     slot = _Slot(position=plan.position(lane, j))
-                    if sample is None:
-                        corrupt.append((f"lane {lane} index {j}", "unreadable tar member"))
-                    else:
-                        rng = np.random.default_rng([plan.seed, self.epoch, slot.position, _AUGMENT])
-                        try:
-                            slot.image, slot.labels = decode_sample(sample, transform=self.transform, rng=rng,
-                                                                    spec=self.spec)
-                            slot.key = sample["__key__"]
-                        except CorruptSample as err:
-                            corrupt.append((sample["__key__"], str(err)))
+                    rng = np.random.default_rng([plan.seed, self.epoch, slot.position, _AUGMENT])
+                    try:
+                        slot.image, slot.labels = decode_sample(sample, transform=self.transform, rng=rng,
+                                                                spec=self.spec)
+                        slot.key = sample["__key__"]
+                    except CorruptSample as err:
+                        corrupt.append((sample["__key__"], str(err)))
                     lane_slots.append(slot)
                 last_good[lane] = _fill_corrupt(lane_slots, last_good[lane])
                 slots.extend(lane_slots)
@@ -668,9 +656,6 @@ class _EvalRange(IterableDataset):
         images, labels, keys, corrupt = [], [], [], []
         for segment in slice_stream(self.shards, lo, hi):
             for _, sample in read_segment(segment, keep=lambda i: True, open_fn=_open_shard):
-                if sample is None:
-                    corrupt.append((f"{segment.url} (tail)", "unreadable tar member"))
-                    continue
                 try:
                     image, ls = decode_sample(sample, transform=self.transform, rng=None, spec=self.spec)
                 except CorruptSample as err:
@@ -766,7 +751,9 @@ def bare_decode_rate(dataset_url: str, n: int, *, img_size: int = 224) -> float:
     done, start = 0, time.perf_counter()
     for segment in slice_stream(info.shards, 0, min(n, info.num_samples)):
         for _, sample in read_segment(segment, keep=lambda i: True, open_fn=_open_shard):
-            ext = next(e for e in IMAGE_EXTS if e in sample)
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                continue
             img = open_image(sample[ext]).convert("RGB").resize((img_size, img_size), Image.BILINEAR)
             np.asarray(img)
             done += 1
