@@ -244,6 +244,7 @@ class RunConfig:
     log_every: int = 1
     peak_flops: float | None = None  # per-rank peak FLOP/s for MFU; None: measured (CPU) / table (GPU)
     local_dir: str | None = None  # local staging dir when run_url is s3:// (default: /tmp/vitpipe-runs/<run-id>)
+    stop_after: int | None = None  # end this launch cleanly after this step (time-boxed jobs); resume later
     log_keys: bool = False  # tests: write the sample keys each rank consumed per step
     fail_at_step: int | None = None  # tests only: a rank exits with code 13 after this step
     fail_rank: int = 0

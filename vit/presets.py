@@ -181,3 +181,14 @@ def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+def deepspeed_examples() -> dict[str, dict]:
+    """The DeepSpeed configs in deploy/deepspeed/ (tests/test_config.py checks the files match)."""
+    from vit.config import apply_overrides, deepspeed_config
+
+    gpu = apply_overrides(i21k_vit_b16(), ["launch.zero_stage=1", "launch.nproc_per_node=8", "launch.num_nodes=4"])
+    return {
+        "zero1_bf16_gpu.json": deepspeed_config(gpu, accelerator="cuda"),  # 4 nodes x 8 GPUs; unverified on GPU
+        "cpu_fp32.json": deepspeed_config(digits_tiny(), accelerator="cpu"),
+    }

@@ -348,9 +348,10 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
                 metrics.write({"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
                                "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"})
                 log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
-        if done % cfg.checkpoint.every_steps == 0 or done == total:
-            e, s = divmod(done, spe)
+        stopping = cfg.stop_after is not None and cfg.stop_after <= done < total
+        if done % cfg.checkpoint.every_steps == 0 or done == total or stopping:
             ckpt_tag = f"step{done:08d}"
+            e, s = divmod(done, spe)
             client_state = {"step": done, "data_position": stream.state(epoch=e, step=s), "world_size": world}
             engine.save_checkpoint(io.ckpt_dir, tag=ckpt_tag, client_state=client_state)
             io.push_checkpoint(ckpt_tag)
@@ -359,6 +360,13 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
         if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == cfg.fail_rank:
             log(f"[vit.train] fault injection: rank {rank} exits with code {FAULT_EXIT_CODE} after step {done}")
             os._exit(FAULT_EXIT_CODE)
+        if stopping:
+            if is0:
+                metrics.close()
+                io.push_logs()
+                log(f"[vit.train] stop_after={cfg.stop_after}: stopping at step {done} of {total}; rerun to resume")
+            dist.barrier()
+            return {"final_loss": last_loss, "steps": done}
 
     # --- final weights, then run.json complete last
     if keys_file:
