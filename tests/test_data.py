@@ -284,3 +284,27 @@ def test_reads_shards_from_s3(dataset, s3):
     assert {s: set(v) for s, v in remote.items()} == {s: set(v) for s, v in local.items()}
     seen = Counter(k for b in EvalStream(url, img_size=8, batch_size=64, rank=0, world_size=1) for k in b.keys)
     assert len(seen) == 395 and max(seen.values()) == 1
+
+
+def test_digits_shards_train_and_eval(digits_shards):
+    """The project's real fixture (sklearn digits via `shards.shard_dataset`): labels match, counts exact."""
+    seen = Counter()
+    for rank in range(2):
+        stream = TrainStream(digits_shards, img_size=16, global_batch_size=64, rank=rank, world_size=2,
+                             num_workers=1, augment="finetune")
+        assert stream.num_classes == 10 and not stream.multi_label
+        assert stream.steps_per_epoch == (1797 // 8) // 8
+        n = 0
+        for batch in stream.batches(1):
+            assert batch.images.shape == (32, 3, 16, 16)
+            assert batch.targets.tolist() == [int(k.split("_")[0]) for k in batch.keys]  # keys are "<class>_digit_N"
+            seen.update(batch.keys)
+            n += 1
+        assert n == stream.steps_per_epoch
+    assert len(seen) == stream.steps_per_epoch * 64 and max(seen.values()) == 1
+    eval_seen = Counter()
+    for rank in range(2):
+        for batch in EvalStream(digits_shards, img_size=16, batch_size=100, rank=rank, world_size=2, num_workers=1):
+            assert batch.targets.tolist() == [int(k.split("_")[0]) for k in batch.keys]
+            eval_seen.update(batch.keys)
+    assert len(eval_seen) == 1797 and max(eval_seen.values()) == 1
