@@ -80,8 +80,9 @@ def substitute_env(value: Any, env: dict[str, str], *, where: str) -> Any:
     return value
 
 
-def read_deployments(path: str | os.PathLike, *, env: dict[str, str] | None = None, resolve: bool = True) -> list[dict]:
-    """The ``deployments`` of a prefect.yaml, checked: name, entrypoint, schedules with cron."""
+def read_deployments(path: str | os.PathLike, *, env: dict[str, str] | None = None, only: list[str] | None = None) -> list[dict]:
+    """The ``deployments`` of a prefect.yaml (all, or those named in ``only``), checked (name,
+    entrypoint, schedules with cron) and with ``{{ $VAR }}`` replaced from ``env`` (default os.environ)."""
     import yaml
 
     path = str(path)
@@ -100,10 +101,14 @@ def read_deployments(path: str | os.PathLike, *, env: dict[str, str] | None = No
         for j, sched in enumerate(dep.get("schedules") or []):
             if "cron" not in sched:
                 raise DeploymentFileError(f"{where}: schedules[{j}] needs `cron`")
-        if resolve:
-            dep = substitute_env(dep, os.environ if env is None else env, where=where)
         out.append(dep)
-    return out
+    if only:
+        unknown = sorted(set(only) - {d["name"] for d in out})
+        if unknown:
+            raise DeploymentFileError(f"{path}: no deployment named {unknown[0]!r}")
+        out = [d for d in out if d["name"] in only]
+    env = os.environ if env is None else env
+    return [substitute_env(d, env, where=f"{path}: deployment {d['name']}") for d in out]
 
 
 def load_entrypoint(entrypoint: str):
@@ -149,12 +154,7 @@ def next_runs(cron: str, *, timezone: str = "UTC", after=None, count: int = 3) -
 
 def serve_cmd(args: argparse.Namespace) -> int:
     try:
-        deployments = read_deployments(args.file)
-        if args.only:
-            unknown = sorted(set(args.only) - {d["name"] for d in deployments})
-            if unknown:
-                raise DeploymentFileError(f"{args.file}: no deployment named {unknown[0]!r}")
-            deployments = [d for d in deployments if d["name"] in args.only]
+        deployments = read_deployments(args.file, only=args.only)
         if args.list:
             for dep in deployments:
                 for sched in dep.get("schedules") or []:

@@ -102,10 +102,9 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise ConfigFileError(f"{path}: {key}: {first['msg']}{more}; see deploy/pipeline.example.yaml") from None
+        problems = ["{}: {}".format(".".join(str(p) for p in e["loc"]), e["msg"]) for e in err.errors()]
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ConfigFileError(f"{path}: {'; '.join(problems[:5])}{more}; see deploy/pipeline.example.yaml") from None
 
 
 class ConfigFileError(ValueError):
