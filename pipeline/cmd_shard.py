@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding (default: 90)")
     p.add_argument("--exclude", action="append", default=[], metavar="DATASET_OR_LIST",
                    help="drop exact and near duplicates of this evaluation set (dataset URL, source or .txt list); repeatable")
-    p.add_argument("--near-dup-threshold", type=int, default=4, help="dHash Hamming distance counted as near duplicate")
+    p.add_argument("--near-dup-threshold", type=int, default=6, help="dHash Hamming distance counted as near duplicate")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping any bad record")

@@ -38,6 +38,12 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     except storage.StorageError as err:
         raise ShardError(str(err)) from None
     plan = plan_shards(source, out_url, workers=workers, progress=progress, **settings)
+    if not storage.is_s3(plan.out_url):  # staging files of a writer killed earlier (this run owns the folder)
+        import glob
+        import os
+
+        for stale in glob.glob(os.path.join(glob.escape(plan.out_url), ".*.partial")):
+            os.unlink(stale)
     bar = None
     if progress:
         from tqdm import tqdm

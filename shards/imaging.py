@@ -67,7 +67,7 @@ def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     ext, (width, height) = EXTENSIONS[image.format], image.size
     try:
         if image.format == "JPEG":
-            image.draft("L", (max(9, width // 8), max(8, height // 8)))
+            image.draft("L", (min(width, max(72, width // 8)), min(height, max(64, height // 8))))
         image.load()
         value = dhash(image)
     except BadImage:

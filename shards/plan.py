@@ -37,7 +37,7 @@ class ShardSettings:
     format: str | None = None
     classes: str | None = None
     exclude: list[str] = field(default_factory=list)
-    near_dup_threshold: int = 4
+    near_dup_threshold: int = 6
     dedup_within: str = "exact"
     max_pixels: int = DEFAULT_MAX_PIXELS
 

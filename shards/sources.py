@@ -185,7 +185,10 @@ def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_pa
     """Index one per-synset tar read from `fileobj` (a stream); returns how many images it held."""
     count = 0
     try:
-        seekable = getattr(fileobj, "seekable", lambda: False)()
+        try:
+            seekable = bool(fileobj.seekable())
+        except (AttributeError, OSError):
+            seekable = False
         with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tar:
             for member in tar:
                 rel = f"{label_path}/{member.name}"
@@ -211,7 +214,7 @@ def _list_tars(url: str, kind: str) -> Listing:
         # one tar of per-synset tars: inner tars are streamed, their members indexed by absolute offset
         st = storage.stat(url)
         entries.append([storage.basename(url), st["size"], st["mtime"]])
-        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as outer:
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(url) else "r:") as outer:
             for inner in outer:
                 reason = unsafe_member_reason(inner)
                 if reason:

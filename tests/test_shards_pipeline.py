@@ -1,0 +1,270 @@
+"""Sharding real image files to a local folder: formats, bad input, determinism, limits, resize,
+dedup, class index reuse, read-back with stock webdataset and `tar`, verify, crash + resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from shards import ShardError, shard_dataset
+from shards.reader import load_manifest, preflight, shard_urls
+from shards.testdata import bomb_png, encode, photo_crops
+from shards.verify import verify_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(tmp_path_factory) -> Path:
+    """Class folders with unicode/space names, images in 6 formats, and every kind of broken file."""
+    root = tmp_path_factory.mktemp("mixed") / "tree"
+    crops = photo_crops(24, size=(96, 72), seed=3)
+    formats = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"), ("JPEG", "jpeg")]
+    classes = ["cat ü", "dog", "émoji 🐟"]
+    for i, crop in enumerate(crops):
+        fmt, ext = formats[i % len(formats)]
+        _write(root / classes[i % 3] / f"img {i:02d}.{ext}", encode(crop, fmt))
+    good_jpeg = (root / "cat ü" / "img 00.jpg").read_bytes()
+    _write(root / "dog" / "copy of img 00.jpg", good_jpeg)  # exact duplicate inside the source
+    _write(root / "dog" / "zero.jpg", b"")
+    _write(root / "dog" / "truncated.jpg", good_jpeg[: len(good_jpeg) // 2])
+    _write(root / "dog" / "notes.txt", "not an image\n".encode())
+    _write(root / "dog" / "bomb.png", bomb_png())
+    _write(root / "émoji 🐟" / "corrupt.png", b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    _write(root / "stray.jpg", good_jpeg)  # not inside a class folder
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_out(mixed_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed-out") / "ds"
+    manifest = shard_dataset(str(mixed_tree), str(out), name="mix", shard_size=7, seed=1)
+    return out, manifest
+
+
+def test_manifest_counts_every_skip_with_reason(mixed_out):
+    out, manifest = mixed_out
+    assert manifest["num_samples"] == 24
+    assert manifest["classes"] == ["cat ü", "dog", "émoji 🐟"]
+    assert manifest["label_histogram"] == [8, 8, 8]
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons["dog/zero.jpg"].startswith("empty file")
+    assert "truncated" in reasons["dog/truncated.jpg"]
+    assert reasons["dog/notes.txt"].startswith("not an image")
+    assert reasons["dog/bomb.png"].startswith("decompression bomb")
+    assert reasons["émoji 🐟/corrupt.png"].startswith(("corrupt", "not an image"))
+    assert reasons["dog/copy of img 00.jpg"] == "exact duplicate of cat ü/img 00.jpg"
+    assert reasons["stray.jpg"] == "not inside a class folder"
+    assert sum(manifest["dropped"].values()) == len(manifest["skipped"]) == 7
+    assert [s["samples"] for s in manifest["shards"]] == [7, 7, 7, 3]
+    assert load_manifest(out) == json.loads((out / "manifest.json").read_text())
+
+
+def test_read_back_with_stock_webdataset_and_tar(mixed_out, mixed_tree):
+    out, manifest = mixed_out
+    samples = list(wds.WebDataset(shard_urls(str(out)), shardshuffle=False))
+    assert len(samples) == 24 and len({s["__key__"] for s in samples}) == 24
+    exts = set()
+    for sample in samples:
+        assert "." not in sample["__key__"]
+        meta = json.loads(sample["json"])
+        image_ext = next(k for k in sample if k in ("jpg", "jpeg", "png", "webp", "gif", "bmp"))
+        exts.add(image_ext)
+        original = (mixed_tree / meta["path"]).read_bytes()
+        assert sample[image_ext] == original  # pass-through: bytes untouched
+        assert int(sample["cls"]) == meta["labels"][0] and manifest["classes"][meta["labels"][0]] == meta["classes"][0]
+        assert Image.open(mixed_tree / meta["path"]).size == (meta["width"], meta["height"])
+    assert exts == {"jpg", "png", "webp", "gif", "bmp"}
+    listing = subprocess.run(["tar", "tf", str(out / "mix-000000.tar")], capture_output=True, text=True, check=True)
+    names = listing.stdout.splitlines()
+    assert len(names) == 21 and names[1].endswith(".cls") and names[2].endswith(".json")
+    assert verify_dataset(str(out)) == []
+
+
+def test_same_input_and_seed_give_byte_identical_shards(mixed_tree, mixed_out, tmp_path):
+    out, manifest = mixed_out
+    again = shard_dataset(str(mixed_tree), str(tmp_path / "again"), name="mix", shard_size=7, seed=1, workers=2)
+    assert again["shards"] == manifest["shards"]
+    for shard in manifest["shards"]:
+        assert (tmp_path / "again" / shard["name"]).read_bytes() == (out / shard["name"]).read_bytes()
+    other = shard_dataset(str(mixed_tree), str(tmp_path / "seed2"), name="mix", shard_size=7, seed=2)
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in manifest["shards"]]
+    assert other["source"]["fingerprint"] == manifest["source"]["fingerprint"]
+    assert other["fingerprint"] != manifest["fingerprint"]
+
+
+def test_strict_turns_skips_into_failure(mixed_tree, tmp_path):
+    with pytest.raises(ShardError, match=r"--strict: 7 record\(s\) would be skipped"):
+        shard_dataset(str(mixed_tree), str(tmp_path / "strict"), strict=True)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_byte_limit_resize_and_class_index_reuse(mixed_tree, mixed_out, tmp_path):
+    out, manifest = mixed_out
+    limited = shard_dataset(str(mixed_tree), str(tmp_path / "bytes"), max_shard_bytes=64 * 1024)
+    assert all(s["bytes"] <= 64 * 1024 for s in limited["shards"]) and len(limited["shards"]) > 1
+    small = shard_dataset(str(mixed_tree), str(tmp_path / "small"), resize=32, quality=80, classes=str(out))
+    for sample in wds.WebDataset(shard_urls(str(tmp_path / "small")), shardshuffle=False).decode("pil"):
+        meta = sample["json"]
+        image = next(v for k, v in sample.items() if isinstance(v, Image.Image))
+        assert min(image.size) == 32 and image.size == (meta["width"], meta["height"])  # 96x72 -> 43x32
+    assert small["classes"] == manifest["classes"]
+    (tmp_path / "classes.txt").write_text("dog\ncat ü\n")
+    reused = shard_dataset(str(mixed_tree), str(tmp_path / "reuse"), classes=str(tmp_path / "classes.txt"))
+    assert reused["classes"] == ["dog", "cat ü"] and reused["label_histogram"] == [8, 8]
+    assert reused["dropped"]["unknown_class"] == 8
+
+
+def test_exclude_drops_exact_and_near_duplicates_of_eval_set(mixed_tree, tmp_path):
+    crops = photo_crops(24, size=(96, 72), seed=3)
+    eval_root = tmp_path / "eval"
+    _write(eval_root / "x" / "same.jpg", (mixed_tree / "cat ü" / "img 00.jpg").read_bytes())
+    # img 01.png re-encoded as a smaller JPEG: a near duplicate, different bytes
+    _write(eval_root / "x" / "resized.jpg", encode(crops[1].resize((64, 48)), "JPEG", quality=70))
+    _write(eval_root / "x" / "unrelated.jpg", encode(photo_crops(1, size=(96, 72), seed=99)[0], "JPEG"))
+    manifest = shard_dataset(str(mixed_tree), str(tmp_path / "dedup"), exclude=[str(eval_root)])
+    kinds = {s["path"]: s["kind"] for s in manifest["skipped"]}
+    assert kinds["cat ü/img 00.jpg"] == "excluded_exact"
+    assert kinds["dog/img 01.png"] == "excluded_near"
+    assert manifest["num_samples"] == 22 and manifest["dropped"]["excluded_exact"] == 2
+    # the copy inside the source matches the evaluation image too
+    assert kinds["dog/copy of img 00.jpg"] == "excluded_exact"
+
+
+def test_jsonl_and_csv_multilabel_with_relative_paths(tmp_path):
+    crops = photo_crops(6, size=(64, 48), seed=5)
+    for i, crop in enumerate(crops):
+        _write(tmp_path / "imgs" / f"p {i}.jpg", encode(crop, "JPEG"))
+    rows = [{"path": f"imgs/p {i}.jpg", "labels": ["a", "b"] if i % 2 else ["c"]} for i in range(6)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    manifest = shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out-jsonl"), shard_size=4)
+    assert manifest["multi_label"] and manifest["classes"] == ["a", "b", "c"] and manifest["label_histogram"] == [3, 3, 3]
+    samples = list(wds.WebDataset(shard_urls(str(tmp_path / "out-jsonl")), shardshuffle=False))
+    assert len(samples) == 6 and all("cls" not in s for s in samples)
+    assert sorted(tuple(json.loads(s["json"])["classes"]) for s in samples) == [("a", "b")] * 3 + [("c",)] * 3
+    lines = ["path,labels"] + [f"imgs/p {i}.jpg,{'a;b' if i % 2 else 'c'}" for i in range(6)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    via_csv = shard_dataset(str(tmp_path / "m.csv"), str(tmp_path / "out-csv"), shard_size=4)
+    assert via_csv["label_histogram"] == manifest["label_histogram"] and via_csv["source"]["kind"] == "csv"
+
+
+def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_i21k_tars_folder_and_tar_of_tars_refuse_unsafe_members(tmp_path):
+    crops = photo_crops(6, size=(64, 48), seed=7)
+    link = tarfile.TarInfo("evil_link.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    device = tarfile.TarInfo("dev.jpg")
+    device.type = tarfile.CHRTYPE
+    syn_a = _tar_bytes([_file(f"n0001_{i}.JPEG", encode(c, "JPEG")) for i, c in enumerate(crops[:3])]
+                       + [_file("../escape.jpg", encode(crops[0], "PNG")), _file("/abs.jpg", encode(crops[1], "PNG")),
+                          (link, None), (device, None)])
+    syn_b = _tar_bytes([_file(f"n0002_{i}.JPEG", encode(c, "JPEG")) for i, c in enumerate(crops[3:])])
+    _write(tmp_path / "tars" / "n0001.tar", syn_a)
+    _write(tmp_path / "tars" / "n0002.tar", syn_b)
+    manifest = shard_dataset(str(tmp_path / "tars"), str(tmp_path / "out"))
+    assert manifest["source"]["kind"] == "i21k-tars" and manifest["classes"] == ["n0001", "n0002"]
+    assert manifest["num_samples"] == 6 and manifest["dropped"] == {"unsafe_tar_member": 4}
+    written = [m for url in shard_urls(str(tmp_path / "out")) for m in tarfile.open(url).getnames()]
+    assert not any(".." in n or n.startswith("/") or "evil" in n or "dev" in n for n in written)
+    outer = _tar_bytes([_file("n0001.tar", syn_a), _file("n0002.tar", syn_b)])
+    _write(tmp_path / "winter21.tar", outer)
+    nested = shard_dataset(str(tmp_path / "winter21.tar"), str(tmp_path / "out-nested"))
+    assert [s["sha256"] for s in nested["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_one_line_errors_for_bad_sources(tmp_path):
+    with pytest.raises(ShardError, match="source not found"):
+        shard_dataset(str(tmp_path / "nope"), str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="empty source"):
+        shard_dataset(str(tmp_path / "empty"), str(tmp_path / "o"))
+    _write(tmp_path / "tree" / "a" / "x.png", encode(photo_crops(1, size=(32, 32))[0], "PNG"))
+    (tmp_path / "tree" / "b").mkdir()
+    with pytest.raises(ShardError, match=r"tree/b: class folder has no images"):
+        shard_dataset(str(tmp_path / "tree"), str(tmp_path / "o"))
+    _write(tmp_path / "flat" / "x.dat", b"123")
+    with pytest.raises(ShardError, match="unknown source format"):
+        shard_dataset(str(tmp_path / "flat"), str(tmp_path / "o"))
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_verify_names_tampered_and_missing_shards(mixed_out, tmp_path):
+    import shutil
+
+    out, manifest = mixed_out
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "mix-000001.tar").read_bytes())
+    data[2000] ^= 0xFF
+    (copy / "mix-000001.tar").write_bytes(bytes(data))
+    (copy / "mix-000003.tar").unlink()
+    problems = verify_dataset(str(copy))
+    assert any(p.startswith("mix-000001.tar: sha256 mismatch") for p in problems)
+    assert any(p.startswith("mix-000003.tar: missing") for p in problems)
+    assert not any(p.startswith(("mix-000000", "mix-000002")) for p in problems)
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(copy)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert cli.returncode == 1 and "mix-000001.tar: sha256 mismatch" in cli.stderr
+
+
+def test_preflight_says_when_ddp_would_hang(digits_shards):
+    assert preflight(digits_shards, world_size=2, workers_per_rank=2).ok
+    report = preflight(digits_shards, world_size=4, workers_per_rank=4)
+    assert not report.ok and "9 shard(s) < 4 rank(s) x 4 worker(s)" in report.message and "--shard-size" in report.message
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from shards import shard_dataset
+done = []
+def hook(entry):
+    done.append(entry)
+    if len(done) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+shard_dataset(sys.argv[1], sys.argv[2], name="digits", shard_size=150, seed=4, on_shard_done=hook)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_killed_writer_rerun_completes_identically(digits_tree, tmp_path):
+    reference = shard_dataset(str(digits_tree), str(tmp_path / "ref"), name="digits", shard_size=150, seed=4)
+    crashed = tmp_path / "crashed"
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(digits_tree), str(crashed), "3"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (crashed / "manifest.json").exists()
+    assert sorted(p.name for p in crashed.glob("*.tar")) == ["digits-000000.tar", "digits-000001.tar", "digits-000002.tar"]
+    first = {p.name: p.stat().st_mtime_ns for p in crashed.glob("*.tar")}
+    finished = shard_dataset(str(digits_tree), str(crashed), name="digits", shard_size=150, seed=4, workers=2)
+    assert finished["shards"] == reference["shards"]
+    for shard in reference["shards"]:
+        assert (crashed / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
+    assert all((crashed / n).stat().st_mtime_ns == t for n, t in first.items()), "complete shards must be kept"
+    assert not list(crashed.glob(".*.partial"))
