@@ -1,0 +1,135 @@
+"""Sharding to and from the real SeaweedFS S3 store (fixture `s3`): write, read back with stock
+webdataset through the s3 gopen handler, verify, tamper, S3 sources, crash + resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from shards import ShardError, shard_dataset, storage
+from shards.reader import load_manifest, shard_urls
+from shards.testdata import encode, photo_crops
+from shards.verify import verify_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("s3src") / "tree"
+    for i, crop in enumerate(photo_crops(30, size=(64, 48), seed=11)):
+        folder = root / ("straße" if i % 2 else "ünï cöde")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"photo {i}.{'jpg' if i % 3 else 'png'}").write_bytes(encode(crop, "JPEG" if i % 3 else "PNG"))
+    (root / "straße" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_shard_to_s3_read_back_verify_and_tamper(s3, small_tree, tmp_path):
+    url = s3.url("datasets/small")
+    manifest = shard_dataset(str(small_tree), url, name="small", shard_size=8, workers=2)
+    assert manifest["num_samples"] == 30 and manifest["dropped"] == {"corrupt_image": 1}
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="datasets/small/")["Contents"]]
+    assert "datasets/small/manifest.json" in keys and "datasets/small/small-000003.tar" in keys
+    urls = shard_urls(url)
+    assert urls[0] == f"{url}/small-000000.tar"
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))  # s3:// through the gopen handler
+    assert len(samples) == 30 and {s["json"]["classes"][0] for s in samples} == {"straße", "ünï cöde"}
+    local = shard_dataset(str(small_tree), str(tmp_path / "local"), name="small", shard_size=8)
+    assert local["shards"] == manifest["shards"], "local and S3 output must be identical"
+    assert verify_dataset(url) == []
+    tampered = bytearray(storage.read_bytes(urls[2]))
+    tampered[100] ^= 0x55
+    storage.write_bytes(urls[2], bytes(tampered))
+    problems = verify_dataset(url)
+    assert problems and all(p.startswith("small-000002.tar") for p in problems)
+
+
+@pytest.mark.timeout(120)
+def test_s3_sources_imagefolder_and_tars_give_same_shards(s3, small_tree, tmp_path):
+    storage.copy_tree(str(small_tree), s3.url("sources/tree"))
+    from_local = shard_dataset(str(small_tree), str(tmp_path / "a"), shard_size=10)
+    from_s3 = shard_dataset(s3.url("sources/tree"), str(tmp_path / "b"), shard_size=10)
+    assert from_s3["shards"] == from_local["shards"] and from_s3["source"]["kind"] == "imagefolder"
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for folder in sorted(small_tree.iterdir()):
+        with tarfile.open(tars / f"{folder.name}.tar", "w") as tar:
+            for image in sorted(folder.iterdir()):
+                tar.add(image, arcname=image.name)
+    storage.copy_tree(str(tars), s3.url("sources/tars"))
+    local_tars = shard_dataset(str(tars), str(tmp_path / "c"), shard_size=10)
+    s3_tars = shard_dataset(s3.url("sources/tars"), s3.url("datasets/from-tars"), shard_size=10)
+    assert s3_tars["shards"] == local_tars["shards"] and s3_tars["num_samples"] == 30
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from shards import shard_dataset
+n = []
+def hook(entry):
+    n.append(entry)
+    if len(n) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+shard_dataset(sys.argv[1], sys.argv[2], name="d", shard_size=300, seed=9, on_shard_done=hook)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_killed_s3_writer_rerun_finishes_identically(s3, digits_tree, tmp_path):
+    url = s3.url("datasets/crash")
+    env = dict(os.environ, **s3.env)
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(digits_tree), url], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not storage.exists(f"{url}/manifest.json")
+    with pytest.raises(Exception, match="a dataset without a manifest does not exist"):
+        load_manifest(url)
+    assert storage.listdir(url) == ["_progress", "d-000000.tar", "d-000001.tar"]
+    finished = shard_dataset(str(digits_tree), url, name="d", shard_size=300, seed=9, workers=2)
+    reference = shard_dataset(str(digits_tree), str(tmp_path / "ref"), name="d", shard_size=300, seed=9)
+    assert finished["shards"] == reference["shards"]
+    for shard in reference["shards"]:
+        assert storage.read_bytes(f"{url}/{shard['name']}") == (tmp_path / "ref" / shard["name"]).read_bytes()
+
+
+def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree):
+    url = s3.url("datasets/cli")
+    env = dict(os.environ, **s3.env)
+    env.pop("AWS_ENDPOINT_URL")  # the endpoint comes from --s3-endpoint here
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--s3-endpoint", s3.endpoint, "shard", str(small_tree),
+                           url, "--name", "cli", "--shard-size", "16", "--workers", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"manifest: {url}/manifest.json" in proc.stdout
+    assert s3.secret_key not in proc.stdout + proc.stderr
+    assert json.loads(storage.read_bytes(f"{url}/manifest.json"))["num_shards"] == 2
+    strict = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", str(small_tree), s3.url("datasets/strict"),
+                             "--strict"], cwd=ROOT, env=dict(os.environ, **s3.env), capture_output=True, text=True,
+                            timeout=120)
+    assert strict.returncode == 1 and "--strict" in strict.stderr and "broken.jpg" in strict.stderr
+
+
+def test_one_line_errors_for_bucket_credentials_and_endpoint(s3, small_tree, monkeypatch, tmp_path):
+    with pytest.raises(ShardError, match="bucket 'missing-bucket' does not exist") as err:
+        shard_dataset(str(small_tree), "s3://missing-bucket/x")
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(ShardError, match="access denied") as err:
+        shard_dataset(str(small_tree), s3.url("datasets/denied"))
+    assert "wrong-secret-value" not in str(err.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    storage.configure(max_attempts=2)
+    try:
+        with pytest.raises(ShardError, match="cannot reach S3 endpoint http://127.0.0.1:9"):
+            shard_dataset(s3.url("sources/none"), str(tmp_path / "never-written"))
+    finally:
+        storage.configure(max_attempts=5)
