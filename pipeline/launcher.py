@@ -233,14 +233,16 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
     with open(launcher_log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=PROJECT_ROOT,
                                 start_new_session=True)
-        last_step, last_change = _last_metrics_step(metrics), time.monotonic()
+        # the stall watchdog arms once a new step shows up (start-up, e.g. a first JIT build, is not a stall)
+        first_step = _last_metrics_step(metrics)
+        last_step, last_change, armed = first_step, time.monotonic(), False
         try:
             while proc.poll() is None:
                 time.sleep(1.0)
                 step = _last_metrics_step(metrics)
                 if step != last_step:
-                    last_step, last_change = step, time.monotonic()
-                if stall_timeout and time.monotonic() - last_change > stall_timeout:
+                    last_step, last_change, armed = step, time.monotonic(), True
+                if stall_timeout and armed and time.monotonic() - last_change > stall_timeout:
                     _kill_group(proc)
                     raise LaunchError(f"stalled: {metrics} got no new step for {stall_timeout:.0f}s (last step "
                                       f"{last_step}); killed the launch", exit_code=proc.returncode,

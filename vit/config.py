@@ -248,6 +248,7 @@ class RunConfig:
     log_keys: bool = False  # tests: write the sample keys each rank consumed per step
     fail_at_step: int | None = None  # tests only: a rank exits with code 13 after this step
     fail_rank: int = 0
+    hang_at_step: int | None = None  # tests only: rank `fail_rank` stops making progress after this step
     parent: str | None = None  # parent run id (finetune: the pretrain run)
 
     def __post_init__(self) -> None:

@@ -360,6 +360,10 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
         if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == cfg.fail_rank:
             log(f"[vit.train] fault injection: rank {rank} exits with code {FAULT_EXIT_CODE} after step {done}")
             os._exit(FAULT_EXIT_CODE)
+        if cfg.hang_at_step is not None and done == cfg.hang_at_step and rank == cfg.fail_rank:
+            log(f"[vit.train] fault injection: rank {rank} hangs after step {done}")
+            while True:
+                time.sleep(60)
         if stopping:
             if is0:
                 metrics.close()
