@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, open_image
+from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, open_image, stack_chw
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ def parse_labels(sample: dict, spec: LabelSpec) -> list[int]:
     return labels
 
 
-def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[torch.Tensor, list[int]]:
-    """Raw tar sample -> (uint8 image [3,S,S], label ids). Raises CorruptSample."""
+def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[np.ndarray, list[int]]:
+    """Raw tar sample -> (uint8 image [S,S,3], label ids). Raises CorruptSample."""
     if "__error__" in sample:
         raise CorruptSample(sample["__error__"])
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -374,7 +374,7 @@ class _Slot:
 
     position: int
     key: str | None = None
-    image: torch.Tensor | None = None
+    image: np.ndarray | None = None
     labels: list[int] | None = None
 
 
@@ -450,7 +450,7 @@ class _TrainLanes(IterableDataset):
                 "step": step,
                 "positions": [s.position for s in slots],
                 "keys": [s.key for s in slots],
-                "images": torch.stack([s.image for s in slots]),
+                "images": stack_chw([s.image for s in slots]),
                 "labels": [s.labels for s in slots],
                 "corrupt": corrupt,
             }
@@ -608,7 +608,7 @@ class TrainStream:
         positions = [p for part in parts for p in part["positions"]]
         keys = [k for part in parts for k in part["keys"]]
         labels = [ls for part in parts for ls in part["labels"]]
-        images = torch.cat([part["images"] for part in parts]) if len(parts) > 1 else parts[0]["images"]
+        images = np.concatenate([part["images"].numpy() for part in parts])
         order = sorted(range(len(positions)), key=positions.__getitem__)
         for part in parts:
             for key, reason in part["corrupt"]:
@@ -616,7 +616,7 @@ class TrainStream:
                             epoch, step, key, reason)
             self.corrupt.extend(part["corrupt"])
         return Batch(
-            images=normalize(images[order], mean=self.mean, std=self.std),
+            images=normalize(torch.from_numpy(images[order]), mean=self.mean, std=self.std),
             targets=targets_tensor([labels[i] for i in order], self.spec),
             keys=[keys[i] for i in order],
             step=step,
@@ -665,10 +665,10 @@ class _EvalRange(IterableDataset):
                 labels.append(ls)
                 keys.append(sample["__key__"])
                 if len(images) == self.batch_size:
-                    yield {"images": torch.stack(images), "labels": labels, "keys": keys, "corrupt": corrupt}
+                    yield {"images": stack_chw(images), "labels": labels, "keys": keys, "corrupt": corrupt}
                     images, labels, keys, corrupt = [], [], [], []
         if images or corrupt:
-            yield {"images": torch.stack(images) if images else None, "labels": labels, "keys": keys,
+            yield {"images": stack_chw(images) if images else None, "labels": labels, "keys": keys,
                    "corrupt": corrupt}
 
 
