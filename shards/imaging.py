@@ -28,7 +28,54 @@ class Probe:
     ext: str
     width: int
     height: int
-    dhash: int
+    dhash: int | None  # None when only the header was checked
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the SOF marker, or None if the marker walk fails."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker == 0xDA or length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def header_probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+    """Cheap check for pass-through: JPEG/PNG headers parsed here, completeness by the end marker
+    (truncated files fail); anything unusual or another format falls back to a full decode."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    size, ext = None, None
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        size, ext = _jpeg_size(data), "jpg"
+    elif data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data.endswith(_PNG_END):
+        size, ext = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")), "png"
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        full = probe(data, max_pixels=max_pixels)
+        return Probe(full.ext, full.width, full.height, None)
+    if size[0] * size[1] > max_pixels:
+        raise BadImage(f"decompression bomb ({size[0]}x{size[1]} pixels > limit {max_pixels})")
+    return Probe(ext, size[0], size[1], None)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

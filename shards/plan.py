@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from shards import storage
 from shards.dedup import HashIndex, load_exclude
-from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, probe
+from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, probe
 from shards.sources import Listing, RecordRef, SourceError, list_source
 
 _TAR_BLOCK = 512
@@ -40,6 +40,7 @@ class ShardSettings:
     near_dup_threshold: int = 6
     dedup_within: str = "exact"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    validate: str = "header"
 
     def __post_init__(self):
         if isinstance(self.exclude, (str, os.PathLike)):
@@ -55,6 +56,8 @@ class ShardSettings:
             raise ValueError(f"resize={self.resize}: shorter side must be >= 8 px (or None for pass-through)")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality={self.quality}: use 1..100")
+        if self.validate not in ("header", "decode"):
+            raise ValueError(f"validate={self.validate!r}: use 'header' (fast; end markers) or 'decode' (every pixel)")
         if self.dedup_within not in ("exact", "near"):
             raise ValueError(f"dedup_within={self.dedup_within!r}: use 'exact' or 'near'")
         if not 0 <= self.near_dup_threshold < 32:
@@ -121,8 +124,10 @@ class ShardPlan:
 
 # ----------------------------------------------------------------------------- scanning
 
-def scan_records(refs: list[RecordRef], max_pixels: int) -> list[tuple]:
-    """For each record: ("ok", sha256, dhash, ext, width, height, nbytes) or ("bad", kind, reason)."""
+def scan_records(refs: list[RecordRef], max_pixels: int, decode: bool = True) -> list[tuple]:
+    """For each record: ("ok", sha256, dhash, ext, width, height, nbytes) or ("bad", kind, reason).
+
+    `decode` decodes every image (and computes the dHash); else only headers/end markers are checked."""
     out = []
     for ref in refs:
         try:
@@ -134,7 +139,7 @@ def scan_records(refs: list[RecordRef], max_pixels: int) -> list[tuple]:
             out.append(("bad", "unreadable", f"unreadable ({err.strerror or type(err).__name__})"))
             continue
         try:
-            p = probe(data, max_pixels=max_pixels)
+            p = probe(data, max_pixels=max_pixels) if decode else header_probe(data, max_pixels=max_pixels)
         except BadImage as err:
             reason = str(err)
             kind = ("empty_file" if reason.startswith("empty") else "not_an_image" if reason.startswith(("not an image", "unsupported"))
@@ -146,8 +151,8 @@ def scan_records(refs: list[RecordRef], max_pixels: int) -> list[tuple]:
 
 
 def _scan_chunk(args):
-    refs, max_pixels = args
-    return scan_records(refs, max_pixels)
+    refs, max_pixels, decode = args
+    return scan_records(refs, max_pixels, decode)
 
 
 def _chunks(seq, size):
@@ -155,19 +160,19 @@ def _chunks(seq, size):
         yield seq[i:i + size]
 
 
-def scan_all(refs: list[RecordRef], *, max_pixels: int, workers: int, progress=None) -> list[tuple]:
+def scan_all(refs: list[RecordRef], *, max_pixels: int, workers: int, decode: bool = True, progress=None) -> list[tuple]:
     results: list[tuple] = []
     chunk = 64
     if workers <= 1 or len(refs) <= chunk:
         for part in _chunks(refs, chunk):
-            results.extend(scan_records(part, max_pixels))
+            results.extend(scan_records(part, max_pixels, decode))
             if progress is not None:
                 progress(len(part))
         return results
     from shards.workers import process_pool
 
     with process_pool(workers) as pool:
-        for part in pool.map(_scan_chunk, [(part, max_pixels) for part in _chunks(refs, chunk)]):
+        for part in pool.map(_scan_chunk, [(part, max_pixels, decode) for part in _chunks(refs, chunk)]):
             results.extend(part)
             if progress is not None:
                 progress(len(part))
@@ -230,7 +235,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
 
         bar = tqdm(total=len(listing.records), desc="scan", unit="img", dynamic_ncols=True)
     try:
-        results = scan_all(listing.records, max_pixels=cfg.max_pixels, workers=workers,
+        decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
+        results = scan_all(listing.records, max_pixels=cfg.max_pixels, workers=workers, decode=decode,
                            progress=bar.update if bar else None)
     finally:
         if bar:

@@ -39,14 +39,36 @@ def sample_members(task: ShardTask, item, data: bytes) -> list[tuple[str, bytes]
     return members
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = MTIME
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) of a regular file member: fixed mode 0444, owner 0/0, mtime MTIME.
+
+    Plain ASCII names up to 100 bytes get a ustar header built here (fast path); other names
+    go through tarfile's PAX encoder, which is deterministic for the same fields."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100 or not name.isascii():
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, MTIME, 0o444, 0, 0, "", ""
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(512)
+    header[0:len(encoded)] = encoded
+    header[100:108] = b"0000444\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % MTIME
+    header[148:156] = b"        "
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _add(f, name: str, data: bytes) -> None:
+    f.write(tar_header(name, len(data)))
+    f.write(data)
+    remainder = len(data) % 512
+    if remainder:
+        f.write(b"\0" * (512 - remainder))
 
 
 def progress_url(task: ShardTask) -> str:
@@ -67,7 +89,7 @@ def completed_entry(task: ShardTask) -> dict | None:
 
 
 def _write_tar(task: ShardTask, path: str) -> None:
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with open(path, "wb") as tar:
         for item in task.items:
             try:
                 data = item.ref.read()
@@ -77,6 +99,7 @@ def _write_tar(task: ShardTask, path: str) -> None:
                 raise ShardError(f"{item.ref.path}: changed since it was scanned; re-run to re-plan")
             for name, payload in sample_members(task, item, data):
                 _add(tar, name, payload)
+        tar.write(b"\0" * 1024)  # end-of-archive: two zero blocks
 
 
 def _sha256_file(path: str) -> str:

@@ -1,0 +1,174 @@
+"""Sharding throughput and memory, measured side by side in one run (medians of --repeats).
+
+1. pass-through sharding vs `tar cf` of the same tree (images/s, MB/s; target >= 0.8x);
+2. resize mode vs a bare PIL decode+resize+encode loop (target >= 0.9x with 1 worker,
+   >= 1.8x of the bare loop with 2 workers);
+3. peak memory (ru_maxrss of a fresh subprocess) sharding 10k vs 50k images (target <= 1.2x).
+
+The corpus is real JPEGs: crops of scikit-image's sample photographs (nothing downloaded).
+    .venv/bin/python benchmarks/shard_throughput.py [--images 3000] [--workdir DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shards import shard_dataset  # noqa: E402
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _warm(root: Path) -> int:
+    return sum(len(p.read_bytes()) for p in _files(root))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _tar_cf(root: Path, out: Path) -> None:
+    subprocess.run(["tar", "cf", str(out), "-C", str(root), "."], check=True)
+    out.unlink()
+
+
+def _shard(root: Path, out: Path, **kw) -> None:
+    shard_dataset(str(root), str(out), shard_size=10_000, **kw)
+    shutil.rmtree(out)
+
+
+def _bare_resize_loop(files: list[Path], *, shorter: int, quality: int) -> None:
+    """What a hand-written script does: decode, resize the shorter side, encode. Same PIL calls
+    (draft + BICUBIC with reducing_gap) as shards.imaging.resize_encode."""
+    from PIL import Image
+
+    for path in files:
+        image = Image.open(path)
+        w, h = image.size
+        scale = shorter / min(w, h)
+        target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image.draft("RGB", target)
+        image = image.convert("RGB").resize(target, Image.BICUBIC, reducing_gap=3.0)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+
+
+_MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, sys.argv[3])
+from shards import shard_dataset
+shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+_CORPUS_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[5])
+from shards.testdata import write_jpeg_tree
+w, h = (int(v) for v in sys.argv[3].split("x"))
+write_jpeg_tree(sys.argv[1], count=int(sys.argv[2]), size=(w, h), classes=int(sys.argv[4]), quality=85)
+"""
+
+
+def _make_corpus(root: Path, *, count: int, size: str, classes: int) -> None:
+    """In a subprocess, so this process stays small (Linux keeps ru_maxrss across fork+exec:
+    a child started from a big parent would report the parent's peak)."""
+    if not root.exists():
+        subprocess.run([sys.executable, "-c", _CORPUS_CHILD, str(root), str(count), size, str(classes), str(ROOT)],
+                       check=True)
+
+
+def _peak_rss_mb(root: Path, out: Path) -> float:
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(root), str(out), str(ROOT)],
+                          capture_output=True, text=True, check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=3000, help="throughput corpus size (default 3000)")
+    ap.add_argument("--size", default="400x300", help="throughput image size WxH (default 400x300)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-sizes", default="10000,50000")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--quick", action="store_true", help="small corpus, 1 repeat (smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats, args.memory_sizes = 600, 1, "2000,6000"
+    width, height = (int(v) for v in args.size.split("x"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="shard-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        sizes = [int(s) for s in args.memory_sizes.split(",")]
+        peaks = []
+        for count in sizes:  # first, while this process is small
+            tree = work / f"mem-{count}"
+            _make_corpus(tree, count=count, size="64x48", classes=100)
+            peaks.append(_peak_rss_mb(tree, work / "mem-out"))
+            print(f"peak RSS sharding {count} images: {peaks[-1]:.1f} MB", flush=True)
+        corpus = work / "corpus"
+        _make_corpus(corpus, count=args.images, size=f"{width}x{height}", classes=20)
+        total_bytes = _warm(corpus)
+        n = args.images
+        mb = total_bytes / 1e6
+        print(f"corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB, {os.cpu_count()} CPUs", flush=True)
+
+        t_tar = _median_time(lambda: _tar_cf(corpus, work / "all.tar"), args.repeats)
+        rows.append(("tar cf (reference)", n / t_tar, mb / t_tar, 1.0, ""))
+        for workers in (1, 2):
+            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers), args.repeats)
+            rows.append((f"shard pass-through, {workers} worker(s)", n / t, mb / t, t_tar / t, ">= 0.8x tar cf"))
+            print(rows[-1], flush=True)
+        for workers in (1, 2):
+            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers, validate="decode"), args.repeats)
+            rows.append((f"shard pass-through --validate decode, {workers} worker(s)", n / t, mb / t, t_tar / t,
+                         "(every pixel decoded; no target)"))
+            print(rows[-1], flush=True)
+
+        shorter, quality = 160, 90
+        files = _files(corpus)
+        t_bare = _median_time(lambda: _bare_resize_loop(files, shorter=shorter, quality=quality), args.repeats)
+        rows.append((f"bare PIL decode+resize({shorter})+encode loop", n / t_bare, mb / t_bare, 1.0, ""))
+        for workers, target in ((1, ">= 0.9x bare loop"), (2, ">= 1.8x bare loop")):
+            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers, resize=shorter, quality=quality),
+                             args.repeats)
+            rows.append((f"shard --resize {shorter}, {workers} worker(s)", n / t, mb / t, t_bare / t, target))
+            print(rows[-1], flush=True)
+
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"| run | images/s | MB/s | ratio | target |")
+    print(f"|---|---:|---:|---:|---|")
+    for name, ips, mbs, ratio, target in rows:
+        print(f"| {name} | {ips:.0f} | {mbs:.1f} | {ratio:.2f}x | {target} |")
+    print()
+    print("| images | peak RSS (MB) | ratio to smallest | target |")
+    print("|---:|---:|---:|---|")
+    for count, peak in zip(sizes, peaks):
+        print(f"| {count} | {peak:.1f} | {peak / peaks[0]:.2f}x | <= 1.2x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
