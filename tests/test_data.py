@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vit.data import EvalStream, TrainStream, window_order
+from vit.data import EvalStream, Segment, ShardInfo, TrainStream, iter_lane, slice_stream, window_order
 
 SHARD_SIZES = [37, 50, 13, 61, 44, 29, 50, 8, 70, 33]  # 395 samples, uneven on purpose
 NUM_CLASSES = 5
@@ -151,7 +151,11 @@ def test_resume_on_fewer_ranks_continues_the_epoch(dataset):
         got = (first if s < k else rest)[s]
         assert got.keys() == full[s].keys()
         assert all(torch.equal(got[key], full[s][key]) for key in got)
-    assert streams[0].state(epoch=2, step=k) == {"epoch": 2, "step": k, "seed": 3, "lanes": 8}
+    state = streams[0].state(epoch=2, step=k)
+    assert state == {"epoch": 2, "step": k, "seed": 3, "lanes": 8, "shuffle_buffer": 20}
+    streams[0].check_resume(state)
+    with pytest.raises(ValueError, match="lanes=8"):
+        streams[0].check_resume(state | {"lanes": 4})
 
 
 def test_resume_skips_without_decoding(dataset, monkeypatch):
@@ -248,6 +252,24 @@ def test_clear_errors_for_impossible_settings(dataset, tmp_path):
         TrainStream(str(few), img_size=8, global_batch_size=16, rank=0, world_size=1)
     with pytest.raises(Exception, match="manifest"):
         TrainStream(str(tmp_path / "nothing"), img_size=8, global_batch_size=16, rank=0, world_size=1)
+
+
+def test_resume_does_not_open_shards_it_has_passed(tmp_path):
+    root, _ = write_dataset(tmp_path / "even", sizes=[10] * 10)
+    shards = [ShardInfo(url=str(root / f"data-{i:06d}.tar"), samples=10) for i in range(10)]
+    segments = slice_stream(shards, 5, 100)  # a lane starting inside shard 0
+    assert segments[0] == Segment(shards[0].url, 5, 5) and len(segments) == 10
+    order = window_order(95, 4, np.random.default_rng(1))
+    opened = []
+
+    def open_fn(url):
+        opened.append(Path(url).name)
+        return open(url, "rb")
+
+    got = list(iter_lane(segments, order, 80, 95, open_fn=open_fn))
+    assert [j for j, _ in got] == list(range(80, 95))
+    assert [s["__key__"] for _, s in got] == [f"s{(5 + r) // 10:02d}_{(5 + r) % 10:03d}" for r in order[80:95]]
+    assert opened == ["data-000008.tar", "data-000009.tar"]  # raw index >= 76 only: shards 0..7 never opened
 
 
 def test_window_order_is_a_bounded_permutation():

@@ -517,6 +517,10 @@ class TrainStream:
                 f"{global_batch_size} over {lanes} lanes; lower global_batch_size"
             )
         self.rank_lanes = list(range(rank, lanes, world_size))
+        if rank == 0:
+            log.info("%s: %d samples in %d shards -> %d lanes x %d samples, %d steps/epoch of %d, %d samples left out "
+                     "per epoch", self.dataset_url, self.info.num_samples, len(self.info.shards), lanes,
+                     self.plan.lane_length, self.steps_per_epoch, global_batch_size, self.dropped_per_epoch)
 
     def _check_numbers(self) -> None:
         g, c, w = self.global_batch_size, self.lanes, self.world_size
@@ -572,12 +576,13 @@ class TrainStream:
         return self.info.num_samples - self.steps_per_epoch * self.global_batch_size
 
     def state(self, *, epoch: int, step: int) -> dict:
-        """The data position to put in a checkpoint."""
-        return {"epoch": epoch, "step": step, "seed": self.seed, "lanes": self.lanes}
+        """The data position to put in a checkpoint (seed, lanes and shuffle_buffer fix the order)."""
+        return {"epoch": epoch, "step": step, "seed": self.seed, "lanes": self.lanes,
+                "shuffle_buffer": self.shuffle_buffer}
 
     def check_resume(self, state: dict) -> None:
         """Raise unless ``state`` (from ``state()``) can be resumed with this stream's settings."""
-        for key in ("seed", "lanes"):
+        for key in ("seed", "lanes", "shuffle_buffer"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"checkpoint data position has {key}={state[key]} but this run has {key}={getattr(self, key)}; "
@@ -599,7 +604,9 @@ class TrainStream:
             chunks = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                      multiprocessing_context=_mp_context(), persistent_workers=False))
         for step in range(start_step, self.steps_per_epoch):
-            parts = [next(chunks) for _ in range(workers)]
+            parts = [next(chunks, None) for _ in range(workers)]
+            if any(p is None for p in parts):
+                raise RuntimeError(f"epoch {epoch}: data workers stopped at step {step} of {self.steps_per_epoch}")
             if any(p["step"] != step for p in parts):
                 raise RuntimeError(f"data workers out of step: expected {step}, got {[p['step'] for p in parts]}")
             yield self._assemble(parts, step, epoch)
