@@ -195,7 +195,8 @@ def similarity_mosaic(sim: torch.Tensor) -> np.ndarray:
 
 def draw_pos_embed_similarity(sims: dict[str, torch.Tensor]) -> Figure:
     """One panel per label (e.g. this run and its parent), each a grid of small maps (Fig 7 centre)."""
-    fig = Figure(figsize=(5.2 * len(sims), 5.2), dpi=_DPI)
+    side = max(5.2, 0.3 * max(s.shape[0] for s in sims.values()))  # keep big grids' tiles legible
+    fig = Figure(figsize=(side * len(sims), side), dpi=_DPI)
     image = None
     for i, (label, sim) in enumerate(sims.items()):
         ax = fig.add_subplot(1, len(sims), i + 1)

@@ -372,6 +372,8 @@ def write_report(
     markdown = render_markdown(title=title, out=out, html_url=html_url)
     page = render_html(title=title, out=out, pngs=pngs)
 
+    if storage.exists(html_url):
+        storage.delete(html_url)  # a report.html is only ever next to the PNGs it embeds
     png_urls = []
     for name, data in pngs.items():
         png_urls.append(storage.join(out_dir, name))
