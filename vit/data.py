@@ -493,11 +493,12 @@ class TrainStream:
     def __init__(self, dataset_url: str, *, img_size: int, global_batch_size: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 2, lanes: int = 8, shuffle_buffer: int = 1000,
                  augment: str = "pretrain", label_mode: str = "auto", mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                 crop_pct: float = 0.875):
+                 crop_pct: float = 0.875, pin_memory: bool | None = None):
         self.dataset_url, self.img_size, self.global_batch_size = str(dataset_url), img_size, global_batch_size
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
         self.lanes, self.shuffle_buffer, self.augment, self.label_mode = lanes, shuffle_buffer, augment, label_mode
         self.mean, self.std, self.crop_pct = tuple(mean), tuple(std), crop_pct
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.corrupt = []
         self._check_numbers()
         self.info = load_dataset_info(self.dataset_url)
@@ -539,11 +540,13 @@ class TrainStream:
                 f"use lanes = a multiple of {w} (lanes is saved in the checkpoint and must stay the same on resume, "
                 "so pick one divisible by every world size you may resume on, e.g. 8 or 24)"
             )
-        if self.num_workers < 0 or self.num_workers > c // w:
-            raise ValueError(
-                f"num_workers {self.num_workers} with lanes {c} on world_size {w}: each worker needs at least one of "
-                f"the rank's {c // w} lanes; set num_workers <= {c // w} or raise lanes (multiple of {w})"
-            )
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers > c // w:
+            # workers only split the rank's lanes (the order does not depend on them): more would idle
+            log.warning("num_workers %d > the rank's %d lanes (lanes %d / world_size %d): using %d workers; raise "
+                        "lanes (a multiple of %d) for more", self.num_workers, c // w, c, w, c // w, w)
+            self.num_workers = c // w
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
@@ -622,12 +625,19 @@ class TrainStream:
                 log.warning("epoch %d step %d: corrupt sample %s skipped (%s); slot filled with a neighbour",
                             epoch, step, key, reason)
             self.corrupt.extend(part["corrupt"])
-        return Batch(
+        return _maybe_pinned(Batch(
             images=normalize(torch.from_numpy(images[order]), mean=self.mean, std=self.std),
             targets=targets_tensor([labels[i] for i in order], self.spec),
             keys=[keys[i] for i in order],
             step=step,
-        )
+        ), self.pin_memory)
+
+
+def _maybe_pinned(batch: Batch, pin: bool) -> Batch:
+    """Page-locked tensors so ``.to("cuda", non_blocking=True)`` overlaps the copy.  # unverified on GPU"""
+    if not pin:
+        return batch
+    return batch._replace(images=batch.images.pin_memory(), targets=batch.targets.pin_memory())
 
 
 def _largest_ok_lanes(num_shards: int, world_size: int) -> int:
@@ -691,7 +701,7 @@ class EvalStream:
 
     def __init__(self, dataset_url: str, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, crop_pct: float = 0.875, label_mode: str = "auto",
-                 mean=INCEPTION_MEAN, std=INCEPTION_STD):
+                 mean=INCEPTION_MEAN, std=INCEPTION_STD, pin_memory: bool | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -701,6 +711,7 @@ class EvalStream:
         self.dataset_url, self.img_size, self.batch_size = str(dataset_url), img_size, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.info = load_dataset_info(self.dataset_url)
         self.transform = ResizeCenterCrop(img_size=img_size, crop_pct=crop_pct)
         self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
@@ -739,8 +750,9 @@ class EvalStream:
             self.corrupt.extend(part["corrupt"])
             if part["images"] is None:
                 continue
-            yield Batch(images=normalize(part["images"], mean=self.mean, std=self.std),
-                        targets=targets_tensor(part["labels"], self.spec), keys=list(part["keys"]), step=step)
+            yield _maybe_pinned(Batch(images=normalize(part["images"], mean=self.mean, std=self.std),
+                                      targets=targets_tensor(part["labels"], self.spec), keys=list(part["keys"]),
+                                      step=step), self.pin_memory)
             step += 1
 
 
