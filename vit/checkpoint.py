@@ -31,8 +31,11 @@ def save_model(model: VisionTransformer, dir_url: str | os.PathLike) -> str:
     dir_url = str(dir_url)
     raw = getattr(model, "module", model)  # DDP/DeepSpeed wrappers hold the model in .module
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in raw.state_dict().items()}
+    cfg_url = storage.join(dir_url, CONFIG)
+    if storage.exists(cfg_url):  # overwriting: a crash below must not leave an old config on new weights
+        storage.delete(cfg_url)
     storage.write_bytes(storage.join(dir_url, WEIGHTS), st_save(tensors, metadata={"format": "pt"}))
-    storage.write_json(storage.join(dir_url, CONFIG), raw.config)
+    storage.write_json(cfg_url, raw.config)
     return dir_url
 
 

@@ -38,7 +38,7 @@ from einops import rearrange
 
 from shards import storage
 
-from vit.model import _REGISTRY, VisionTransformer, ViTConfig
+from vit.model import VisionTransformer, ViTConfig, list_models, model_args
 from vit.surgery import prepare_for_finetune, resize_model
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,14 @@ def _infer_config(shapes: Mapping[str, tuple[int, ...]], name: str | None,
     if not class_token:
         inferred["pool"] = "mean"
     if name is None:  # num_heads is not in any shape: take it from the registry entry that fits
-        for cand, fn in _REGISTRY.items():
-            a = fn()
+        for cand in list_models():
+            a = model_args(cand)
             if (a["embed_dim"], a["depth"], a["patch_size"]) == (d, depth, p):
                 name = cand
                 break
     base = {}
     if name is not None:
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown model {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
-        base = _REGISTRY[name]()
+        base = model_args(name)
     elif "num_heads" not in overrides:
         raise ValueError(f"{source}: embed_dim={d}, depth={depth}, patch={p} matches no registry model; "
                          "pass name=... or num_heads=...")

@@ -81,6 +81,13 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_args(name: str) -> dict[str, Any]:
+    """The registry entry ``name`` (patch_size, embed_dim, depth, num_heads, mlp_dim)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(list_models())}")
+    return _REGISTRY[name]()
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -194,7 +201,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x).unbind(0)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # flash / mem-efficient on GPU
+        # one fused kernel: flash / memory-efficient attention on GPU (unverified on GPU here), fused CPU kernel
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,13 +366,12 @@ def create_model(name: str, *, num_classes: int, img_size: int | tuple[int, int]
     num_heads, mlp_dim, pool, representation_size, drop_rate, attn_drop_rate,
     drop_path_rate, in_chans, class_token).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(list_models())}")
+    base = model_args(name)
     fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"name", "num_classes", "img_size"}
     bad = sorted(set(overrides) - fields)
     if bad:
         raise TypeError(f"unknown override(s) {bad} for {name}; accepted: {sorted(fields)}")
-    args = {**_REGISTRY[name](), **overrides}
+    args = {**base, **overrides}
     return VisionTransformer(ViTConfig(num_classes=num_classes, img_size=img_size, name=name, **args))
 
 
