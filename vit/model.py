@@ -8,8 +8,8 @@ near-identity key map (see vit.interop).
 
 Initialisation (stated, as the brief asks): Linear weights xavier-uniform with zero bias
 (big_vision), patch-embedding conv lecun-normal (Flax default), position embedding
-trunc-normal std 0.02 and class token normal std 1e-6 (both as timm), head weight and bias
-exactly zero (big_vision ``head_zeroinit``).
+trunc-normal std 0.02 (cut at 2 std) and class token normal std 1e-6 (both as timm),
+head weight and bias exactly zero (big_vision ``head_zeroinit``).
 
 This file has no I/O, no DeepSpeed and no Prefect: it is the model only.
 """
