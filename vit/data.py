@@ -12,7 +12,11 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   exactly the same length in every epoch, so ``steps_per_epoch = (N // C) * C // G`` is a
   constant and every rank takes the same number of steps, however uneven the shards are.
   The last ``N - steps_per_epoch * G`` samples of the permuted stream are left out of that
-  epoch (``dropped_per_epoch``; different samples each epoch).
+  epoch (``dropped_per_epoch``; different samples each epoch). Cutting the stream, rather
+  than dealing whole shards to lanes, is what keeps ``steps_per_epoch`` the same in every
+  epoch (the trainer's schedule and checkpoint arithmetic rely on it); a lane that starts
+  inside a shard reads past that shard's head once per epoch. Fewer shards than lanes is
+  refused (lanes would re-read the same tars): re-shard smaller or lower ``lanes``.
 * **Shuffle window.** Inside a lane, output position j takes raw sample ``order[j]`` where
   ``order = argsort(i + U(0, shuffle_buffer))`` with ``rng(seed, epoch, lane)``: a sliding-window
   shuffle like WebDataset's buffer (a sample moves < ``shuffle_buffer`` places), but computed
@@ -20,13 +24,15 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   their turn; images are decoded only when emitted.
 * **Global position.** Position p of the epoch is lane ``p % C``, index ``p // C`` in that lane;
   global step s is positions ``[s*G, (s+1)*G)``. Rank r owns the lanes ``c % world_size == r``,
-  and its DataLoader workers split those lanes among them. Each worker yields one chunk per
-  step; the rank assembles its local batch from its workers' chunks and orders it by p, so
-  the batch does not depend on the number of workers either.
+  and its DataLoader workers split those lanes among them (so ``lanes`` must be a multiple
+  of ``world_size``; ``num_workers`` is capped at ``lanes // world_size``). Each worker yields
+  one chunk per step; the rank assembles its local batch from its workers' chunks and orders
+  it by p, so the batch does not depend on the number of workers either.
 * **Resume.** ``batches(epoch, start_step=s)`` starts every lane at index ``s * G / C``. Shards
   whose samples were all emitted before that are not opened; inside a shard, already-emitted
   samples are skipped as tar members (read past, never decoded). The data position in a
-  checkpoint is ``{"epoch", "step"}`` plus ``seed`` and ``lanes``, which must not change.
+  checkpoint is ``{"epoch", "step"}`` plus ``seed``, ``lanes`` and ``shuffle_buffer``, which
+  must not change (``TrainStream.state`` / ``check_resume``); world size and workers may.
 * **Augmentation** randomness is seeded by (seed, epoch, p) for the same reason.
 
 Corrupt samples (undecodable image, missing/invalid label, a tar that breaks mid-stream)
@@ -47,7 +53,7 @@ import logging
 import tarfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -507,8 +513,9 @@ class TrainStream:
         if len(self.info.shards) < lanes:
             raise ValueError(
                 f"{self.dataset_url} has {len(self.info.shards)} non-empty shards but lanes={lanes}: every lane "
-                f"should read its own shards; re-shard with a smaller --shard-size or set lanes <= "
-                f"{len(self.info.shards)} (a divisor-friendly value such as {_largest_ok_lanes(len(self.info.shards), world_size)})"
+                f"should read its own shards; re-shard with a smaller --shard-size (about "
+                f"{max(1, self.info.num_samples // lanes)} or less) or set lanes <= {len(self.info.shards)} "
+                f"(a multiple of world_size {world_size} that divides global_batch_size {global_batch_size})"
             )
         self.plan = LanePlan(shards=self.info.shards, seed=seed, lanes=lanes, global_batch_size=global_batch_size,
                              shuffle_buffer=shuffle_buffer)
@@ -638,10 +645,6 @@ def _maybe_pinned(batch: Batch, pin: bool) -> Batch:
     if not pin:
         return batch
     return batch._replace(images=batch.images.pin_memory(), targets=batch.targets.pin_memory())
-
-
-def _largest_ok_lanes(num_shards: int, world_size: int) -> int:
-    return max(world_size, num_shards // world_size * world_size)
 
 
 def _mp_context():
