@@ -42,7 +42,7 @@ def read_metrics(url: str) -> list[dict]:
 
 def digits_cfg(data, out, run_id, *, nproc=1, sets=(), **kw):
     return make_run_config("digits_tiny", data=data, out=str(out), run_id=run_id, nproc=nproc, steps=TOTAL,
-                           master_port=free_port(), sets=["checkpoint.every_steps=10", *sets], **kw)
+                           master_port=free_port(), sets=["checkpoint.every_steps=10", "launch.cpu_threads_per_rank=1", *sets], **kw)
 
 
 @pytest.fixture(scope="module")

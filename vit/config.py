@@ -181,6 +181,7 @@ class LaunchConfig:
     zero_stage: int = 0
     bind_cores_to_rank: bool = False
     log_dir: str | None = None  # per-rank logs (default <local run dir>/logs)
+    cpu_threads_per_rank: int | None = None  # CPU only: torch threads per rank (default cores // nproc_per_node)
 
     def __post_init__(self) -> None:
         _choice("launch.launcher", self.launcher, ("pdsh", "openmpi", "mvapich", "slurm", "impi"))

@@ -195,10 +195,11 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the loop
 
 
-def setup_distributed(accelerator: str) -> None:
+def setup_distributed(accelerator: str, *, threads: int) -> None:
     import deepspeed
 
     if accelerator == "cpu":
+        torch.set_num_threads(threads)  # oversubscribed OpenMP threads slow CPU ranks down many times
         # DeepSpeed's shared-memory all-reduce is only used for inference all-reduce; not building it
         # saves a ~2 min JIT compile on first use. Training collectives go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -239,7 +240,8 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
 
     cfg.check_ready()
     accelerator = cfg.launch.resolved_accelerator(cuda_available=torch.cuda.is_available())
-    setup_distributed(accelerator)
+    threads = cfg.launch.cpu_threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
+    setup_distributed(accelerator, threads=threads)
     rank, world = dist_info.rank, dist_info.world_size
     if world != cfg.launch.world_size:  # the launcher's view wins (hostfile may differ); re-validate batch split
         cfg.launch.nproc_per_node, cfg.launch.num_nodes = world, 1
