@@ -54,7 +54,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     def done(task, entry):
         entries.append(entry)
         if bar is not None:
-            bar.update(len(task.items))
+            bar.update(len(task))
             bar.set_postfix_str(f"shards {len(entries)}/{len(plan.tasks)}")
         if on_shard_done is not None:
             on_shard_done(entry)

@@ -10,15 +10,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def label_histogram(plan: ShardPlan) -> list[int]:
-    counts = [0] * len(plan.classes)
-    for task in plan.tasks:
-        for item in task.items:
-            for label in item.label_ids:
-                counts[label] += 1
-    return counts
-
-
 def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
     by_name = {entry["name"]: entry for entry in entries}
     shards = []
@@ -26,8 +17,8 @@ def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
         entry = by_name.get(task.name)
         if entry is None:
             raise ShardError(f"{task.url}: shard was not written; re-run to finish the dataset")
-        if entry["samples"] != len(task.items):
-            raise ShardError(f"{task.url}: holds {entry['samples']} samples, plan says {len(task.items)}; re-run")
+        if entry["samples"] != len(task):
+            raise ShardError(f"{task.url}: holds {entry['samples']} samples, plan says {len(task)}; re-run")
         shards.append({"name": task.name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"]})
     return {
         "format": "vitpipe-webdataset",
@@ -39,7 +30,7 @@ def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
         "total_bytes": sum(s["bytes"] for s in shards),
         "classes": plan.classes,
         "num_classes": len(plan.classes),
-        "label_histogram": label_histogram(plan),
+        "label_histogram": plan.label_histogram,
         "multi_label": plan.multi_label,
         "source": plan.source,
         "fingerprint": plan.fingerprint,

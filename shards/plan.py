@@ -7,14 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from shards import storage
 from shards.dedup import HashIndex, load_exclude
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, probe
 from shards.sources import Listing, RecordRef, SourceError, list_source
+from shards.table import RecordTable
 
 _TAR_BLOCK = 512
 
@@ -66,7 +68,7 @@ class ShardSettings:
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One kept record as planned: where to read it and what to write."""
+    """One kept record as planned (a view built on demand from a task's columns)."""
 
     ref: RecordRef
     label_ids: tuple[int, ...]
@@ -77,26 +79,53 @@ class Item:
     sha256: str
 
 
+EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
+_EXT_CODE = {e: i for i, e in enumerate(EXTS)}
+
+
 @dataclass
 class ShardTask:
-    """The unit of work: write shard `name` from `items` to `url` (idempotent)."""
+    """The unit of work: write shard `name` to `url` from its rows (idempotent). Carries only its
+    own records, in a compact table, so it pickles small for worker processes and Prefect tasks."""
 
     index: int
     name: str
     url: str
     out_url: str
-    items: list[Item]
+    records: RecordTable
+    class_ids: np.ndarray  # int32, flattened label ids per row (see class_off)
+    class_off: np.ndarray  # int64 [n+1]
+    ext: np.ndarray  # uint8 codes into EXTS
+    width: np.ndarray
+    height: np.ndarray
+    nbytes: np.ndarray
+    sha: np.ndarray  # uint8 [n, 32]
     classes: list[str]
     multi_label: bool
     resize: int | None
     quality: int
     max_pixels: int
 
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def item(self, i: int) -> Item:
+        labels = tuple(int(v) for v in self.class_ids[self.class_off[i]:self.class_off[i + 1]])
+        return Item(self.records.ref(i), labels, EXTS[self.ext[i]], int(self.width[i]), int(self.height[i]),
+                    int(self.nbytes[i]), self.sha[i].tobytes().hex())
+
+    @property
+    def items(self) -> list[Item]:
+        return [self.item(i) for i in range(len(self))]
+
     @property
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label]).encode())
-        for item in self.items:
-            h.update(f"{item.ref.key}\0{item.sha256}\0{item.label_ids}\n".encode("utf-8"))
+        for i in range(len(self)):
+            h.update(self.records.key(i).encode("utf-8") + b"\0")
+        h.update(self.sha.tobytes())
+        h.update(self.class_ids.astype("<i4").tobytes())
+        h.update(self.class_off.astype("<i8").tobytes())
         return h.hexdigest()
 
 
@@ -112,6 +141,7 @@ class ShardPlan:
     skipped: list[dict]
     dropped: dict
     fingerprint: str
+    label_histogram: list[int] = field(default_factory=list)
 
     @property
     def shards(self) -> list[ShardTask]:
@@ -119,13 +149,38 @@ class ShardPlan:
 
     @property
     def num_samples(self) -> int:
-        return sum(len(t.items) for t in self.tasks)
+        return sum(len(t) for t in self.tasks)
 
 
 # ----------------------------------------------------------------------------- scanning
 
-def scan_records(refs: list[RecordRef], max_pixels: int, decode: bool = True) -> list[tuple]:
-    """For each record: ("ok", sha256, dhash, ext, width, height, nbytes) or ("bad", kind, reason).
+class ScanResults:
+    """Per-record scan outcome in arrays; reasons only for the bad ones."""
+
+    def __init__(self, n: int):
+        self.ok = np.zeros(n, dtype=bool)
+        self.sha = np.zeros((n, 32), dtype=np.uint8)
+        self.dhash = np.zeros(n, dtype=np.uint64)
+        self.ext = np.zeros(n, dtype=np.uint8)
+        self.width = np.zeros(n, dtype=np.int32)
+        self.height = np.zeros(n, dtype=np.int32)
+        self.nbytes = np.zeros(n, dtype=np.int64)
+        self.bad: dict[int, tuple[str, str]] = {}
+
+    def put(self, i: int, result: tuple) -> None:
+        if result[0] == "bad":
+            self.bad[i] = (result[1], result[2])
+            return
+        _, digest, dh, ext, width, height, nbytes = result
+        self.ok[i] = True
+        self.sha[i] = np.frombuffer(digest, dtype=np.uint8)
+        self.dhash[i] = dh or 0
+        self.ext[i] = _EXT_CODE[ext]
+        self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
+
+
+def scan_records(refs, max_pixels: int, decode: bool = True) -> list[tuple]:
+    """For each record: ("ok", sha256 digest, dhash, ext, width, height, nbytes) or ("bad", kind, reason).
 
     `decode` decodes every image (and computes the dHash); else only headers/end markers are checked."""
     out = []
@@ -146,36 +201,39 @@ def scan_records(refs: list[RecordRef], max_pixels: int, decode: bool = True) ->
                     else "decompression_bomb" if reason.startswith("decompression") else "corrupt_image")
             out.append(("bad", kind, reason))
             continue
-        out.append(("ok", hashlib.sha256(data).hexdigest(), p.dhash, p.ext, p.width, p.height, len(data)))
+        out.append(("ok", hashlib.sha256(data).digest(), p.dhash, p.ext, p.width, p.height, len(data)))
     return out
 
 
 def _scan_chunk(args):
-    refs, max_pixels, decode = args
-    return scan_records(refs, max_pixels, decode)
+    table, max_pixels, decode = args
+    return scan_records(table, max_pixels, decode)
 
 
-def _chunks(seq, size):
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
+_CHUNK = 64
 
 
-def scan_all(refs: list[RecordRef], *, max_pixels: int, workers: int, decode: bool = True, progress=None) -> list[tuple]:
-    results: list[tuple] = []
-    chunk = 64
-    if workers <= 1 or len(refs) <= chunk:
-        for part in _chunks(refs, chunk):
-            results.extend(scan_records(part, max_pixels, decode))
-            if progress is not None:
-                progress(len(part))
+def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None) -> ScanResults:
+    n = len(table)
+    results = ScanResults(n)
+    starts = range(0, n, _CHUNK)
+
+    def store(start, part):
+        for j, result in enumerate(part):
+            results.put(start + j, result)
+        if progress is not None:
+            progress(len(part))
+
+    if workers <= 1 or n <= _CHUNK:
+        for start in starts:
+            store(start, scan_records((table.ref(i) for i in range(start, min(n, start + _CHUNK))), max_pixels, decode))
         return results
     from shards.workers import process_pool
 
+    jobs = ((table.take(range(start, min(n, start + _CHUNK))), max_pixels, decode) for start in starts)
     with process_pool(workers) as pool:
-        for part in pool.map(_scan_chunk, [(part, max_pixels, decode) for part in _chunks(refs, chunk)]):
-            results.extend(part)
-            if progress is not None:
-                progress(len(part))
+        for start, part in zip(starts, pool.map(_scan_chunk, jobs, chunksize=4)):
+            store(start, part)
     return results
 
 
@@ -208,12 +266,6 @@ def _reason_kind(reason: str) -> str:
     return "unsafe_tar_member" if reason.startswith("unsafe") else reason.split(" (")[0].replace(" ", "_")
 
 
-def _sample_tar_bytes(item_bytes: int, key: str) -> int:
-    pad = lambda n: (n + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-    pax = 3 * 2 * _TAR_BLOCK if not key.isascii() else 0
-    return 3 * _TAR_BLOCK + pad(item_bytes) + 2 * _TAR_BLOCK + pax + 512  # header+image, cls, json (+slack)
-
-
 def settings_fingerprint(source_fp: str, settings: ShardSettings, exclude_fp: str) -> str:
     data = {k: v for k, v in asdict(settings).items()}
     return hashlib.sha256(json.dumps([source_fp, data, exclude_fp], sort_keys=True).encode()).hexdigest()
@@ -229,87 +281,116 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         raise ShardError(str(err)) from None
     except storage.StorageError as err:
         raise ShardError(str(err)) from None
+    table = listing.records
+    n = len(table)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(listing.records), desc="scan", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=n, desc="scan", unit="img", dynamic_ncols=True)
     try:
         decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
-        results = scan_all(listing.records, max_pixels=cfg.max_pixels, workers=workers, decode=decode,
-                           progress=bar.update if bar else None)
+        scan = scan_all(table, max_pixels=cfg.max_pixels, workers=workers, decode=decode,
+                        progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
     classes = load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
     class_ids = {name: i for i, name in enumerate(classes)}
+    # label name id (table-local) -> class id, -1 when the class index does not have it
+    label_map = np.array([class_ids.get(name, -1) for name in table.label_names] or [0], dtype=np.int64)
     exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
 
     skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
-    kept: list[Item] = []
-    seen_sha: dict[str, str] = {}
+    keep = scan.ok.copy()
+    # exact duplicates inside the source: the first in listing order is kept
+    first_of = np.arange(n)
+    if n:
+        _, inverse = np.unique(scan.sha, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        first = np.full(int(inverse.max()) + 1, n, dtype=np.int64)
+        np.minimum.at(first, inverse, np.where(scan.ok, np.arange(n), n))  # bad records never count as "first"
+        first_of = np.where(scan.ok, first[inverse], np.arange(n))
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
-    for ref, res in zip(listing.records, results):
+    for i in range(n):
         def skip(kind, reason):
-            skipped.append({"key": ref.key, "path": ref.path, "reason": reason, "kind": kind})
-        if res[0] == "bad":
-            skip(res[1], res[2])
+            skipped.append({"key": table.key(i), "path": table.path(i), "reason": reason, "kind": kind})
+            keep[i] = False
+        if not scan.ok[i]:
+            kind, reason = scan.bad[i]
+            skip(kind, reason)
             continue
-        _, digest, dh, ext, width, height, nbytes = res
-        unknown = [label for label in ref.labels if label not in class_ids]
-        if unknown:
-            skip("unknown_class", f"class {unknown[0]!r} is not in the class index (--classes)")
+        ids = label_map[table.labels[table.label_off[i]:table.label_off[i + 1]]]
+        if (ids < 0).any():
+            missing = table.label_list(i)[int(np.flatnonzero(ids < 0)[0])]
+            skip("unknown_class", f"class {missing!r} is not in the class index (--classes)")
             continue
         if exclude is not None:
-            reason = exclude.match(digest, dh)
+            reason = exclude.match(scan.sha[i].tobytes().hex(), int(scan.dhash[i]))
             if reason:
                 skip("excluded_exact" if reason.startswith("exact") else "excluded_near", reason)
                 continue
-        if digest in seen_sha:
-            skip("duplicate_exact", f"exact duplicate of {seen_sha[digest]}")
+        if first_of[i] != i:
+            skip("duplicate_exact", f"exact duplicate of {table.path(int(first_of[i]))}")
             continue
         if near is not None:
-            hit = near.find(dh)
+            hit = near.find(int(scan.dhash[i]))
             if hit is not None:
                 skip("duplicate_near", f"near duplicate of {hit[0]} (dHash distance {hit[1]})")
                 continue
-            near.add(dh, ref.path)
-        seen_sha[digest] = ref.path
-        kept.append(Item(ref, tuple(sorted({class_ids[label] for label in ref.labels})), ext, width, height,
-                         nbytes, digest))
+            near.add(int(scan.dhash[i]), table.path(i))
     if cfg.strict and skipped:
         first = skipped[0]
         raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
                          f"{first.get('path') or first.get('key')}: {first['reason']}")
-    if not kept:
+    kept = np.flatnonzero(keep)
+    if not len(kept):
         raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                          f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-    multi_label = listing.kind in ("jsonl", "csv") and any(len(item.label_ids) != 1 for item in kept)
+    label_counts = np.diff(np.frombuffer(table.label_off, dtype=np.uint64).astype(np.int64))
+    multi_label = listing.kind in ("jsonl", "csv") and bool((label_counts[kept] != 1).any())
 
-    order = list(kept)
-    random.Random(cfg.seed).shuffle(order)
-    groups: list[list[Item]] = [[]]
-    group_bytes = 1024  # end-of-archive blocks
-    for item in order:
-        nbytes = _sample_tar_bytes(item.nbytes, item.ref.key)
-        current = groups[-1]
-        if current and (len(current) >= cfg.shard_size or group_bytes + nbytes > cfg.max_shard_bytes):
-            groups.append([])
-            group_bytes = 1024
-        groups[-1].append(item)
-        group_bytes += nbytes
+    order = kept[np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(kept))]
+    groups: list[tuple[int, int]] = []
+    begin, count, size = 0, 0, 1024
+    for pos, (row, image_bytes) in enumerate(zip(order.tolist(), scan.nbytes[order].tolist())):
+        # image header + data, cls (2 blocks), json (header + ~path-sized body), PAX headers for non-ASCII keys
+        path_len = len(table.paths.buf[table.paths.off[row]:table.paths.off[row + 1]])
+        nbytes = (_TAR_BLOCK * (1 + 2 + 1 + (2 * path_len + 200 + _TAR_BLOCK - 1) // _TAR_BLOCK)
+                  + (image_bytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+                  + (0 if table.key(row).isascii() else 6 * _TAR_BLOCK))
+        if count and (count >= cfg.shard_size or size + nbytes > cfg.max_shard_bytes):
+            groups.append((begin, pos))
+            begin, count, size = pos, 0, 1024
+        count += 1
+        size += nbytes
+    groups.append((begin, len(order)))
+    histogram = np.zeros(len(classes), dtype=np.int64)
     tasks = []
-    for index, items in enumerate(groups):
+    for index, (lo, hi) in enumerate(groups):
+        rows = order[lo:hi]
+        sub = table.take(rows)
+        flat = np.frombuffer(sub.labels, dtype=np.uint32).astype(np.int64) if len(sub.labels) else np.zeros(0, np.int64)
+        ids = label_map[flat].astype(np.int32) if len(flat) else np.zeros(0, np.int32)
+        offs = np.frombuffer(sub.label_off, dtype=np.uint64).astype(np.int64)
+        # sorted, distinct class ids per sample
+        per = [np.unique(ids[offs[j]:offs[j + 1]]) for j in range(len(rows))] if multi_label else None
+        if per is not None:
+            offs = np.r_[0, np.cumsum([len(p) for p in per])].astype(np.int64)
+            ids = np.concatenate(per).astype(np.int32) if per else np.zeros(0, np.int32)
+        np.add.at(histogram, ids, 1)
         shard_name = f"{cfg.name}-{index:06d}.tar"
         tasks.append(ShardTask(index=index, name=shard_name, url=storage.join(out_url, shard_name), out_url=out_url,
-                               items=items, classes=classes, multi_label=multi_label, resize=cfg.resize,
-                               quality=cfg.quality, max_pixels=cfg.max_pixels))
+                               records=sub, class_ids=ids, class_off=offs, ext=scan.ext[rows], width=scan.width[rows],
+                               height=scan.height[rows], nbytes=scan.nbytes[rows], sha=scan.sha[rows], classes=classes,
+                               multi_label=multi_label, resize=cfg.resize, quality=cfg.quality,
+                               max_pixels=cfg.max_pixels))
     settings_out = asdict(cfg)
-    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint,
-              "records": len(listing.records)}
+    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint, "records": n}
     if exclude is not None:
         source["exclude_fingerprint"] = exclude.fingerprint
     return ShardPlan(name=cfg.name, out_url=out_url, tasks=tasks, classes=classes, multi_label=multi_label,
                      source=source, settings=settings_out, skipped=skipped,
                      dropped=dict(sorted(Counter(s["kind"] for s in skipped).items())),
-                     fingerprint=settings_fingerprint(listing.fingerprint, cfg, exclude.fingerprint if exclude else ""))
+                     fingerprint=settings_fingerprint(listing.fingerprint, cfg, exclude.fingerprint if exclude else ""),
+                     label_histogram=histogram.tolist())

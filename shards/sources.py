@@ -22,6 +22,7 @@ import tarfile
 from dataclasses import dataclass, field
 
 from shards import storage
+from shards.table import RecordTable
 
 FORMATS = ("imagefolder", "i21k-tars", "jsonl", "csv")
 
@@ -51,7 +52,7 @@ class RecordRef:
 class Listing:
     kind: str
     url: str
-    records: list[RecordRef]
+    records: RecordTable
     skipped: list[dict] = field(default_factory=list)  # refused at listing time: {"path", "reason"}
     fingerprint: str = ""
     class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
@@ -67,25 +68,18 @@ def make_key(rel_path: str) -> str:
     return key or "sample"
 
 
-def unique_keys(records: list[RecordRef]) -> list[RecordRef]:
-    """Make keys unique (a collision gets a short hash of its path appended); input order kept."""
-    seen: set[str] = set()
-    out = []
-    for rec in records:
-        key = rec.key
-        if key in seen:
-            key = f"{key}_{hashlib.sha1(rec.path.encode('utf-8')).hexdigest()[:10]}"
-        seen.add(key)
-        out.append(rec if key == rec.key else RecordRef(key, rec.url, rec.labels, rec.path, rec.offset, rec.length))
-    return out
+class _Fingerprint:
+    """Incremental hash of listing entries (nothing kept in memory)."""
 
+    def __init__(self, kind: str):
+        self._digest = hashlib.sha256(kind.encode())
 
-def _hash_entries(kind: str, entries) -> str:
-    digest = hashlib.sha256(kind.encode())
-    for entry in entries:
-        digest.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+    def append(self, entry) -> None:
+        self._digest.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        self._digest.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def detect_format(url: str) -> str:
@@ -125,18 +119,18 @@ def list_source(url: str, *, format: str | None = None) -> Listing:
         raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
     listing = {"imagefolder": _list_imagefolder, "i21k-tars": _list_tars, "jsonl": _list_manifest,
                "csv": _list_manifest}[kind](url, kind)
-    if not listing.records and not listing.skipped:
+    if not len(listing.records) and not listing.skipped:
         raise SourceError(f"{url}: empty source (no images found as {kind})")
-    listing.records = unique_keys(listing.records)
+    listing.records.make_keys_unique()
     return listing
 
 
 # ----------------------------------------------------------------------------- imagefolder
 
 def _list_imagefolder(url: str, kind: str) -> Listing:
-    files = storage.walk(url)
+    files = storage.iter_files(url)
     root = url.rstrip("/") if storage.is_s3(url) else url.rstrip(os.sep)
-    records, skipped, entries = [], [], []
+    records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
     class_files: dict[str, int] = {}
     if not storage.is_s3(url):  # empty class folders exist only locally (S3 has no empty prefixes)
         for name in storage.listdir(url):
@@ -153,14 +147,14 @@ def _list_imagefolder(url: str, kind: str) -> Listing:
         if cls.startswith("."):
             continue
         class_files[cls] = class_files.get(cls, 0) + 1
-        records.append(RecordRef(make_key(rel), item["url"], (cls,), rel))
+        records.append(key=make_key(rel), root=root, path=rel, labels=(cls,))
     empty = sorted(c for c, n in class_files.items() if n == 0)
     if empty:
         raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"
                           + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     if not class_files:
         raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
-    return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(class_files))
+    return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(class_files))
 
 
 # ----------------------------------------------------------------------------- i21k tars
@@ -199,8 +193,8 @@ def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_pa
                 if member.isdir():
                     continue
                 stem = member.name.replace("\\", "/").rsplit("/", 1)[-1]
-                records.append(RecordRef(make_key(f"{synset}/{stem}"), tar_url, (synset,), rel,
-                                         base_offset + member.offset_data, member.size))
+                records.append(key=make_key(f"{synset}/{stem}"), root=tar_url, path=rel, labels=(synset,),
+                               offset=base_offset + member.offset_data, length=member.size)
                 count += 1
     except tarfile.TarError as err:
         skipped.append({"path": label_path, "reason": f"unreadable tar ({err})"})
@@ -208,7 +202,7 @@ def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_pa
 
 
 def _list_tars(url: str, kind: str) -> Listing:
-    records, skipped, entries = [], [], []
+    records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
     synsets = []
     if url.lower().endswith(".tar") and not storage.isdir(url):
         # one tar of per-synset tars: inner tars are streamed, their members indexed by absolute offset
@@ -230,8 +224,8 @@ def _list_tars(url: str, kind: str) -> Listing:
                 stream = outer.extractfile(inner)
                 _index_tar(stream, tar_url=url, synset=synset, base_offset=inner.offset_data,
                            label_path=inner.name[:-4], records=records, skipped=skipped)
-        return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(set(synsets)))
-    for item in storage.walk(url):
+        return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
+    for item in storage.iter_files(url):
         name = item["url"].rstrip("/").rsplit("/", 1)[-1]
         entries.append([name, item["size"], item["mtime"]])
         if not name.lower().endswith(".tar"):
@@ -247,7 +241,7 @@ def _list_tars(url: str, kind: str) -> Listing:
             raise SourceError(f"{item['url']}: class tar has no images; remove it or fix the tar")
     if not synsets:
         raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
-    return Listing(kind, url, records, skipped, _hash_entries(kind, entries), sorted(set(synsets)))
+    return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
 
 
 # ----------------------------------------------------------------------------- jsonl / csv manifests
@@ -293,7 +287,8 @@ def _list_manifest(url: str, kind: str) -> Listing:
             if not isinstance(obj, dict):
                 raise SourceError(f"{url}:{lineno}: expected a JSON object with 'path' and 'labels'")
             rows.append((lineno, obj))
-    records, entries = [], [[storage.basename(url), hashlib.sha256(raw).hexdigest()]]
+    records, entries = RecordTable(), _Fingerprint(kind)
+    entries.append([storage.basename(url), hashlib.sha256(raw).hexdigest()])
     for lineno, row in rows:
         where = f"{url}:{lineno}"
         path = row.get("path") or row.get("image")
@@ -301,7 +296,8 @@ def _list_manifest(url: str, kind: str) -> Listing:
             raise SourceError(f"{where}: missing 'path' (the image path, relative to the manifest, or an s3:// URL)")
         labels = _parse_labels(row.get("labels", row.get("label")), where=where)
         path = str(path)
-        target = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, *path.split("/"))
+        absolute = storage.is_s3(path) or os.path.isabs(path)
+        target = path if absolute else storage.join(base, *path.split("/"))
         if not storage.is_s3(target):
             try:
                 st = os.stat(target)
@@ -309,10 +305,10 @@ def _list_manifest(url: str, kind: str) -> Listing:
             except OSError:
                 entries.append([path, None, None])
         key = make_key(str(row["key"])) if row.get("key") else make_key(path.split("://", 1)[-1])
-        records.append(RecordRef(key, target, labels, path))
-    if not records:
+        records.append(key=key, root="" if absolute else base, path=path, labels=labels)
+    if not len(records):
         raise SourceError(f"{url}: empty manifest (no records)")
-    return Listing(kind, url, records, [], _hash_entries(kind, entries), sorted({l for r in records for l in r.labels}))
+    return Listing(kind, url, records, [], entries.hexdigest(), sorted(records.label_names))
 
 
 def source_fingerprint(source: str, *, format: str | None = None) -> str:

@@ -90,7 +90,8 @@ def completed_entry(task: ShardTask) -> dict | None:
 
 def _write_tar(task: ShardTask, path: str) -> None:
     with open(path, "wb") as tar:
-        for item in task.items:
+        for i in range(len(task)):
+            item = task.item(i)
             try:
                 data = item.ref.read()
             except (storage.StorageError, OSError) as err:
@@ -124,7 +125,7 @@ def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -
     os.close(fd)
     try:
         _write_tar(task, tmp)
-        entry = {"name": task.name, "samples": len(task.items), "bytes": os.path.getsize(tmp), "sha256": _sha256_file(tmp)}
+        entry = {"name": task.name, "samples": len(task), "bytes": os.path.getsize(tmp), "sha256": _sha256_file(tmp)}
         if local_out:
             os.chmod(tmp, 0o644)
             os.replace(tmp, task.url)

@@ -1,0 +1,160 @@
+"""A compact, columnar table of records: memory per record is a few dozen bytes plus its path,
+so planning ImageNet-21k (14M images) does not mean 14M Python objects.
+
+Strings live in one UTF-8 buffer with offsets; numbers in arrays. `ref(i)` builds the RecordRef
+view of one row on demand; `take(indices)` copies a subset (a shard task carries only its rows).
+"""
+from __future__ import annotations
+
+import os
+from array import array
+
+import numpy as np
+
+from shards import storage
+
+
+class _Strings:
+    __slots__ = ("buf", "off")
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.off = array("Q", [0])
+
+    def append(self, text: str) -> None:
+        self.buf += text.encode("utf-8", "surrogatepass")
+        self.off.append(len(self.buf))
+
+    def __getitem__(self, i: int) -> str:
+        return self.buf[self.off[i]:self.off[i + 1]].decode("utf-8", "surrogatepass")
+
+    def set(self, i: int, text: str) -> None:  # rare (key collisions): rebuild
+        items = [self[j] for j in range(len(self.off) - 1)]
+        items[i] = text
+        self.buf, self.off = bytearray(), array("Q", [0])
+        for item in items:
+            self.append(item)
+
+    def take(self, indices) -> "_Strings":
+        out = _Strings()
+        for i in indices:
+            out.buf += self.buf[self.off[i]:self.off[i + 1]]
+            out.off.append(len(out.buf))
+        return out
+
+
+class RecordTable:
+    """Rows of (key, root, path, labels, offset, length); see shards.sources.RecordRef."""
+
+    def __init__(self):
+        self.roots: list[str] = []  # few distinct values: the source root, or one per tar
+        self._root_ids: dict[str, int] = {}
+        self.root_idx = array("I")
+        self.keys = _Strings()
+        self.paths = _Strings()
+        self.label_names: list[str] = []
+        self._label_ids: dict[str, int] = {}
+        self.labels = array("I")
+        self.label_off = array("Q", [0])
+        self.offset = array("q")
+        self.length = array("q")
+
+    def __len__(self) -> int:
+        return len(self.root_idx)
+
+    def append(self, *, key: str, root: str, path: str, labels, offset: int = -1, length: int = -1) -> None:
+        rid = self._root_ids.get(root)
+        if rid is None:
+            rid = self._root_ids[root] = len(self.roots)
+            self.roots.append(root)
+        self.root_idx.append(rid)
+        self.keys.append(key)
+        self.paths.append(path)
+        for label in labels:
+            lid = self._label_ids.get(label)
+            if lid is None:
+                lid = self._label_ids[label] = len(self.label_names)
+                self.label_names.append(label)
+            self.labels.append(lid)
+        self.label_off.append(len(self.labels))
+        self.offset.append(offset)
+        self.length.append(length)
+
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def path(self, i: int) -> str:
+        return self.paths[i]
+
+    def label_list(self, i: int) -> tuple[str, ...]:
+        return tuple(self.label_names[j] for j in self.labels[self.label_off[i]:self.label_off[i + 1]])
+
+    def url(self, i: int) -> str:
+        root, path = self.roots[self.root_idx[i]], self.paths[i]
+        if self.offset[i] >= 0 or not root:
+            return root or path
+        if storage.is_s3(root):
+            return storage.join(root, path)
+        return os.path.join(root, *path.split("/"))
+
+    def ref(self, i: int):
+        from shards.sources import RecordRef
+
+        offset = self.offset[i]
+        return RecordRef(self.keys[i], self.url(i), self.label_list(i), self.paths[i],
+                         None if offset < 0 else offset, None if offset < 0 else self.length[i])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.ref(i)
+
+    def __getitem__(self, i: int):
+        return self.ref(i)
+
+    def take(self, indices) -> "RecordTable":
+        out = RecordTable()
+        out.roots, out._root_ids, out.label_names, out._label_ids = self.roots, self._root_ids, self.label_names, self._label_ids
+        indices = [int(i) for i in indices]
+        out.root_idx = array("I", (self.root_idx[i] for i in indices))
+        out.keys = self.keys.take(indices)
+        out.paths = self.paths.take(indices)
+        for i in indices:
+            out.labels.extend(self.labels[self.label_off[i]:self.label_off[i + 1]])
+            out.label_off.append(len(out.labels))
+        out.offset = array("q", (self.offset[i] for i in indices))
+        out.length = array("q", (self.length[i] for i in indices))
+        return out
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("roots", "root_idx", "keys", "paths", "label_names", "labels",
+                                              "label_off", "offset", "length")}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._root_ids = {r: i for i, r in enumerate(self.roots)}
+        self._label_ids = {n: i for i, n in enumerate(self.label_names)}
+
+    def make_keys_unique(self) -> int:
+        """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""
+        import hashlib
+
+        hashes = np.fromiter((hash(self.keys[i]) for i in range(len(self))), dtype=np.int64, count=len(self))
+        _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        if (counts == 1).all():
+            return 0
+        seen: set[str] = set()
+        changed = 0
+        suspects = set(np.flatnonzero(np.isin(hashes, _[counts > 1])).tolist())
+        for i in sorted(suspects):
+            key = self.keys[i]
+            if key in seen:
+                self.keys.set(i, f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}")
+                changed += 1
+            seen.add(self.keys[i])
+        return changed
+
+    @property
+    def nbytes(self) -> int:
+        return (len(self.keys.buf) + len(self.paths.buf) + 8 * (len(self.keys.off) + len(self.paths.off))
+                + 4 * len(self.root_idx) + 4 * len(self.labels) + 8 * len(self.label_off) + 16 * len(self.offset))
