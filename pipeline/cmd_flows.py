@@ -54,11 +54,23 @@ def run_cmd(args: argparse.Namespace) -> int:
         return 0
     if config.s3_endpoint:  # entry point: ranks and workers inherit the environment
         os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
-    from pipeline.flows import vit_pipeline
+    from pipeline.flows import check_storage, vit_pipeline
 
-    result = vit_pipeline(config)
+    try:
+        check_storage(config)  # object store up, credentials right, buckets there: before any stage
+        result = vit_pipeline(config)
+    except Exception as err:
+        if type(err).__name__ in EXPECTED_ERRORS:
+            print(f"vitpipe run: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise
     print(json.dumps(result))
     return 0
+
+
+# errors whose message is a one-line diagnosis (storage, config, sharding, launch, stage)
+EXPECTED_ERRORS = ("StorageError", "StorageNotFound", "ConfigError", "ShardError", "SourceError", "LaunchError",
+                   "StageError", "RegistryError", "ManifestError")
 
 
 # ----------------------------------------------------------------------------- serve / prefect.yaml

@@ -20,6 +20,7 @@ import os
 from typing import Any, Literal
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -173,9 +174,11 @@ def _mark_failed(run_url: str, err: BaseException) -> None:
 # ----------------------------------------------------------------------------- shard stage
 
 
-def shard_fingerprint_matches(params: DatasetParams) -> dict | None:
-    """The existing manifest at ``params.url`` if it came from the same source (fingerprint) and settings."""
-    from shards import source_fingerprint
+def existing_dataset(params: DatasetParams) -> dict | None:
+    """The manifest at ``params.url`` if it was made from the same source (fingerprint) with the same settings."""
+    from dataclasses import asdict
+
+    from shards import ShardSettings, source_fingerprint
 
     manifest_url = storage.join(params.url, "manifest.json")
     if not storage.exists(manifest_url):
@@ -183,40 +186,34 @@ def shard_fingerprint_matches(params: DatasetParams) -> dict | None:
     manifest = storage.read_json(manifest_url)
     if params.source is None:
         return manifest
-    recorded = manifest.get("source") or {}
-    if recorded.get("fingerprint") != source_fingerprint(params.source):
+    wanted = json.loads(json.dumps(asdict(ShardSettings(name=params.name, shard_size=params.shard_size, **params.settings))))
+    if manifest.get("settings") != wanted:
         return None
-    if _shard_settings(params) != {k: (manifest.get("settings") or {}).get(k) for k in _shard_settings(params)}:
+    if (manifest.get("source") or {}).get("fingerprint") != source_fingerprint(params.source, format=wanted["format"]):
         return None
     return manifest
 
 
-def _shard_settings(params: DatasetParams) -> dict[str, Any]:
-    return {"name": params.name, "shard_size": params.shard_size, **params.settings}
-
-
 def shard_stage(params: DatasetParams, *, map_shards=None) -> dict:
-    """Shard ``params.source`` into ``params.url`` unless an equal dataset is already there.
+    """Shard ``params.source`` into ``params.url`` unless the same dataset is already there.
 
-    ``map_shards(plan, indices) -> list[entry]`` writes the shards (Prefect ``.map`` in the
-    flow; a plain loop by default). Returns the manifest, with ``skipped_stage`` True when
-    nothing had to be written.
+    ``map_shards(tasks) -> list[entry]`` writes the shards, one ``shards.ShardTask`` each
+    (Prefect ``.map`` in the flow; a plain loop by default); each is idempotent, so a re-run
+    after a crash keeps the complete shards. Returns the manifest, with ``skipped_stage``
+    True when nothing had to be written.
     """
     from shards import finish_dataset, plan_shards, write_shard
 
-    existing = shard_fingerprint_matches(params)
+    existing = existing_dataset(params)
     if existing is not None:
         return {**existing, "skipped_stage": True}
     if params.source is None:
-        raise StageError(f"{params.url}: no manifest.json and no source to shard; set source (a class-folder tree) or shard it with `vitpipe shard`")
+        raise StageError(f"{params.url}: no manifest.json and no source to shard; set source (a class-folder tree) "
+                         "or shard it with `vitpipe shard`")
+    storage.check_writable(params.url)
     plan = plan_shards(params.source, params.url, name=params.name, shard_size=params.shard_size, **params.settings)
-    indices = list(range(len(plan.shards)))
-    if map_shards is None:
-        entries = [write_shard(plan, i) for i in indices]
-    else:
-        entries = map_shards(plan, indices)
-    manifest = finish_dataset(plan, entries)
-    return {**manifest, "skipped_stage": False}
+    entries = map_shards(plan.tasks) if map_shards is not None else [write_shard(task) for task in plan.tasks]
+    return {**finish_dataset(plan, entries), "skipped_stage": False}
 
 
 # ----------------------------------------------------------------------------- training stages
@@ -405,14 +402,17 @@ def _existing_report(run_url: str) -> dict | None:
 # ----------------------------------------------------------------------------- Prefect
 
 
+_PERMANENT = ("does not exist", "access denied", "no S3 credentials", "not found")
+
+
 def _is_transient(task, task_run, state) -> bool:
-    """Retry a shard write on I/O trouble (storage/network), not on bad input."""
+    """Retry a shard write on I/O trouble (network, storage hiccups), never on bad input or bad credentials."""
     try:
         state.result()
-    except (OSError, ConnectionError, TimeoutError):
-        return True
-    except Exception as err:  # storage errors wrap botocore errors
-        return type(err).__name__ in ("StorageError", "EndpointConnectionError", "ReadTimeoutError")
+    except Exception as err:
+        io_trouble = type(err).__name__ == "StorageError" or isinstance(err, (ConnectionError, TimeoutError)) or (
+            isinstance(err, OSError) and not isinstance(err, FileNotFoundError))
+        return io_trouble and not any(p in str(err) for p in _PERMANENT)
     return False
 
 
@@ -430,19 +430,37 @@ def make_task_runner(params: TaskRunnerParams):
                                           "dashboard_address": None})
 
 
-@task(name="write-shard", retries=3, retry_delay_seconds=[1, 5, 20], retry_condition_fn=_is_transient)
-def write_shard_task(plan, index: int) -> dict:
+@task(name="write-shard", retries=3, retry_delay_seconds=[1, 5, 20], retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
+def write_shard_task(boxed: "_Boxed") -> dict:
     from shards import write_shard
 
-    return write_shard(plan, index)
+    return write_shard(boxed.value)
 
 
-@task(name="launch-ranks")
+class _Boxed:
+    """Hides a shards.ShardTask from Prefect's parameter introspection (which rebuilds dataclasses)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __getstate__(self):
+        return self.value
+
+    def __setstate__(self, value) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"<{getattr(self.value, 'name', type(self.value).__name__)}>"
+
+
+@task(name="launch-ranks", cache_policy=NO_CACHE)
 def launch_task(cfg, stall_timeout: float) -> None:
     launch_once(cfg, stall_timeout=stall_timeout)
 
 
-@task(name="evaluate-model")
+@task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate_task(params: EvalParams, root: str, model_run: str, dataset_url: str) -> dict:
     return evaluate_stage(params, root=root, model_run=model_run, dataset_url=dataset_url)
 
@@ -450,13 +468,14 @@ def evaluate_task(params: EvalParams, root: str, model_run: str, dataset_url: st
 @flow(name="shard_dataset", log_prints=True, task_runner=make_task_runner(TaskRunnerParams(kind="threads")))
 def shard_dataset(params: DatasetParams) -> dict:
     """Shard an image corpus into WebDataset tars + manifest.json (skipped when the same dataset exists)."""
-    def map_shards(plan, indices):
-        print(f"sharding {params.source} -> {params.url}: {len(indices)} shards")
-        return write_shard_task.map(plan, indices).result()
+    def map_shards(tasks):
+        print(f"sharding {params.source} -> {params.url}: {len(tasks)} shards, one task each")
+        return write_shard_task.map([_Boxed(t) for t in tasks]).result()
 
     manifest = shard_stage(params, map_shards=map_shards)
     verb = "exists, skipped" if manifest["skipped_stage"] else "written"
-    print(f"dataset {params.url} {verb}: {manifest['num_samples']} samples, {len(manifest['shards'])} shards")
+    print(f"dataset {params.url} {verb}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+          f"{len(manifest['classes'])} classes")
     return manifest
 
 
@@ -525,11 +544,18 @@ def _artifact_key(kind: str) -> str:
     return f"{kind}-run-report"
 
 
+def check_storage(config: PipelineConfig) -> None:
+    """Before any stage: the run root and dataset locations are writable (object store up, credentials, bucket)."""
+    for url in (config.root, config.pretrain_data.url, config.finetune_data.url, config.eval_data.url):
+        storage.check_writable(url)
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     """The body of ``vit_pipeline``: call each stage flow in turn; returns run ids, URLs and top1."""
     if config.s3_endpoint:  # this flow is an entry point (deployments): ranks and Dask workers inherit it
         os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
         storage.reset_clients()
+    check_storage(config)
     runner = make_task_runner(config.task_runner)
     shard = shard_dataset.with_options(task_runner=runner)
     datasets = {}

@@ -1,0 +1,174 @@
+"""pipeline.flows: the stage functions without Prefect, then the real flows on Prefect's local
+API with real SeaweedFS, real Dask worker processes and real DeepSpeed ranks.
+
+The pipeline test is the fault scenario of issue 6: the first run retries a pretraining launch
+whose rank dies (resuming from its checkpoint), then fails in fine-tuning on bad input; the
+second run, input fixed, skips sharding and pretraining and finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from pipeline import flows, registry
+from pipeline.flows import DatasetParams, PipelineConfig, TaskRunnerParams, shard_stage
+from shards import storage
+from shards.digits import write_digits_tree
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """Prefect's local ephemeral API, once for this module (it takes ~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    """Small digits trees: pretrain on 0-4, fine-tune/evaluate on 5-9 (a different label set)."""
+    base = tmp_path_factory.mktemp("trees")
+    out = {}
+    for split, name, classes in (("train", "pretrain", "01234"), ("train", "finetune", "56789"), ("val", "eval", "56789")):
+        full = write_digits_tree(base / f"all-{split}-{name}", split=split, size=16)
+        for cls in classes:
+            shutil.copytree(full / cls, base / name / cls)
+        shutil.rmtree(full)
+        out[name] = base / name
+    return out
+
+
+def test_shard_stage_skips_unchanged_dataset_and_reshards_on_change(tmp_path, trees):
+    src = tmp_path / "src"
+    shutil.copytree(trees["eval"], src)
+    params = DatasetParams(source=str(src), url=str(tmp_path / "ds"), name="val", shard_size=100)
+
+    first = shard_stage(params)
+    assert not first["skipped_stage"] and first["num_samples"] == sum(1 for _ in src.rglob("*.png"))
+    assert len(first["shards"]) == -(-first["num_samples"] // 100)
+    manifest_mtime = os.path.getmtime(tmp_path / "ds" / "manifest.json")
+
+    again = shard_stage(params)  # same source fingerprint and settings: nothing is written
+    assert again["skipped_stage"] and again["created"] == first["created"]
+    assert os.path.getmtime(tmp_path / "ds" / "manifest.json") == manifest_mtime
+
+    changed = shard_stage(params.model_copy(update={"shard_size": 50}))  # other settings: re-shard
+    assert not changed["skipped_stage"] and len(changed["shards"]) == -(-first["num_samples"] // 50)
+
+    shutil.copy(next((src / "5").glob("*.png")), src / "5" / "extra_copy.png")  # the source changed
+    grown = shard_stage(params.model_copy(update={"shard_size": 50}))
+    assert not grown["skipped_stage"]
+    assert grown["source"]["fingerprint"] != changed["source"]["fingerprint"]
+
+
+def test_shard_stage_without_source_or_manifest_says_what_to_do(tmp_path):
+    with pytest.raises(flows.StageError, match="no manifest.json and no source"):
+        shard_stage(DatasetParams(url=str(tmp_path / "nothing")))
+
+
+@pytest.mark.timeout(300)
+def test_shard_flow_fans_out_one_task_per_shard_on_dask(prefect_api, s3, trees):
+    """The flow maps write-shard over the plan on a local Dask cluster of worker processes, into S3."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    url = s3.url(f"flows-{time.time_ns()}/digits-eval")
+    runner = flows.make_task_runner(TaskRunnerParams(kind="dask", workers=2))
+    flow = flows.shard_dataset.with_options(task_runner=runner)
+    state = flow(DatasetParams(source=str(trees["eval"]), url=url, name="val", shard_size=32), return_state=True)
+    manifest = state.result()
+    assert manifest["num_shards"] >= 4 and storage.exists(storage.join(url, "manifest.json"))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+                                     sort=TaskRunSort.ID_DESC, limit=200)
+    writes = [r for r in runs if r.name.startswith("write-shard")]
+    assert len(writes) == manifest["num_shards"] and all(r.state.is_completed() for r in writes)
+
+
+def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "root": root,
+        "pretrain_data": {"source": str(trees["pretrain"]), "url": f"{data_root}/pre", "name": "pre", "shard_size": 256},
+        "finetune_data": {"source": str(trees["finetune"]), "url": f"{data_root}/ft", "name": "ft", "shard_size": 256},
+        "eval_data": {"source": str(trees["eval"]), "url": f"{data_root}/val", "name": "val", "shard_size": 256},
+        # rank 0 dies after step 2 (after checkpointing it): the flow relaunches, the run resumes at step 2
+        "pretrain": {"preset": "digits_tiny", "steps": 4, "nproc_per_node": 2, "retries": 1, "stall_timeout": 300,
+                     "set": ["fail_at_step=2", "checkpoint.every_steps=2", "schedule.warmup_steps=1"]},
+        "finetune": {"preset": "digits_tiny_ft", "steps": 3, "nproc_per_node": 1, "retries": 0, "stall_timeout": 300,
+                     "set": finetune_set},
+        "evaluate": {"batch_size": 256, "report": True},
+        "task_runner": {"kind": "threads", "workers": 2},
+    })
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_api, s3, trees, tmp_path):
+    root = s3.url(f"pipe-{time.time_ns()}")
+    # bad input: resume a fine-tune that has no checkpoint
+    bad = _config(root, f"{root}/datasets", trees, finetune_set=['checkpoint.resume="must"'])
+    with pytest.raises(Exception, match="checkpoint.resume=must"):
+        flows.vit_pipeline(bad)
+
+    runs = {r.kind: r for r in registry.list_runs(root)}
+    assert set(runs) == {"pretrain", "finetune"}
+    pre = runs["pretrain"]
+    assert pre.complete and pre.metrics["steps"] == 4
+    log = storage.read_bytes(storage.join(pre.url, "metrics.csv")).decode().splitlines()
+    assert [int(line.split(",")[0]) for line in log[1:]] == [1, 2, 3, 4]  # resumed at step 2, not restarted
+    assert runs["finetune"].status == "failed" and runs["finetune"].parent == pre.run_id
+    assert "checkpoint.resume=must" in storage.read_json(storage.join(runs["finetune"].url, "run.json"))["error"]
+    pre_files = storage.read_json(storage.join(pre.url, "files.json"))
+
+    # fixed input: shard and pretrain are skipped, fine-tune and evaluate run
+    good = _config(root, f"{root}/datasets", trees, finetune_set=[])
+    result = flows.vit_pipeline(good)
+    assert result["skipped"] == {"shard": ["pretrain_data", "finetune_data", "eval_data"], "pretrain": True,
+                                 "finetune": False, "evaluate": False}
+    assert result["runs"]["pretrain"] == pre.run_id
+    assert storage.read_json(storage.join(pre.url, "files.json")) == pre_files  # earlier artifacts untouched
+    assert 0.0 <= result["top1"] <= 1.0
+
+    # lineage: eval -> finetune -> pretrain, each with dataset manifest sha256, fingerprint, code version, config
+    ev = registry.read_run(result["urls"]["evaluate"])
+    ft = registry.read_run(result["urls"]["finetune"])
+    assert ev.complete and ft.complete and ev.parent == ft.run_id and ft.parent == pre.run_id
+    assert ev.metrics["top1"] == result["top1"]
+    for run, data in ((pre, good.pretrain_data.url), (ft, good.finetune_data.url), (ev, good.eval_data.url)):
+        lineage = registry.read_run(run.url).lineage
+        assert lineage["dataset_url"] == data
+        assert lineage["manifest_sha256"] == storage.sha256_url(storage.join(data, "manifest.json"))
+        assert lineage["source_fingerprint"] == storage.read_json(storage.join(data, "manifest.json"))["source"]["fingerprint"]
+        assert lineage["code_version"]
+        assert storage.exists(storage.join(run.url, "config.json"))
+    assert storage.read_json(storage.join(ft.url, "config.json"))["model"]["img_size"] == 32  # higher resolution
+    assert storage.exists(result["urls"]["report"]) and result["urls"]["report"].startswith(ev.url)
+
+    # the newest complete fine-tune is the fixed one, never the failed one; its files check out
+    assert registry.latest(root, "finetune").run_id == ft.run_id
+    got = registry.get_run("latest:finetune", str(tmp_path / "ft"), root=root, file="model.safetensors")
+    assert os.path.getsize(got[0]) > 10_000
+
+    # a third run changes nothing
+    again = flows.vit_pipeline(good)
+    assert again["skipped"]["pretrain"] and again["skipped"]["finetune"] and again["skipped"]["evaluate"]
+    assert again["runs"] == result["runs"]
+
+
+def test_pipeline_stops_before_any_stage_when_bucket_is_missing(s3, trees, tmp_path, capsys):
+    from pipeline.cli import main
+
+    cfg = _config(s3.url("x"), "s3://no-such-bucket/data", trees, finetune_set=[]).model_dump()
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bucket 'no-such-bucket' does not exist" in err
+    assert registry.list_runs(s3.url("x")) == []
