@@ -30,3 +30,30 @@ def test_second_store_runs_beside_and_stops_by_pid(s3, tmp_path):
     finally:
         store.stop()
     assert not pid_alive(store.pid)
+
+
+@pytest.mark.timeout(120)
+def test_cli_objectstore_up_is_idempotent_and_down_stops_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *args: subprocess.run([sys.executable, "-m", "pipeline.cli", "objectstore", *args], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=90,
+                                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    first = run("up")
+    assert first.returncode == 0, first.stderr
+    state = json.loads((tmp_path / ".vitpipe" / "objectstore" / "objectstore.json").read_text())
+    try:
+        assert f"export AWS_ENDPOINT_URL={state['endpoint']}" in first.stdout
+        again = run("up")
+        assert again.returncode == 0 and again.stdout == first.stdout  # same server, not a second one
+        client = boto3.client("s3", endpoint_url=state["endpoint"], aws_access_key_id="vitpipe",
+                              aws_secret_access_key="vitpipe-local-secret", region_name="us-east-1")
+        assert "vitpipe" in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and f"stopped object store pid {state['pid']}" in down.stdout
+    assert not pid_alive(state["pid"])
