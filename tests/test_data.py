@@ -329,3 +329,33 @@ def test_digits_shards_train_and_eval(digits_shards):
             assert batch.targets.tolist() == [int(k.split("_")[0]) for k in batch.keys]
             eval_seen.update(batch.keys)
     assert len(eval_seen) == 1797 and max(eval_seen.values()) == 1
+
+
+def test_transforms_crop_where_they_say():
+    from vit.augment import InceptionCrop, ResizeCenterCrop, inception_crop_box, open_image
+
+    # a 300x100 image: black | grey | white thirds; the centre crop must be the grey square
+    arr = np.zeros((100, 300, 3), dtype=np.uint8)
+    arr[:, 100:200], arr[:, 200:] = 128, 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = ResizeCenterCrop(img_size=20, crop_pct=1.0)(open_image(buf.getvalue()))
+    assert out.shape == (20, 20, 3) and np.all(out[:, 1:-1] == 128)  # edge pixels blend across the box (filter support)
+    # crop boxes stay inside the image and cover 5%..100% of it
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = inception_crop_box(300, 100, rng, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3))
+        assert 0 <= left < right <= 300 and 0 <= top < bottom <= 100
+        assert 0.05 * 0.999 <= (right - left) * (bottom - top) / 30000 <= 1.0
+    # same generator state -> same crop; a big JPEG decoded at reduced scale (draft) matches a full decode
+    photo = np.clip(np.add.outer(np.arange(600), np.arange(800)) // 6, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).convert("RGB").save(buf, format="JPEG", quality=95)
+    crop = InceptionCrop(img_size=32, scale=(0.9, 1.0), flip=False)
+    a = crop(open_image(buf.getvalue()), np.random.default_rng(5))
+    b = crop(open_image(buf.getvalue()), np.random.default_rng(5))
+    assert np.array_equal(a, b) and a.shape == (32, 32, 3)
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    box = inception_crop_box(800, 600, np.random.default_rng(5), scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))
+    reference = np.asarray(full.resize((32, 32), Image.BILINEAR, box=box))
+    assert np.abs(a.astype(int) - reference.astype(int)).mean() < 3
