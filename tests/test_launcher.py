@@ -1,0 +1,155 @@
+"""pipeline.launcher / vitpipe pretrain: argv for every launch mode, errors before any rank starts,
+failed-rank diagnosis, and the deploy files starting exactly `vitpipe pretrain`.
+
+Real launches (ranks, faults, resume, multi-node, stall) are in tests/test_train_dist.py; pdsh and
+Slurm cannot run here, so for them only the argv is checked.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from pipeline.launcher import (
+    LaunchError,
+    build_argv,
+    diagnose,
+    hostfile_nodes,
+    launch,
+    make_run_config,
+    preflight,
+)
+from vit.config import ConfigError, LaunchConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_argv_single_node():
+    argv = build_argv(LaunchConfig(nproc_per_node=2, master_port=29555), "/tmp/c.json", rank_log_dir="/tmp/logs")
+    assert argv[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
+    assert argv[argv.index("--num_gpus") + 1] == "2" and argv[argv.index("--num_nodes") + 1] == "1"
+    assert "--master_port=29555" in argv and "--enable_each_rank_log=/tmp/logs" in argv
+    assert argv[-4:] == ["--module", "vit.train", "--config", "/tmp/c.json"]
+    assert "--no_ssh" not in argv and "--hostfile" not in argv
+
+
+@pytest.mark.parametrize("launcher", ["pdsh", "openmpi", "slurm"])
+def test_argv_hostfile_with_multinode_launcher(launcher):
+    lc = LaunchConfig(nproc_per_node=8, num_nodes=4, hostfile="/etc/hosts.ds", launcher=launcher, master_addr="w0")
+    argv = build_argv(lc, "/c.json")
+    assert argv[argv.index("--hostfile") + 1] == "/etc/hosts.ds"
+    assert argv[argv.index("--launcher") + 1] == launcher
+    assert "--master_addr=w0" in argv and "--no_ssh" not in argv
+    assert argv.index("--launcher") < argv.index("--module")  # launcher options come before the script
+
+
+def test_argv_no_ssh_per_node():
+    lc = LaunchConfig(nproc_per_node=8, num_nodes=2, hostfile="h", no_ssh=True, node_rank=1, master_addr="10.0.0.1")
+    argv = build_argv(lc, "/c.json")
+    assert {"--no_ssh", "--node_rank=1", "--master_addr=10.0.0.1"} <= set(argv)
+    assert "--launcher" not in argv  # one launcher per node: nothing to fan out
+
+
+def test_bind_cores_option():
+    assert "--bind_cores_to_rank" in build_argv(LaunchConfig(bind_cores_to_rank=True), "c")
+
+
+def test_hostfile_parsing_and_errors(tmp_path):
+    good = tmp_path / "h"
+    good.write_text("# two nodes\nw0 slots=8\nw1 slots=4  # comment\n\n")
+    assert hostfile_nodes(str(good)) == [("w0", 8), ("w1", 4)]
+    bad = tmp_path / "bad"
+    bad.write_text("w0 gpus=8\n")
+    with pytest.raises(ConfigError, match=r"bad:1: expected 'HOST slots=N'"):
+        hostfile_nodes(str(bad))
+
+
+def test_make_run_config_from_cli_knobs(tmp_path, digits_shards):
+    h = tmp_path / "h"
+    h.write_text("a slots=1\nb slots=1\n")
+    cfg = make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path), run_id="r1", steps=5, hostfile=str(h),
+                          no_ssh=True, node_rank=1, master_addr="127.0.0.1", sets=["optim.lr=0.01"])
+    assert cfg.run_url == str(tmp_path / "runs" / "r1") and cfg.run_id == "r1"
+    assert cfg.launch.num_nodes == 2 and cfg.launch.node_rank == 1 and cfg.launch.world_size == 2
+    assert cfg.schedule.total_steps == 5 and cfg.schedule.warmup_steps < 5 and cfg.optim.lr == 0.01
+    with pytest.raises(ConfigError, match="pass the same --run-id to every node"):
+        make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path), no_ssh=True, node_rank=0,
+                        master_addr="x")
+    auto = make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path))
+    assert re.fullmatch(r"pretrain-\d{8}-\d{6}-[0-9a-f]{6}", auto.run_id)
+
+
+def test_preflight_errors_before_any_rank_starts(tmp_path, digits_shards):
+    with pytest.raises(Exception, match="manifest"):
+        preflight(make_run_config("digits_tiny", data=str(tmp_path / "nodata"), out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="holds no checkpoint to resume from"):
+        preflight(make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path),
+                                  sets=['checkpoint.resume="must"']))
+    with pytest.raises(ConfigError, match="data: .*lanes"):  # the stream's own check, before launching
+        preflight(make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path), sets=["data.lanes=3"]))
+    with pytest.raises(ConfigError, match="init_from=.* does not exist"):
+        preflight(make_run_config("digits_tiny_ft", data=digits_shards, out=str(tmp_path),
+                                  init_from=str(tmp_path / "missing")))
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, digits_shards, capsys):
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--preset", "digits_tiny", "--data", digits_shards, "--out", str(tmp_path),
+                              "--nproc", "3"])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitpipe: error:") and "not divisible by ranks (3)" in err and "\n" not in err
+    args = parser.parse_args(["pretrain", "--preset", "nope", "--data", digits_shards, "--out", str(tmp_path)])
+    assert args.func(args) == 1 and "known presets" in capsys.readouterr().err
+
+
+def test_diagnose_names_the_rank_that_died(tmp_path):
+    launcher = tmp_path / "launcher.log"
+    launcher.write_text("...\n[launch.py] ['python', '--local_rank=1'] exits with return code = -9\n")
+    r0, r1 = tmp_path / "x_rank0.log", tmp_path / "x_rank1.log"
+    r0.write_text("step 5\n[vit.train] rank 0 terminated by the launcher (signal 15)\n")
+    r1.write_text("step 5\nKilled\n")
+    err = diagnose(str(launcher), {0: str(r0), 1: str(r1)}, 1)
+    assert isinstance(err, LaunchError) and err.rank == 1 and err.exit_code == -9 and "Killed" in err.log_tail
+
+
+def _pretrain_args(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    assert args.command == "pretrain" and args.func.__name__ == "run_pretrain"
+    return args
+
+
+def test_k8s_manifest_runs_vitpipe_pretrain_per_node():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "train-node.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["spec"]["completionMode"] == "Indexed"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["vitpipe"]
+    args = _pretrain_args([a.replace("$(JOB_COMPLETION_INDEX)", "2") for a in container["args"]])
+    assert args.no_ssh and args.node_rank == 2 and args.run_id and args.hostfile
+    hosts = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["hostfile"].split("\n")
+    assert len([h for h in hosts if h.strip()]) == job["spec"]["completions"]
+
+
+def test_slurm_script_runs_one_launcher_per_node():
+    text = (ROOT / "deploy" / "slurm" / "pretrain.sbatch").read_text()
+    assert "srun" in text and "--ntasks-per-node=1" in text
+    cmd = re.search(r'exec (vitpipe pretrain.*?)"\n', text, re.S).group(1).replace("\\\n", " ")
+    cmd = cmd.replace("\\$SLURM_NODEID", "3").replace("${SLURM_GPUS_PER_NODE:-8}", "8")  # as srun's task sees it
+    env = {"PRESET": "i21k_vit_b16", "DATA": "s3://b/d", "OUT": "s3://b/o", "RUN_ID": "r", "HOSTFILE": "/h",
+           "MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
+    cmd = re.sub(r"\$([A-Z_]+)", lambda m: env[m.group(1)], cmd)
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["vitpipe", "pretrain"]
+    args = _pretrain_args(argv[1:])
+    assert args.no_ssh and args.node_rank == 3 and args.master_addr == "n0" and args.nproc == 8
+
+
+def test_hostfile_example_parses():
+    assert len(hostfile_nodes(str(ROOT / "deploy" / "hostfile.example"))) == 4
