@@ -13,6 +13,7 @@ for a run or a checkpoint.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,7 +203,7 @@ def draw_pos_embed_similarity(sims: dict[str, torch.Tensor]) -> Figure:
         ax = fig.add_subplot(1, len(sims), i + 1)
         image = ax.imshow(similarity_mosaic(sim), cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
         gh, gw = sim.shape[:2]
-        ax.set_title(f"{label}: {gh}x{gw} grid", fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(f"{label}: {gh}x{gw} grid", 40)), fontsize=9)
         ax.set_xticks([(j + 0.5) * (gw + 1) - 1 for j in range(gw)], [str(j + 1) for j in range(gw)], fontsize=5)
         ax.set_yticks([(j + 0.5) * (gh + 1) - 1 for j in range(gh)], [str(j + 1) for j in range(gh)], fontsize=5)
         ax.set_xlabel("input patch column", fontsize=8)
