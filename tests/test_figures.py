@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import base64
-import csv
 import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -294,3 +292,18 @@ def test_inspect_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err
     assert not (tmp_path / "o" / "report.html").exists()
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    from vit.report import ReportError, load_photos, read_curves
+    from vit.runs import RunFolder
+
+    run = RunFolder(str(tmp_path))
+    (tmp_path / "metrics.csv").write_text("iteration,loss\n1,2.0\n")
+    with pytest.raises(ReportError, match=r"metrics\.csv: no 'step' column"):
+        read_curves(run)
+    (tmp_path / "metrics.csv").write_text("step,loss,lr,top1\n1,2.0,0.1,\n2,nan,0.1,0.5\n")
+    assert read_curves(run) == {"loss": [(1.0, 2.0)], "top1": [(2.0, 0.5)], "lr": [(1.0, 0.1), (2.0, 0.1)]}
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ReportError, match=r"broken\.png: not a readable image"):
+        load_photos(str(tmp_path), img_size=(32, 32))

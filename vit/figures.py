@@ -261,7 +261,7 @@ def draw_rollout(images: np.ndarray, maps: torch.Tensor, *, names: list[str]) ->
 
 def draw_curves(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> Figure:
     """Training curves: one panel per quantity, one line per run (label -> column -> [(step, value)])."""
-    columns = sorted({c for run in curves.values() for c in run}, key=_curve_order)
+    columns = sorted({c for run in curves.values() for c in run}, key=curve_order)
     fig = Figure(figsize=(4 * min(len(columns), 3), 3 * math.ceil(len(columns) / 3)), dpi=_DPI)
     cols = min(len(columns), 3)
     for i, column in enumerate(columns):
@@ -281,6 +281,6 @@ def draw_curves(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> Figu
     return fig
 
 
-def _curve_order(column: str) -> tuple[int, str]:
+def curve_order(column: str) -> tuple[int, str]:
     known = ["loss", "eval_loss", "top1", "eval_top1", "lr", "images_per_sec"]
     return (known.index(column) if column in known else len(known), column)

@@ -60,8 +60,17 @@ def load_photos(images: str | None = None, *, img_size: tuple[int, int]) -> tupl
         names = sorted(n for n in storage.listdir(images) if n.lower().endswith(IMAGE_SUFFIXES))[:MAX_IMAGES]
         if not names:
             raise ReportError(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-        named = [(n, Image.open(io.BytesIO(storage.read_bytes(storage.join(images, n))))) for n in names]
+        named = [(n, _open_image(storage.join(images, n))) for n in names]
     return [n for n, _ in named], np.stack([_resize_crop(im, img_size) for _, im in named])
+
+
+def _open_image(url: str) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(storage.read_bytes(url)))
+        im.load()
+    except OSError as err:
+        raise ReportError(f"{url}: not a readable image ({err}); remove it from the --images folder") from None
+    return im
 
 
 def check_images(images: str) -> None:
@@ -99,7 +108,7 @@ def read_curves(run: RunFolder) -> dict[str, list[tuple[float, float]]]:
             v = _number(value)
             if column and column not in _SKIP_COLUMNS and v is not None:
                 curves.setdefault(column, []).append((step, v))
-    return dict(sorted(curves.items(), key=lambda kv: F._curve_order(kv[0]))[:_MAX_CURVES])
+    return dict(sorted(curves.items(), key=lambda kv: F.curve_order(kv[0]))[:_MAX_CURVES])
 
 
 def _number(value: Any) -> float | None:
