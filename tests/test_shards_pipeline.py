@@ -268,3 +268,13 @@ def test_killed_writer_rerun_completes_identically(digits_tree, tmp_path):
         assert (crashed / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
     assert all((crashed / n).stat().st_mtime_ns == t for n, t in first.items()), "complete shards must be kept"
     assert not list(crashed.glob(".*.partial"))
+
+
+def test_exclude_accepts_a_dataset_and_a_list_file(mixed_tree, mixed_out, tmp_path):
+    out, _ = mixed_out
+    with pytest.raises(ShardError, match=r"no usable images \(31 skipped"):
+        shard_dataset(str(mixed_tree), str(tmp_path / "all-excluded"), exclude=str(out), near_dup_threshold=0)
+    (tmp_path / "eval.txt").write_text(f"{mixed_tree}/dog/img 04.bmp\n# a comment\n")
+    manifest = shard_dataset(str(mixed_tree), str(tmp_path / "one-excluded"), exclude=str(tmp_path / "eval.txt"),
+                             near_dup_threshold=0)
+    assert manifest["num_samples"] == 23 and manifest["dropped"]["excluded_exact"] == 1
