@@ -9,7 +9,6 @@ record keeps that shard and does no work.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -88,8 +87,23 @@ def completed_entry(task: ShardTask) -> dict | None:
     return {k: record[k] for k in ("name", "samples", "bytes", "sha256")}
 
 
-def _write_tar(task: ShardTask, path: str) -> None:
-    with open(path, "wb") as tar:
+class _HashingWriter:
+    """A file writer that hashes what it writes (no second pass over the shard)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+        self.digest.update(data)
+        self.bytes += len(data)
+
+
+def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
+    with open(path, "wb") as f:
+        tar = _HashingWriter(f)
         for i in range(len(task)):
             item = task.item(i)
             try:
@@ -101,14 +115,7 @@ def _write_tar(task: ShardTask, path: str) -> None:
             for name, payload in sample_members(task, item, data):
                 _add(tar, name, payload)
         tar.write(b"\0" * 1024)  # end-of-archive: two zero blocks
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return tar.bytes, tar.digest.hexdigest()
 
 
 def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -> dict:
@@ -124,8 +131,8 @@ def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -
     fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".partial", dir=staging_dir)
     os.close(fd)
     try:
-        _write_tar(task, tmp)
-        entry = {"name": task.name, "samples": len(task), "bytes": os.path.getsize(tmp), "sha256": _sha256_file(tmp)}
+        nbytes, digest = _write_tar(task, tmp)
+        entry = {"name": task.name, "samples": len(task), "bytes": nbytes, "sha256": digest}
         if local_out:
             os.chmod(tmp, 0o644)
             os.replace(tmp, task.url)
