@@ -119,7 +119,8 @@ def load_exclude(specs, *, threshold: int) -> ExcludeSet:
     digest = hashlib.sha256()
     for spec in specs:
         spec = str(spec)
-        if storage.exists(storage.join(spec, "manifest.json")) if not spec.lower().endswith((".txt", ".jsonl", ".csv", ".tar")) else False:
+        is_file_spec = spec.lower().endswith((".txt", ".jsonl", ".json", ".csv", ".tar"))
+        if not is_file_spec and storage.exists(storage.join(spec, "manifest.json")):
             images = _iter_dataset_images(spec)
         elif spec.lower().endswith(".txt"):
             images = _iter_list_images(spec)
