@@ -48,7 +48,7 @@ class ShardSettings:
         if isinstance(self.exclude, (str, os.PathLike)):
             self.exclude = [str(self.exclude)]
         self.exclude = [str(e) for e in (self.exclude or [])]
-        if not self.name or any(c in self.name for c in "./\\ {}") :
+        if not self.name or any(c in self.name for c in "./\\ {}"):
             raise ValueError(f"name={self.name!r}: use a plain name without dots, slashes, spaces or braces (e.g. 'train')")
         if self.shard_size < 1:
             raise ValueError(f"shard_size={self.shard_size}: must be >= 1 sample per shard")

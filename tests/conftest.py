@@ -8,7 +8,6 @@ the session so boto3, subprocesses and `shards.storage` all reach it.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
