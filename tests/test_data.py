@@ -271,6 +271,43 @@ def test_resume_does_not_open_shards_it_has_passed(tmp_path):
     assert opened == ["data-000008.tar", "data-000009.tar"]  # raw index >= 76 only: shards 0..7 never opened
 
 
+def test_a_stream_that_drops_mid_shard_is_reopened_at_the_same_sample(tmp_path):
+    """A network stream failing mid-shard (simulated: no test can cut a real connection at byte N)."""
+    from shards.storage import StorageError
+
+    from vit.data import read_segment
+
+    root, _ = write_dataset(tmp_path / "one", sizes=[30])
+    url = str(root / "data-000000.tar")
+    opens = []
+
+    class Dropping(io.RawIOBase):
+        def __init__(self, f, limit):
+            self.f, self.left = f, limit
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.left <= 0:
+                raise StorageError(f"{url}: connection reset")
+            data = self.f.read(min(len(buffer), self.left))
+            self.left -= len(data)
+            buffer[: len(data)] = data
+            return len(data)
+
+    def open_fn(u):
+        opens.append(u)
+        limit = [20_000, 45_000][len(opens) - 1] if len(opens) <= 2 else 10**9
+        return io.BufferedReader(Dropping(open(u, "rb"), limit), buffer_size=4096)
+
+    got = list(read_segment(Segment(url, 3, 25), keep=lambda i: i % 2 == 0, open_fn=open_fn))
+    assert len(opens) == 3  # dropped twice, finished on the third stream
+    assert [i for i, _ in got] == list(range(0, 25, 2))
+    assert [s["__key__"] for _, s in got] == [f"s00_{3 + i:03d}" for i in range(0, 25, 2)]
+    assert all("__error__" not in s for _, s in got)
+
+
 def test_window_order_is_a_bounded_permutation():
     order = window_order(1000, 50, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(1000))

@@ -49,6 +49,7 @@ all-reduces sums, not per-batch values.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tarfile
 import time
@@ -180,6 +181,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
+_REOPENS = 3  # a shard stream that fails mid-way (network) is re-opened this often before the error is fatal
 
 
 def read_segment(
@@ -188,47 +190,62 @@ def read_segment(
     """``(i, sample)`` for each kept sample i of the segment (0-based, ascending).
 
     A sample is ``{"__key__": key, ext: bytes, ...}``; samples not kept are read past as tar
-    members without extracting them. When the tar ends early or breaks, every kept index is
-    still yielded exactly once, as ``{"__key__": "<shard>#<index>", "__error__": reason}``
-    (``decode_sample`` rejects it as corrupt). Failing to open the shard is fatal.
+    members without extracting them. A storage error mid-stream (``StorageError``, e.g. a
+    dropped connection) re-opens the shard and continues at the same sample, up to
+    ``_REOPENS`` times; then it is fatal, as is a shard that cannot be opened. When the tar
+    itself ends early or is broken, every kept index is still yielded exactly once, as
+    ``{"__key__": "<shard>#<index>", "__error__": reason}`` (``decode_sample`` rejects it).
     """
-    stop = segment.first + segment.count
-    emitted = 0  # segment indices < emitted are done
-    stream = open_fn(segment.url)
-    try:
+    from shards.storage import StorageError, StorageNotFound
+
+    progress = [0]  # segment indices below this were yielded or not wanted
+    reason = "the tar ends before this sample (the manifest counts more samples than the shard holds)"
+    for attempt in range(_REOPENS + 1):
+        try:
+            yield from _scan_tar(segment, progress, keep=keep, open_fn=open_fn)
+            break
+        except StorageNotFound:
+            raise
+        except StorageError as err:
+            if attempt == _REOPENS:
+                raise
+            log.warning("%s: stream failed at sample %d (%s); re-opening", segment.url,
+                        segment.first + progress[0], err)
+        except _TAR_ERRORS as err:
+            reason = f"the tar is broken before this sample ({type(err).__name__}: {err})"
+            log.warning("%s: tar broken at sample %d (%s); the rest of the shard counts as corrupt", segment.url,
+                        segment.first + progress[0], err)
+            break
+    name = segment.url.rstrip("/").rsplit("/", 1)[-1]
+    for i in range(progress[0], segment.count):
+        if keep(i):
+            yield i, {"__key__": f"{name}#{segment.first + i}", "__error__": reason}
+
+
+def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterator[tuple[int, dict]]:
+    """One pass over the shard from its start, yielding kept samples at segment index >= progress[0]."""
+    first, skip_to = segment.first, segment.first + progress[0]
+    with contextlib.closing(open_fn(segment.url)) as stream:
         tar = tarfile.open(fileobj=stream, mode="r|")
         index, key, sample = -1, None, None
         for member in tar:
             if not member.isfile():
                 continue
             member_key, ext = _split_name(member.name)
-            if member_key != key:
+            if member_key != key:  # the sample at `index` is complete
                 if sample is not None:
-                    yield index - segment.first, sample
-                    emitted = index - segment.first + 1
+                    yield index - first, sample
+                progress[0] = max(progress[0], index - first + 1)
                 index, key, sample = index + 1, member_key, None
-                if index >= stop:
-                    break
-                emitted = max(emitted, index - segment.first)
-                if index >= segment.first and keep(index - segment.first):
+                if index - first >= segment.count:
+                    return
+                if index >= skip_to and keep(index - first):
                     sample = {"__key__": member_key}
             if sample is not None:
                 sample[ext] = tar.extractfile(member).read()
-        else:
-            if sample is not None and index < stop:
-                yield index - segment.first, sample
-                emitted = index - segment.first + 1
-        reason = "the tar ends before this sample (manifest count larger than the shard)"
-    except _TAR_ERRORS as err:
-        reason = f"the tar stream broke before this sample ({type(err).__name__}: {err})"
-        log.warning("%s: tar stream broke at sample %d (%s); the rest of the shard counts as corrupt", segment.url,
-                    segment.first + emitted, err)
-    finally:
-        stream.close()
-    name = segment.url.rstrip("/").rsplit("/", 1)[-1]
-    for i in range(emitted, segment.count):
-        if keep(i):
-            yield i, {"__key__": f"{name}#{segment.first + i}", "__error__": reason}
+        if sample is not None:
+            yield index - first, sample
+        progress[0] = max(progress[0], index - first + 1)
 
 
 def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
