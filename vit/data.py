@@ -34,6 +34,11 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   checkpoint is ``{"epoch", "step"}`` plus ``seed``, ``lanes`` and ``shuffle_buffer``, which
   must not change (``TrainStream.state`` / ``check_resume``); world size and workers may.
 * **Augmentation** randomness is seeded by (seed, epoch, p) for the same reason.
+* **Sizing lanes.** A lane is read by one DataLoader worker, so a rank decodes with at most
+  ``lanes // world_size`` processes. ``lanes=8`` suits the CPU runs here; on GPUs pick a
+  multiple of (largest world size you will resume on) x (workers per rank), e.g. 256 for up
+  to 32 GPUs x 8 workers, and shard so that there are at least that many shards. Memory per
+  worker is about ``lanes_per_worker * shuffle_buffer / 2`` encoded samples.
 
 Corrupt samples (undecodable image, missing/invalid label, a tar that breaks mid-stream)
 are never fatal: the sample's slot is filled with the previous good sample of the same lane
