@@ -36,7 +36,7 @@ class DemoSettings:
     nproc: int = 2
     pretrain_steps: int | None = None  # None: the digits_tiny preset's
     finetune_steps: int | None = None  # None: the digits_tiny_ft preset's
-    shard_size: int = 200
+    shard_size: int = 100
     task_runner: str = "dask"  # dask (local worker processes) | threads
 
     def __post_init__(self) -> None:

@@ -94,9 +94,9 @@ def test_shard_flow_fans_out_one_task_per_shard_on_dask(prefect_api, s3, trees):
 def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "root": root,
-        "pretrain_data": {"source": str(trees["pretrain"]), "url": f"{data_root}/pre", "name": "pre", "shard_size": 256},
-        "finetune_data": {"source": str(trees["finetune"]), "url": f"{data_root}/ft", "name": "ft", "shard_size": 256},
-        "eval_data": {"source": str(trees["eval"]), "url": f"{data_root}/val", "name": "val", "shard_size": 256},
+        "pretrain_data": {"source": str(trees["pretrain"]), "url": f"{data_root}/pre", "name": "pre", "shard_size": 100},
+        "finetune_data": {"source": str(trees["finetune"]), "url": f"{data_root}/ft", "name": "ft", "shard_size": 100},
+        "eval_data": {"source": str(trees["eval"]), "url": f"{data_root}/val", "name": "val", "shard_size": 100},
         # rank 0 dies after step 2 (after checkpointing it): the flow relaunches, the run resumes at step 2
         "pretrain": {"preset": "digits_tiny", "steps": 4, "nproc_per_node": 2, "retries": 1, "stall_timeout": 300,
                      "set": ["fail_at_step=2", "checkpoint.every_steps=2", "schedule.warmup_steps=1"]},
