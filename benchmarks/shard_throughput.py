@@ -50,7 +50,7 @@ def _tar_cf(root: Path, out: Path) -> None:
 
 
 def _shard(root: Path, out: Path, **kw) -> None:
-    shard_dataset(str(root), str(out), shard_size=10_000, **kw)
+    shard_dataset(str(root), str(out), shard_size=500, **kw)  # several shards, so workers can share the writing
     shutil.rmtree(out)
 
 

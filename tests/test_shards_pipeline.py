@@ -215,7 +215,7 @@ def test_one_line_errors_for_bad_sources(tmp_path):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-def test_verify_names_tampered_and_missing_shards(mixed_out, tmp_path):
+def test_verify_names_tampered_and_missing_shards(mixed_out, tmp_path, capsys):
     import shutil
 
     out, manifest = mixed_out
@@ -229,9 +229,10 @@ def test_verify_names_tampered_and_missing_shards(mixed_out, tmp_path):
     assert any(p.startswith("mix-000001.tar: sha256 mismatch") for p in problems)
     assert any(p.startswith("mix-000003.tar: missing") for p in problems)
     assert not any(p.startswith(("mix-000000", "mix-000002")) for p in problems)
-    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(copy)], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert cli.returncode == 1 and "mix-000001.tar: sha256 mismatch" in cli.stderr
+    from pipeline.cli import main
+
+    assert main(["verify", str(copy)]) == 1
+    assert "mix-000001.tar: sha256 mismatch" in capsys.readouterr().err
 
 
 def test_preflight_says_when_ddp_would_hang(digits_shards):

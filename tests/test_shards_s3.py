@@ -100,21 +100,26 @@ def test_killed_s3_writer_rerun_finishes_identically(s3, digits_tree, tmp_path):
         assert storage.read_bytes(f"{url}/{shard['name']}") == (tmp_path / "ref" / shard["name"]).read_bytes()
 
 
-def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree):
+def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree, monkeypatch, capsys):
+    from pipeline.cli import main
+
     url = s3.url("datasets/cli")
-    env = dict(os.environ, **s3.env)
-    env.pop("AWS_ENDPOINT_URL")  # the endpoint comes from --s3-endpoint here
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--s3-endpoint", s3.endpoint, "shard", str(small_tree),
-                           url, "--name", "cli", "--shard-size", "16", "--workers", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert f"manifest: {url}/manifest.json" in proc.stdout
-    assert s3.secret_key not in proc.stdout + proc.stderr
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from --s3-endpoint here
+    try:
+        code = main(["--s3-endpoint", s3.endpoint, "shard", str(small_tree), url, "--name", "cli", "--shard-size", "16",
+                     "--workers", "2"])
+    finally:
+        storage.configure(endpoint_url="")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"manifest: {url}/manifest.json" in out.out
+    assert s3.secret_key not in out.out + out.err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     assert json.loads(storage.read_bytes(f"{url}/manifest.json"))["num_shards"] == 2
-    strict = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", str(small_tree), s3.url("datasets/strict"),
-                             "--strict"], cwd=ROOT, env=dict(os.environ, **s3.env), capture_output=True, text=True,
-                            timeout=120)
-    assert strict.returncode == 1 and "--strict" in strict.stderr and "broken.jpg" in strict.stderr
+    assert main(["shard", str(small_tree), s3.url("datasets/strict"), "--strict"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("vitpipe shard: error:")]
+    assert len(errors) == 1 and "--strict" in errors[0] and "broken.jpg" in errors[0]
 
 
 def test_one_line_errors_for_bucket_credentials_and_endpoint(s3, small_tree, monkeypatch, tmp_path):
