@@ -231,7 +231,8 @@ def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterat
     """One pass over the shard from its start, yielding kept samples at segment index >= progress[0]."""
     first, skip_to = segment.first, segment.first + progress[0]
     with contextlib.closing(open_fn(segment.url)) as stream:
-        tar = tarfile.open(fileobj=stream, mode="r|")
+        # a local file is seekable: skipped members are seeked over instead of read
+        tar = tarfile.open(fileobj=stream, mode="r:" if stream.seekable() else "r|")
         index, key, sample = -1, None, None
         for member in tar:
             if not member.isfile():
