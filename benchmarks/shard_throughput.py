@@ -35,13 +35,16 @@ def _warm(root: Path) -> int:
     return sum(len(p.read_bytes()) for p in _files(root))
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_times(runs: dict, repeats: int) -> dict:
+    """Median wall time of each run; the runs are interleaved (A B C A B C ...) so that load from
+    other processes on the machine hits every contestant alike."""
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _tar_cf(root: Path, out: Path) -> None:
@@ -103,8 +106,8 @@ def _peak_rss_mb(root: Path, out: Path) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=3000, help="throughput corpus size (default 3000)")
-    ap.add_argument("--size", default="400x300", help="throughput image size WxH (default 400x300)")
+    ap.add_argument("--images", type=int, default=1500, help="throughput corpus size (default 1500)")
+    ap.add_argument("--size", default="500x375", help="throughput image size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-sizes", default="10000,50000")
     ap.add_argument("--workdir", default=None)
@@ -131,28 +134,39 @@ def main(argv=None) -> int:
         mb = total_bytes / 1e6
         print(f"corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB, {os.cpu_count()} CPUs", flush=True)
 
-        t_tar = _median_time(lambda: _tar_cf(corpus, work / "all.tar"), args.repeats)
-        rows.append(("tar cf (reference)", n / t_tar, mb / t_tar, 1.0, ""))
+        out = work / "out"
+        passthrough = {
+            "tar": lambda: _tar_cf(corpus, work / "all.tar"),
+            "shard1": lambda: _shard(corpus, out, workers=1),
+            "shard2": lambda: _shard(corpus, out, workers=2),
+            "decode1": lambda: _shard(corpus, out, workers=1, validate="decode"),
+            "decode2": lambda: _shard(corpus, out, workers=2, validate="decode"),
+        }
+        t = _median_times(passthrough, args.repeats)
+        rows.append(("tar cf (reference)", n / t["tar"], mb / t["tar"], 1.0, ""))
         for workers in (1, 2):
-            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers), args.repeats)
-            rows.append((f"shard pass-through, {workers} worker(s)", n / t, mb / t, t_tar / t, ">= 0.8x tar cf"))
-            print(rows[-1], flush=True)
+            tw = t[f"shard{workers}"]
+            rows.append((f"shard pass-through, {workers} worker(s)", n / tw, mb / tw, t["tar"] / tw, ">= 0.8x tar cf"))
         for workers in (1, 2):
-            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers, validate="decode"), args.repeats)
-            rows.append((f"shard pass-through --validate decode, {workers} worker(s)", n / t, mb / t, t_tar / t,
+            tw = t[f"decode{workers}"]
+            rows.append((f"shard pass-through --validate decode, {workers} worker(s)", n / tw, mb / tw, t["tar"] / tw,
                          "(every pixel decoded; no target)"))
-            print(rows[-1], flush=True)
+        for row in rows:
+            print(row, flush=True)
 
         shorter, quality = 160, 90
         files = _files(corpus)
-        t_bare = _median_time(lambda: _bare_resize_loop(files, shorter=shorter, quality=quality), args.repeats)
-        rows.append((f"bare PIL decode+resize({shorter})+encode loop", n / t_bare, mb / t_bare, 1.0, ""))
+        resize = {
+            "bare": lambda: _bare_resize_loop(files, shorter=shorter, quality=quality),
+            "resize1": lambda: _shard(corpus, out, workers=1, resize=shorter, quality=quality),
+            "resize2": lambda: _shard(corpus, out, workers=2, resize=shorter, quality=quality),
+        }
+        t = _median_times(resize, args.repeats)
+        rows.append((f"bare PIL decode+resize({shorter})+encode loop", n / t["bare"], mb / t["bare"], 1.0, ""))
         for workers, target in ((1, ">= 0.9x bare loop"), (2, ">= 1.8x bare loop")):
-            t = _median_time(lambda: _shard(corpus, work / "out", workers=workers, resize=shorter, quality=quality),
-                             args.repeats)
-            rows.append((f"shard --resize {shorter}, {workers} worker(s)", n / t, mb / t, t_bare / t, target))
+            tw = t[f"resize{workers}"]
+            rows.append((f"shard --resize {shorter}, {workers} worker(s)", n / tw, mb / tw, t["bare"] / tw, target))
             print(rows[-1], flush=True)
-
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
