@@ -225,12 +225,13 @@ def evaluate_model(
     stream = EvalStream(
         dataset_url, img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers
     )
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums = _Sums(num_classes=len(classes), multi_label=multi_label)
     try:
         for batch in stream:
-            sums.add(model(batch.images), batch.targets)
+            sums.add(model(batch.images.to(device, non_blocking=True)), batch.targets)
     finally:
         model.train(was_training)
     sums.reduce()
@@ -306,3 +307,113 @@ def _csv_bytes(rows: list[list]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue().encode()
+
+
+# ------------------------------------------------------------------- class index check
+
+
+def check_same_class_index(train_url: str, val_url: str) -> list[str]:
+    """Raise unless both datasets' manifests carry the same ``classes`` list; return it.
+
+    Label ids are positions in the manifest's class index, so a model trained on one
+    dataset can only be scored on another that shares the index.
+    """
+    from shards.reader import load_manifest
+
+    train = list(load_manifest(train_url)["classes"])
+    val = list(load_manifest(val_url)["classes"])
+    if train == val:
+        return train
+    for i, (a, b) in enumerate(zip(train, val)):
+        if a != b:
+            where = f"entry {i} is {a!r} in {train_url} but {b!r} in {val_url}"
+            break
+    else:
+        i = min(len(train), len(val))
+        longer, extra = (train_url, train[i]) if len(train) > len(val) else (val_url, val[i])
+        where = f"{train_url} has {len(train)} classes and {val_url} has {len(val)}; first extra entry {i} is {extra!r} in {longer}"
+    raise ValueError(
+        f"class index mismatch between training data and validation data: {where}; "
+        "shard both with the same `vitpipe shard --classes FILE` so label ids mean the same class"
+    )
+
+
+# ------------------------------------------------------------------ per-rank entry point
+
+
+@dataclass
+class EvalJob:
+    """What one (possibly multi-rank) evaluation needs; written as JSON for ``--config``."""
+
+    source: str  # anything vit.checkpoint.load_model accepts
+    data: str  # dataset URL
+    img_size: int | None = None  # None: the checkpoint's own resolution
+    batch_size: int = 64
+    report_dir: str | None = None  # where rank 0 writes the eval report (None: nowhere)
+    result: str | None = None  # where rank 0 writes the metrics JSON (None: nowhere)
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not self.source or not self.data:
+            raise ValueError("EvalJob needs `source` (a checkpoint or run) and `data` (a dataset URL)")
+        if self.batch_size < 1:
+            raise ValueError(f"EvalJob.batch_size must be >= 1, got {self.batch_size}")
+
+
+def run_eval_job(job: EvalJob, *, rank: int = 0, world_size: int = 1) -> dict:
+    """Load the checkpoint (resampled to ``img_size``), evaluate, rank 0 writes the outputs."""
+    from vit.checkpoint import load_model
+
+    model = load_model(job.source, img_size=job.img_size)
+    if torch.cuda.is_available():  # unverified on GPU
+        model = model.cuda()
+    img_size = job.img_size or _model_img_size(model)
+    metrics = evaluate_model(
+        model, job.data, img_size=img_size, batch_size=job.batch_size, rank=rank, world_size=world_size, num_workers=job.num_workers
+    )
+    metrics["source"] = job.source
+    if rank == 0:
+        from shards import storage
+
+        if job.report_dir:
+            write_eval_report(job.report_dir, metrics, metrics["confusion"], metrics["class_names"])
+        if job.result:
+            storage.write_json(job.result, {k: v for k, v in metrics.items() if k != "confusion"})
+    return metrics
+
+
+def _model_img_size(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "config", None) or {}
+    size = cfg.get("img_size")
+    if size is None:
+        raise ValueError("the checkpoint does not record its img_size; pass --img-size")
+    return int(size if isinstance(size, int) else size[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vit.evaluate --config job.json``: one rank of an evaluation (gloo via env://)."""
+    parser = argparse.ArgumentParser(prog="python -m vit.evaluate", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="EvalJob as JSON (local path or s3:// URL)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    args = parser.parse_args(argv)
+    from shards import storage
+
+    job = EvalJob(**storage.read_json(args.config))
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # gloo also on GPU nodes: only a few integers (or the multi-label scores) cross ranks,
+        # and they live on the CPU. The launcher's env (MASTER_ADDR/PORT, RANK) drives env://.
+        torch.distributed.init_process_group(backend="gloo")
+    try:
+        metrics = run_eval_job(job, rank=rank, world_size=world_size)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(scalar_metrics(metrics)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Fine-tuning and evaluation end to end: `vitpipe pretrain` -> `vitpipe finetune` -> `vitpipe evaluate`.
+
+The transfer experiment on scikit-learn's digits (real 8x8 scans), designed so transfer is
+meaningful: the pretraining run sees ONLY digits 0-4 (train split) at 16 px; the fine-tune
+run learns digits 5-9 - classes it never saw, on different images - at 32 px (position
+embeddings resampled 4x4 -> 8x8, zero-initialised 5-way head), and is scored on the held-out
+val split of 5-9 (same class index). The baseline trains the same model from scratch at 32 px
+on the same data for the same number of steps and batch size (with the from-scratch recipe,
+AdamW). Every training run is a real DeepSpeed launch (CPU, gloo) through the CLI.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VITPIPE = [sys.executable, "-m", "pipeline.cli"]
+PT_STEPS = 150  # pretraining on digits 0-4 at 16 px
+FT_STEPS = 60  # fine-tune on 5-9 at 32 px; the scratch baseline gets the same budget
+FT_LR = 0.1
+
+
+def vitpipe(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(VITPIPE + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vitpipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json_line(stdout: str) -> dict:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])  # the command ENDS with one JSON line
+
+
+@pytest.fixture(scope="module")
+def digit_sets(tmp_path_factory) -> dict[str, str]:
+    """Label sets of the digits: A = 0-4 (train), B = 5-9 (train / val), and a val set with another class index."""
+    from shards import shard_dataset
+    from shards.digits import write_digits_tree
+
+    root = tmp_path_factory.mktemp("digit-sets")
+    for split in ("train", "val"):
+        write_digits_tree(root / f"all_{split}", split=split, size=32)
+    sets = {}
+    for name, split, digits in [("a_train", "train", range(0, 5)), ("b_train", "train", range(5, 10)),
+                                ("b_val", "val", range(5, 10)), ("b_val_other_index", "val", range(4, 9))]:
+        tree = root / f"tree_{name}"
+        for d in digits:
+            shutil.copytree(root / f"all_{split}" / str(d), tree / str(d))
+        shard_dataset(str(tree), str(root / name), name=name, shard_size=100, seed=0)
+        sets[name] = str(root / name)
+    return sets
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ft-runs"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(digit_sets, runs_root) -> dict:
+    t0 = time.monotonic()
+    run_id = "pretrain-20260101-000000-0a0a0a"
+    vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["a_train"], "--out", runs_root,
+            "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1)
+    return {"run_id": run_id, "url": os.path.join(runs_root, "runs", run_id), "seconds": time.monotonic() - t0}
+
+
+@pytest.fixture(scope="module")
+def finetuned(digit_sets, runs_root, pretrained) -> dict:
+    t0 = time.monotonic()
+    # the pretraining run is named by its run id only: resolved under --out/runs/<id>
+    proc = vitpipe("finetune", "--preset", "digits_tiny_ft", "--pretrained", pretrained["run_id"],
+                   "--data", digit_sets["b_train"], "--val-data", digit_sets["b_val"], "--out", runs_root,
+                   "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1, "--set", f"optim.lr={FT_LR}")
+    return {"line": last_json_line(proc.stdout), "seconds": time.monotonic() - t0}
+
+
+@pytest.mark.timeout(900)
+def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pretrained, finetuned):
+    from shards.reader import load_manifest
+
+    ft = finetuned["line"]
+    val_n = load_manifest(digit_sets["b_val"])["num_samples"]
+    assert ft["count"] == val_n  # every held-out image scored exactly once
+    assert ft["img_size"] == 32 and ft["steps"] == FT_STEPS
+
+    t0 = time.monotonic()
+    scratch_id = "pretrain-20260101-000000-5c5c5c"
+    vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["b_train"], "--out", runs_root,
+            "--run-id", scratch_id, "--steps", FT_STEPS, "--nproc", 1, "--set", "model.img_size=32")
+    scratch_train_s = time.monotonic() - t0
+    proc = vitpipe("evaluate", scratch_id, "--runs-root", runs_root, "--data", digit_sets["b_val"])
+    scratch = last_json_line(proc.stdout)
+    assert scratch["count"] == val_n and scratch["img_size"] == 32
+
+    figures = {"finetuned_top1": ft["top1"], "scratch_top1": scratch["top1"], "pretrain_steps": PT_STEPS,
+               "finetune_steps": FT_STEPS, "pretrain_s": round(pretrained["seconds"], 1),
+               "finetune_s": round(finetuned["seconds"], 1), "scratch_s": round(scratch_train_s, 1), "val_images": val_n}
+    print("digits transfer:", json.dumps(figures))
+    assert ft["top1"] >= 0.90, figures
+    assert ft["top1"] > scratch["top1"], figures
+
+
+def test_finetune_run_folder_contents(finetuned, pretrained, digit_sets):
+    from vit.runs import RunFolder
+
+    line = finetuned["line"]
+    run = RunFolder(line["run_url"])
+    assert line["run_id"] == run.run_id and line["run_id"].startswith("finetune-")
+    meta = json.loads(Path(run.run_json).read_text())
+    assert meta["status"] == "complete" and meta["parent"] == pretrained["run_id"]
+    assert meta["metrics"]["top1"] == line["top1"]
+    report = json.loads(Path(run.report, "eval.json").read_text())
+    assert report["class_names"] == ["5", "6", "7", "8", "9"] and report["top1"] == line["top1"]
+    confusion = [row.split(",") for row in Path(run.report, "confusion.csv").read_text().splitlines()]
+    assert sum(int(v) for row in confusion[1:] for v in row[1:]) == line["count"]
+    assert len(Path(run.report, "per_class.csv").read_text().splitlines()) == 1 + 5
+
+
+def test_first_finetune_loss_is_ln_k(finetuned):
+    """A zero-initialised head gives uniform logits: the first loss is ln K exactly (K = 5)."""
+    metrics = Path(finetuned["line"]["run_url"], "metrics.csv").read_text().splitlines()
+    header, first = metrics[0].split(","), metrics[1].split(",")
+    row = dict(zip(header, first))
+    assert int(row["step"]) == 1
+    assert float(row["loss"]) == pytest.approx(math.log(5), abs=1e-4)
+
+
+def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
+    import timm  # noqa: F401  (registers the model classes)
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from vit.checkpoint import load_model
+    from vit.interop import timm_kwargs
+
+    run_url = finetuned["line"]["run_url"]
+    ours = load_model(run_url).eval()
+    theirs = TimmViT(**timm_kwargs(ours.config)).eval()
+    theirs.load_state_dict(load_file(os.path.join(run_url, "model_timm.safetensors")), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
+    from pipeline.cmd_finetune import evaluate
+
+    run_url = finetuned["line"]["run_url"]
+    one = evaluate(run_url, digit_sets["b_val"], img_size=32, nproc=1, report_dir=str(tmp_path / "one"))
+    proc = vitpipe("evaluate", run_url, "--data", digit_sets["b_val"], "--nproc", 2, "--out", tmp_path / "two",
+                   "--batch-size", 16)
+    two = last_json_line(proc.stdout)
+    assert two["world_size"] == 2
+    assert two["count"] == one["count"] == finetuned["line"]["count"]
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    conf_one = (tmp_path / "one" / "confusion.csv").read_text()
+    assert (tmp_path / "two" / "confusion.csv").read_text() == conf_one
+
+
+def test_evaluate_report_to_s3(finetuned, digit_sets, s3):
+    from pipeline.cmd_finetune import evaluate
+    from shards import storage
+
+    url = s3.url("eval-reports/ft")
+    metrics = evaluate(finetuned["line"]["run_url"], digit_sets["b_val"], report_dir=url)
+    report = storage.read_json(storage.join(url, "eval.json"))
+    assert report["count"] == metrics["count"] and report["top1"] == metrics["top1"]
+    assert storage.exists(storage.join(url, "confusion.csv")) and storage.exists(storage.join(url, "per_class.csv"))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A small model directory (patch 4, 16 px, 5 classes) written by vit.checkpoint.save_model."""
+    import vit
+    from vit.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("tiny-ckpt") / "p4"
+    save_model(vit.create_model("vit_tiny_patch16", num_classes=5, img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                num_heads=2, mlp_dim=64), str(path))
+    return str(path)
+
+
+def test_class_index_mismatch_is_refused_before_launch(digit_sets, tiny_ckpt, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "runs"
+    code = main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", tiny_ckpt, "--data",
+                 digit_sets["b_train"], "--val-data", digit_sets["b_val_other_index"], "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert digit_sets["b_train"] in err and digit_sets["b_val_other_index"] in err
+    assert "entry 0 is '5'" in err and "'4'" in err and "--classes FILE" in err
+    assert not out.exists()  # refused before any run folder was made
+
+
+def test_checkpoint_of_another_architecture_is_refused(digit_sets, tmp_path):
+    import vit
+    from pipeline.cmd_finetune import FinetuneError, finetune
+    from vit.checkpoint import save_model
+
+    other = tmp_path / "patch8"
+    save_model(vit.create_model("vit_tiny_patch16", num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                num_heads=4, mlp_dim=128), str(other))
+    with pytest.raises(FinetuneError, match=r"another architecture.*patch_size=8 \(preset: patch_size=4\)"):
+        finetune(preset="digits_tiny_ft", pretrained=str(other), data=digit_sets["b_train"], out=str(tmp_path / "r"))
+
+
+def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.cli import main
+
+    resnet = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=5).state_dict().items()},
+              str(resnet))
+    assert main(["evaluate", str(resnet), "--data", digit_sets["b_val"]]) == 1
+    err = capsys.readouterr().err
+    assert str(resnet) in err and "not a ViT" in err
+
+
+def test_evaluate_refuses_model_with_other_class_count(digit_sets, tmp_path):
+    import vit
+    from pipeline.cmd_finetune import evaluate
+    from vit.checkpoint import save_model
+
+    ten = tmp_path / "ten"
+    save_model(vit.create_model("vit_tiny_patch16", num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                num_heads=2, mlp_dim=64), str(ten))
+    with pytest.raises(ValueError, match=r"model has 10 classes but .*b_val has 5"):
+        evaluate(str(ten), digit_sets["b_val"])
+
+
+def test_resolution_not_divisible_by_patch(digit_sets, tiny_ckpt, tmp_path, capsys):
+    from pipeline.cli import main
+
+    ckpt = tiny_ckpt
+    assert main(["evaluate", str(ckpt), "--data", digit_sets["b_val"], "--img-size", "30"]) == 1
+    err = capsys.readouterr().err
+    assert "--img-size 30 is not divisible by the checkpoint's patch size 4" in err and "28 or 32" in err
+    assert main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", str(ckpt), "--data", digit_sets["b_train"],
+                 "--out", str(tmp_path / "r"), "--img-size", "30"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not divisible" in err and "30" in err
+
+
+def test_unknown_pretrained_source_names_the_fix(digit_sets, tmp_path):
+    from pipeline.cmd_finetune import FinetuneError, resolve_source
+
+    with pytest.raises(FinetuneError, match=r"'pretrain-20990101-000000-ffffff' not found.*run id under"):
+        resolve_source("pretrain-20990101-000000-ffffff", runs_root=str(tmp_path))
