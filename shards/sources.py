@@ -97,7 +97,8 @@ def detect_format(url: str) -> str:
     tars = [n for n in names if n.lower().endswith(".tar")]
     if tars and len(tars) == len([n for n in names if not n.startswith(".")]):
         return "i21k-tars"
-    if any(storage.isdir(storage.join(url, n)) for n in names if not n.startswith(".")):
+    visible = [n for n in names if not n.startswith(".")]
+    if any(storage.isdir(storage.join(url, n)) for n in visible[:20]):  # a sample: 21k classes on S3 = 21k LISTs
         return "imagefolder"
     raise SourceError(f"{url}: unknown source format (no class folders, tars or .jsonl/.csv manifest); "
                       "pass --format imagefolder|i21k-tars|jsonl|csv")

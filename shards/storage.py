@@ -245,6 +245,9 @@ def exists(url: str | os.PathLike) -> bool:
     url = str(url)
     if not is_s3(url):
         return os.path.exists(_local(url))
+    if not split(url)[1]:  # the bucket itself
+        _check_bucket(url)
+        return True
     if _head(url) is not None:
         return True
     return any(True for _ in _iter_objects(url, delimiter="/"))
