@@ -38,6 +38,14 @@ def vitpipe(*args: str, check: bool = True, timeout: float = 400) -> subprocess.
     return proc
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:  # other suites launch DeepSpeed at the same time: never the default 29500
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def last_json_line(stdout: str) -> dict:
     lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
     assert lines, "no output"
@@ -74,7 +82,7 @@ def pretrained(digit_sets, runs_root) -> dict:
     t0 = time.monotonic()
     run_id = "pretrain-20260101-000000-0a0a0a"
     vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["a_train"], "--out", runs_root,
-            "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1)
+            "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port())
     return {"run_id": run_id, "url": os.path.join(runs_root, "runs", run_id), "seconds": time.monotonic() - t0}
 
 
@@ -84,7 +92,8 @@ def finetuned(digit_sets, runs_root, pretrained) -> dict:
     # the pretraining run is named by its run id only: resolved under --out/runs/<id>
     proc = vitpipe("finetune", "--preset", "digits_tiny_ft", "--pretrained", pretrained["run_id"],
                    "--data", digit_sets["b_train"], "--val-data", digit_sets["b_val"], "--out", runs_root,
-                   "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1, "--set", f"optim.lr={FT_LR}")
+                   "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1, "--set", f"optim.lr={FT_LR}",
+                   "--set", f"launch.master_port={free_port()}")
     return {"line": last_json_line(proc.stdout), "seconds": time.monotonic() - t0}
 
 
@@ -100,7 +109,8 @@ def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pret
     t0 = time.monotonic()
     scratch_id = "pretrain-20260101-000000-5c5c5c"
     vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["b_train"], "--out", runs_root,
-            "--run-id", scratch_id, "--steps", FT_STEPS, "--nproc", 1, "--set", "model.img_size=32")
+            "--run-id", scratch_id, "--steps", FT_STEPS, "--nproc", 1, "--set", "model.img_size=32",
+            "--master-port", free_port())
     scratch_train_s = time.monotonic() - t0
     proc = vitpipe("evaluate", scratch_id, "--runs-root", runs_root, "--data", digit_sets["b_val"])
     scratch = last_json_line(proc.stdout)
