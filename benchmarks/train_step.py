@@ -1,6 +1,6 @@
 """Training-engine and input-pipeline overheads, measured side by side in one run.
 
-    .venv/bin/python benchmarks/train_step.py [--quick]
+    .venv/bin/python benchmarks/train_step.py [--steps N] [--images N]
 
 1. DeepSpeed engine step (ZeRO-0 and ZeRO-1, fp32, CPU, world 1) vs a plain PyTorch loop on the
    same model, batch and optimizer (AdamW + clip 1.0): median step time, overhead (target <= 10%).
@@ -108,11 +108,11 @@ def bare_decode(dataset: str, *, img: int, limit: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def stream_rate(dataset: str, *, img: int, limit: int, workers: int) -> float:
+def stream_rate(dataset: str, *, img: int, limit: int, workers: int, augment: str = "pretrain") -> float:
     from vit.data import TrainStream
 
     s = TrainStream(dataset, img_size=img, global_batch_size=64, rank=0, world_size=1, num_workers=workers, lanes=4,
-                    augment="pretrain")
+                    augment=augment)
     n, t = 0, time.perf_counter()
     epoch = 0
     while n < limit:
@@ -138,10 +138,11 @@ def projection() -> list[tuple[str, float, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps / images")
+    ap.add_argument("--steps", type=int, default=6, help="timed engine steps per loop")
+    ap.add_argument("--images", type=int, default=600, help="images per input-pipeline measurement")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    steps, limit = (5, 400) if args.quick else (12, 1200)
+    torch.set_num_threads(1)  # one thread: on a shared 2-core machine 2 OpenMP threads mostly measure contention
+    steps, limit = args.steps, args.images
 
     print("## 1. engine step: DeepSpeed vs plain PyTorch (ViT-Ti/16, 224 px, batch 8, fp32 CPU, AdamW, clip 1.0)")
     res = bench_engine(batch=8, img=224, steps=steps)
@@ -167,13 +168,15 @@ def main() -> int:
             storage.reset_clients()
             remote = "s3://bench/digits"
             storage.copy_tree(local, remote)
-            print("| source | bare decode img/s | TrainStream img/s (0 workers) | ratio | TrainStream (2 workers) |")
-            print("|---|---|---|---|---|")
+            print("| source | bare decode+resize img/s | TrainStream augment=none | ratio | TrainStream augment=pretrain |"
+                  " ratio | TrainStream pretrain, 2 workers |")
+            print("|---|---|---|---|---|---|---|")
             for label, url in (("local", local), ("S3 (SeaweedFS)", remote)):
                 bare = statistics.median(bare_decode(url, img=64, limit=limit) for _ in range(3))
+                none = statistics.median(stream_rate(url, img=64, limit=limit, workers=0, augment="none") for _ in range(3))
                 ts = statistics.median(stream_rate(url, img=64, limit=limit, workers=0) for _ in range(3))
                 ts2 = stream_rate(url, img=64, limit=limit, workers=2)
-                print(f"| {label} | {bare:.0f} | {ts:.0f} | {ts / bare:.2f}x | {ts2:.0f} |")
+                print(f"| {label} | {bare:.0f} | {none:.0f} | {none / bare:.2f}x | {ts:.0f} | {ts / bare:.2f}x | {ts2:.0f} |")
         finally:
             store.stop()
 
