@@ -234,8 +234,7 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=PROJECT_ROOT,
                                 start_new_session=True)
         # the stall watchdog arms once a new step shows up (start-up, e.g. a first JIT build, is not a stall)
-        first_step = _last_metrics_step(metrics)
-        last_step, last_change, armed = first_step, time.monotonic(), False
+        last_step, last_change, armed = _last_metrics_step(metrics), time.monotonic(), False
         try:
             while proc.poll() is None:
                 time.sleep(1.0)

@@ -5,7 +5,7 @@ Few launches, each checked for several things:
   B  the same run again on 1 rank                         -> resumes from step 20 through a universal
                                                              checkpoint, ends at the planned step count,
                                                              every sample of epoch 0 seen exactly once
-  C  1 rank, fresh run, stopped after 8 steps              -> same first losses as A (1 vs 2 ranks)
+  C  `vitpipe pretrain` on 1 rank, stopped after 8 steps  -> same first losses as A (1 vs 2 ranks)
   D  2 "nodes" x 1 rank over loopback (--hostfile --no_ssh --node_rank), run folder in S3
   E  1 rank that hangs                                    -> the stall watchdog kills it
 """
@@ -105,14 +105,22 @@ def test_resumed_epoch_sees_every_sample_exactly_once(fault_and_resume):
     assert len(set(keys)) == len(keys)  # no sample twice, none lost across 2 -> 1 ranks
 
 
-def test_loss_parity_one_rank_vs_two_ranks(fault_and_resume, digits_shards):
-    cfg = digits_cfg(digits_shards, fault_and_resume["out"], "single", nproc=1, sets=["stop_after=8"])
-    launch(cfg, timeout=300)
-    one = [float(r["loss"]) for r in read_metrics(RunFolder(cfg.run_url).metrics)]
+def test_loss_parity_one_rank_vs_two_ranks_via_cli(fault_and_resume, digits_shards, capsys):
+    from pipeline.cli import main
+
+    out = fault_and_resume["out"]
+    code = main(["pretrain", "--preset", "digits_tiny", "--data", digits_shards, "--out", str(out), "--run-id", "single",
+                 "--nproc", "1", "--steps", str(TOTAL), "--master-port", str(free_port()),
+                 "--set", "checkpoint.every_steps=10", "--set", "launch.cpu_threads_per_rank=1", "--set", "stop_after=8"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "run id: single" in printed and f"run folder: {out}/runs/single" in printed
+    run = RunFolder(str(out / "runs" / "single"))
+    one = [float(r["loss"]) for r in read_metrics(run.metrics)]
     two = [float(r["loss"]) for r in fault_and_resume["first_metrics"][:8]]
     assert len(one) == 8
     assert one == pytest.approx(two, rel=2e-3, abs=2e-3)
-    assert json.loads(Path(RunFolder(cfg.run_url).run_json).read_text())["status"] == "running"
+    assert json.loads(Path(run.run_json).read_text())["status"] == "running"  # stopped early, resumable
+    assert run.latest_checkpoint() == "step00000008"
 
 
 def test_two_nodes_over_loopback_to_s3(digits_shards, s3, tmp_path):

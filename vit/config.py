@@ -157,7 +157,6 @@ class CheckpointConfig:
     every_steps: int = 1000
     resume: str = "auto"  # auto: resume if a checkpoint exists | must: fail if none | never
     load_universal: bool = False  # force loading through a universal checkpoint
-    keep_local: bool = True
 
     def __post_init__(self) -> None:
         _choice("checkpoint.resume", self.resume, ("auto", "must", "never"))
