@@ -69,6 +69,8 @@ def bench(name: str, *, batch: int, img: int, warmup: int, steps: int, gemm: lis
             t_timm.append(s_timm()), t_ours.append(s_ours())
         else:
             t_ours.append(s_ours()), t_timm.append(s_timm())
+    print(f"{name}: ours {[round(t, 2) for t in t_ours]} s, timm {[round(t, 2) for t in t_timm]} s per step",
+          file=sys.stderr)
     return dict(name=name, ours=batch / statistics.median(t_ours), timm=batch / statistics.median(t_timm),
                 flops=ours.flops_per_image())
 
