@@ -85,8 +85,10 @@ _EXT_CODE = {e: i for i, e in enumerate(EXTS)}
 
 @dataclass
 class ShardTask:
-    """The unit of work: write shard `name` to `url` from its rows (idempotent). Carries only its
-    own records, in a compact table, so it pickles small for worker processes and Prefect tasks."""
+    """The unit of work: write shard `name` to `url` from its rows (idempotent).
+
+    In the planning process a task points into the plan's shared table (`rows`); pickled (for a
+    worker process or a Prefect/Dask task) it carries only its own records, in a compact table."""
 
     index: int
     name: str
@@ -105,13 +107,23 @@ class ShardTask:
     resize: int | None
     quality: int
     max_pixels: int
+    rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.ext)
+
+    def _row(self, i: int) -> int:
+        return i if self.rows is None else int(self.rows[i])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.rows is not None:
+            state["records"], state["rows"] = self.records.take(self.rows), None
+        return state
 
     def item(self, i: int) -> Item:
         labels = tuple(int(v) for v in self.class_ids[self.class_off[i]:self.class_off[i + 1]])
-        return Item(self.records.ref(i), labels, EXTS[self.ext[i]], int(self.width[i]), int(self.height[i]),
+        return Item(self.records.ref(self._row(i)), labels, EXTS[self.ext[i]], int(self.width[i]), int(self.height[i]),
                     int(self.nbytes[i]), self.sha[i].tobytes().hex())
 
     @property
@@ -122,7 +134,7 @@ class ShardTask:
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label]).encode())
         for i in range(len(self)):
-            h.update(self.records.key(i).encode("utf-8") + b"\0")
+            h.update(self.records.key(self._row(i)).encode("utf-8") + b"\0")
         h.update(self.sha.tobytes())
         h.update(self.class_ids.astype("<i4").tobytes())
         h.update(self.class_off.astype("<i8").tobytes())
@@ -306,11 +318,17 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     # exact duplicates inside the source: the first in listing order is kept
     first_of = np.arange(n)
     if n:
-        _, inverse = np.unique(scan.sha, axis=0, return_inverse=True)
+        # group by the first 8 bytes of the sha256 (a 1-D sort, little memory), then confirm full equality
+        prefix = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel()
+        _, inverse = np.unique(prefix, return_inverse=True)
         inverse = inverse.ravel()
         first = np.full(int(inverse.max()) + 1, n, dtype=np.int64)
         np.minimum.at(first, inverse, np.where(scan.ok, np.arange(n), n))  # bad records never count as "first"
         first_of = np.where(scan.ok, first[inverse], np.arange(n))
+        candidates = np.flatnonzero(first_of != np.arange(n))
+        clash = candidates[(scan.sha[candidates] != scan.sha[first_of[candidates]]).any(axis=1)]
+        for i in clash.tolist():  # same 64-bit prefix, different content: not a duplicate (astronomically rare)
+            first_of[i] = i
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
     for i in range(n):
         def skip(kind, reason):
@@ -353,12 +371,16 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     order = kept[np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(kept))]
     groups: list[tuple[int, int]] = []
     begin, count, size = 0, 0, 1024
-    for pos, (row, image_bytes) in enumerate(zip(order.tolist(), scan.nbytes[order].tolist())):
-        # image header + data, cls (2 blocks), json (header + ~path-sized body), PAX headers for non-ASCII keys
-        path_len = len(table.paths.buf[table.paths.off[row]:table.paths.off[row + 1]])
-        nbytes = (_TAR_BLOCK * (1 + 2 + 1 + (2 * path_len + 200 + _TAR_BLOCK - 1) // _TAR_BLOCK)
-                  + (image_bytes + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-                  + (0 if table.key(row).isascii() else 6 * _TAR_BLOCK))
+    # estimated tar bytes per sample: image header + data, cls (2 blocks), json (header + ~path-sized body),
+    # and PAX headers (6 blocks) when the key is not ASCII
+    path_len = np.diff(np.frombuffer(table.paths.off, dtype=np.uint64).astype(np.int64))
+    key_off = np.frombuffer(table.keys.off, dtype=np.uint64).astype(np.int64)
+    key_bytes = np.frombuffer(bytes(table.keys.buf), dtype=np.uint8)
+    high = np.r_[0, np.cumsum(key_bytes >= 128)]
+    non_ascii = (high[key_off[1:]] - high[key_off[:-1]]) > 0
+    pad = lambda v: (v + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+    est = (_TAR_BLOCK * 4 + pad(2 * path_len + 200) + pad(scan.nbytes) + 6 * _TAR_BLOCK * non_ascii)[order]
+    for pos, nbytes in ((p, int(v)) for p, v in enumerate(est)):
         if count and (count >= cfg.shard_size or size + nbytes > cfg.max_shard_bytes):
             groups.append((begin, pos))
             begin, count, size = pos, 0, 1024
@@ -366,13 +388,16 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         size += nbytes
     groups.append((begin, len(order)))
     histogram = np.zeros(len(classes), dtype=np.int64)
+    all_label_off = np.frombuffer(table.label_off, dtype=np.uint64).astype(np.int64)
+    all_labels = np.frombuffer(table.labels, dtype=np.uint32).astype(np.int64)
     tasks = []
     for index, (lo, hi) in enumerate(groups):
         rows = order[lo:hi]
-        sub = table.take(rows)
-        flat = np.frombuffer(sub.labels, dtype=np.uint32).astype(np.int64) if len(sub.labels) else np.zeros(0, np.int64)
+        starts = all_label_off[rows]
+        counts = all_label_off[rows + 1] - starts
+        offs = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        flat = all_labels[np.repeat(starts - offs[:-1], counts) + np.arange(offs[-1])]
         ids = label_map[flat].astype(np.int32) if len(flat) else np.zeros(0, np.int32)
-        offs = np.frombuffer(sub.label_off, dtype=np.uint64).astype(np.int64)
         # sorted, distinct class ids per sample
         per = [np.unique(ids[offs[j]:offs[j + 1]]) for j in range(len(rows))] if multi_label else None
         if per is not None:
@@ -381,7 +406,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         np.add.at(histogram, ids, 1)
         shard_name = f"{cfg.name}-{index:06d}.tar"
         tasks.append(ShardTask(index=index, name=shard_name, url=storage.join(out_url, shard_name), out_url=out_url,
-                               records=sub, class_ids=ids, class_off=offs, ext=scan.ext[rows], width=scan.width[rows],
+                               records=table, rows=rows, class_ids=ids, class_off=offs, ext=scan.ext[rows], width=scan.width[rows],
                                height=scan.height[rows], nbytes=scan.nbytes[rows], sha=scan.sha[rows], classes=classes,
                                multi_label=multi_label, resize=cfg.resize, quality=cfg.quality,
                                max_pixels=cfg.max_pixels))
