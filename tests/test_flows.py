@@ -1,5 +1,6 @@
 """pipeline.flows: the stage functions without Prefect, then the real flows on Prefect's local
-API with real SeaweedFS, real Dask worker processes and real DeepSpeed ranks.
+API with real SeaweedFS, real Dask worker processes and real DeepSpeed ranks (the one
+end-to-end vit_pipeline run of this suite).
 
 The pipeline test is the fault scenario of issue 6: the first run retries a pretraining launch
 whose rank dies (resuming from its checkpoint), then fails in fine-tuning on bad input; the
@@ -71,26 +72,6 @@ def test_shard_stage_without_source_or_manifest_says_what_to_do(tmp_path):
         shard_stage(DatasetParams(url=str(tmp_path / "nothing")))
 
 
-@pytest.mark.timeout(300)
-def test_shard_flow_fans_out_one_task_per_shard_on_dask(prefect_api, s3, trees):
-    """The flow maps write-shard over the plan on a local Dask cluster of worker processes, into S3."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    url = s3.url(f"flows-{time.time_ns()}/digits-eval")
-    runner = flows.make_task_runner(TaskRunnerParams(kind="dask", workers=2))
-    flow = flows.shard_dataset.with_options(task_runner=runner)
-    state = flow(DatasetParams(source=str(trees["eval"]), url=url, name="val", shard_size=32), return_state=True)
-    manifest = state.result()
-    assert manifest["num_shards"] >= 4 and storage.exists(storage.join(url, "manifest.json"))
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-                                     sort=TaskRunSort.ID_DESC, limit=200)
-    writes = [r for r in runs if r.name.startswith("write-shard")]
-    assert len(writes) == manifest["num_shards"] and all(r.state.is_completed() for r in writes)
-
-
 def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "root": root,
@@ -103,8 +84,19 @@ def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> Pip
         "finetune": {"preset": "digits_tiny_ft", "steps": 3, "nproc_per_node": 1, "retries": 0, "stall_timeout": 300,
                      "set": finetune_set},
         "evaluate": {"batch_size": 256, "report": True},
-        "task_runner": {"kind": "threads", "workers": 2},
+        "task_runner": {"kind": "dask", "workers": 2},  # shard tasks on a local Dask cluster of worker processes
     })
+
+
+def _task_runs(prefix: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
+                                     sort=TaskRunSort.ID_DESC, limit=200)
+    return [r for r in runs if r.name.startswith(prefix)]
 
 
 @pytest.mark.timeout(600)
@@ -114,6 +106,13 @@ def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_a
     bad = _config(root, f"{root}/datasets", trees, finetune_set=['checkpoint.resume="must"'])
     with pytest.raises(Exception, match="checkpoint.resume=must"):
         flows.vit_pipeline(bad)
+
+    # one write-shard task per shard, each completed (on the Dask workers)
+    manifests = [storage.read_json(storage.join(d.url, "manifest.json")) for d in (bad.pretrain_data, bad.finetune_data, bad.eval_data)]
+    writes = _task_runs("write-shard")
+    assert len(writes) == sum(m["num_shards"] for m in manifests) >= 12 and all(r.state.is_completed() for r in writes)
+    launches = _task_runs("launch-ranks")  # pretrain: failed + relaunched; finetune: failed (bad input)
+    assert sorted(r.state.type.value for r in launches) == ["COMPLETED", "FAILED", "FAILED"]
 
     runs = {r.kind: r for r in registry.list_runs(root)}
     assert set(runs) == {"pretrain", "finetune"}
