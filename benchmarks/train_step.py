@@ -101,7 +101,7 @@ def bare_decode(dataset: str, *, img: int, limit: int) -> float:
                 if ext not in ("jpg", "jpeg", "png", "webp"):
                     continue
                 im = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB").resize((img, img))
-                torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float().div_(255)
+                torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
                 n += 1
                 if n >= limit:
                     return n / (time.perf_counter() - t)
