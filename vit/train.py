@@ -378,17 +378,29 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
     if keys_file:
         keys_file.close()
     result = {"final_loss": last_loss, "steps": total}
+    from vit.checkpoint import save_model
+
+    with _full_params(engine, zero_stage=cfg.launch.zero_stage):  # every rank takes part under ZeRO-3
+        if is0:
+            save_model(engine.module, run.url)
     if is0:
         metrics.close()
-        from vit.checkpoint import save_model
-
-        module = engine.module  # ZeRO-3 would need gathered params: unverified on GPU
-        save_model(module, run.url)
         io.push_logs()
         run.finish(status="complete", metrics=result)
         log(f"[vit.train] done: {run.url} (final loss {last_loss:.4f})")
     dist.barrier()
     return result
+
+
+def _full_params(engine, *, zero_stage: int):
+    """Context in which engine.module holds full parameters (gathers ZeRO-3 partitions)."""
+    import contextlib
+
+    if zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 def _json_line(obj: dict) -> str:
