@@ -376,8 +376,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     path_len = np.diff(np.frombuffer(table.paths.off, dtype=np.uint64).astype(np.int64))
     key_off = np.frombuffer(table.keys.off, dtype=np.uint64).astype(np.int64)
     key_bytes = np.frombuffer(bytes(table.keys.buf), dtype=np.uint8)
-    high = np.r_[0, np.cumsum(key_bytes >= 128)]
-    non_ascii = (high[key_off[1:]] - high[key_off[:-1]]) > 0
+    non_ascii = np.maximum.reduceat(key_bytes, key_off[:-1]) >= 128 if n else np.zeros(0, bool)  # keys are never empty
     pad = lambda v: (v + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
     est = (_TAR_BLOCK * 4 + pad(2 * path_len + 200) + pad(scan.nbytes) + 6 * _TAR_BLOCK * non_ascii)[order]
     for pos, nbytes in ((p, int(v)) for p, v in enumerate(est)):
