@@ -6,7 +6,6 @@ Slurm cannot run here, so for them only the argv is checked.
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys
@@ -21,7 +20,6 @@ from pipeline.launcher import (
     build_argv,
     diagnose,
     hostfile_nodes,
-    launch,
     make_run_config,
     preflight,
 )

@@ -8,6 +8,9 @@ checkpoints, which go to `<run>/checkpoints/` (synced to object storage after ea
 A run whose folder already holds a checkpoint resumes from the latest one, also on a
 different world size (through DeepSpeed's universal checkpoint when ZeRO shards the
 optimizer state).
+
+metrics.csv `mfu` is an ESTIMATE: flops_per_image x 3 x images/s / (peak x ranks), where peak is
+`peak_flops` from the config, else a GEMM measured at start-up (CPU) or the A100 table value (GPU).
 """
 from __future__ import annotations
 
