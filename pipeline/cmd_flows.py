@@ -54,11 +54,12 @@ def run_cmd(args: argparse.Namespace) -> int:
         return 0
     if config.s3_endpoint:  # entry point: ranks and workers inherit the environment
         os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
-    from pipeline.flows import check_storage, vit_pipeline
+    from pipeline.flows import check_storage, prefect_api, vit_pipeline
 
     try:
         check_storage(config)  # object store up, credentials right, buckets there: before any stage
-        result = vit_pipeline(config)
+        with prefect_api():
+            result = vit_pipeline(config)
     except Exception as err:
         if type(err).__name__ in EXPECTED_ERRORS:
             print(f"vitpipe run: {str(err).splitlines()[0]}", file=sys.stderr)

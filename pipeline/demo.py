@@ -180,9 +180,11 @@ def run_demo(settings: DemoSettings) -> dict:
     trees = write_trees(workdir / "data")
     config = demo_config(settings, trees)
     say(f"running the Prefect flow vit_pipeline (local ephemeral API; runs under {config.root}/runs/) ...")
-    from pipeline.flows import vit_pipeline
+    from pipeline.flows import prefect_api, vit_pipeline
 
-    result = vit_pipeline(config)
+    with prefect_api() as api:
+        say(f"Prefect API {api}")
+        result = vit_pipeline(config)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
 
     top1 = result["top1"]

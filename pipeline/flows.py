@@ -14,6 +14,7 @@ when it starts and ``files.json`` (sha256 of every file) before it is marked com
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -542,6 +543,29 @@ def vit_pipeline(config: PipelineConfig) -> dict:
 
 def _artifact_key(kind: str) -> str:
     return f"{kind}-run-report"
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Run flows against $PREFECT_API_URL, or else a local temporary Prefect server that child
+    processes share (Dask workers would otherwise each start their own and report elsewhere)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    server = SubprocessASGIServer()
+    server.start(timeout=180)
+    os.environ["PREFECT_API_URL"] = server.api_url  # entry point: inherited by Dask workers
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def check_storage(config: PipelineConfig) -> None:
