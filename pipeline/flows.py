@@ -580,12 +580,16 @@ def run_pipeline(config: PipelineConfig) -> dict:
         os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
         storage.reset_clients()
     check_storage(config)
-    runner = make_task_runner(config.task_runner)
-    shard = shard_dataset.with_options(task_runner=runner)
-    datasets = {}
-    for name in ("pretrain_data", "finetune_data", "eval_data"):
-        params = getattr(config, name)
-        datasets[name] = shard(params)
+    with contextlib.ExitStack() as stack:
+        params = config.task_runner
+        if params.kind == "dask" and not params.address:  # one local cluster for all shard flows
+            from distributed import LocalCluster
+
+            cluster = stack.enter_context(LocalCluster(n_workers=params.workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+            params = params.model_copy(update={"address": cluster.scheduler_address})
+        shard = shard_dataset.with_options(task_runner=make_task_runner(params))
+        datasets = {name: shard(getattr(config, name)) for name in ("pretrain_data", "finetune_data", "eval_data")}
     pre = pretrain(config.pretrain, config.root, config.pretrain_data.url)
     ft = finetune(config.finetune, config.root, config.finetune_data.url, pre["run_url"])
     ev = evaluate(config.evaluate, config.root, config.eval_data.url, ft["run_url"])
