@@ -172,6 +172,9 @@ def _launch_eval(job, *, nproc: int, work_dir: str | None, timeout: float | None
     argv = build_argv(LaunchConfig(nproc_per_node=nproc, master_port=_free_port()), job_path, rank_log_dir=logs)
     argv[argv.index("vit.train")] = "vit.evaluate"  # same launcher, the evaluation entry point
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    endpoint = storage.settings_dict().get("endpoint_url")
+    if endpoint:  # --s3-endpoint given to this process: the ranks read it from the environment
+        env["AWS_ENDPOINT_URL"] = endpoint
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH")) if p)
     launcher_log = os.path.join(logs, "launcher.log")
     with open(launcher_log, "w") as out:

@@ -400,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from shards import storage
 
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        storage.configure(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     job = EvalJob(**storage.read_json(args.config))
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
