@@ -243,9 +243,11 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
                     last_step, last_change, armed = step, time.monotonic(), True
                 if stall_timeout and armed and time.monotonic() - last_change > stall_timeout:
                     _kill_group(proc)
-                    raise LaunchError(f"stalled: {metrics} got no new step for {stall_timeout:.0f}s (last step "
+                    err = LaunchError(f"stalled: {metrics} got no new step for {stall_timeout:.0f}s (last step "
                                       f"{last_step}); killed the launch", exit_code=proc.returncode,
                                       log_tail=_tail(launcher_log), log_path=launcher_log)
+                    _mark_failed(cfg, err)
+                    raise err
                 if timeout and time.monotonic() - t0 > timeout:
                     _kill_group(proc)
                     raise LaunchError(f"timed out after {timeout:.0f}s; killed the launch", log_path=launcher_log,
@@ -255,10 +257,19 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
             raise
     rank_logs = _rank_logs(logs)
     if proc.returncode != 0:
-        raise diagnose(launcher_log, rank_logs, proc.returncode)
+        err = diagnose(launcher_log, rank_logs, proc.returncode)
+        _mark_failed(cfg, err)
+        raise err
     run = RunFolder(cfg.run_url)
     return LaunchResult(run_id=run.run_id, run_url=run.url, returncode=0, duration_s=time.monotonic() - t0,
                         log_dir=logs, rank_logs=rank_logs)
+
+
+def _mark_failed(cfg: RunConfig, err: LaunchError) -> None:
+    """Node 0 records the failure in run.json (a re-run that resumes sets it back to running)."""
+    run = RunFolder(cfg.run_url)
+    if (cfg.launch.node_rank or 0) == 0 and storage.exists(run.run_json):
+        run.finish(status="failed", metrics={"error": str(err).splitlines()[0]})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -151,3 +151,19 @@ def test_slurm_script_runs_one_launcher_per_node():
 
 def test_hostfile_example_parses():
     assert len(hostfile_nodes(str(ROOT / "deploy" / "hostfile.example"))) == 4
+
+
+def test_run_folder_status_lifecycle(tmp_path):
+    from vit.runs import RunFolder, new_run_id
+
+    run = RunFolder.create(str(tmp_path), new_run_id("pretrain"))
+    first = run.start(kind="pretrain", parent=None, lineage={"dataset_url": "d"})
+    assert first["status"] == "running" and first["lineage"]["dataset_url"] == "d" and first["lineage"]["code_version"]
+    assert run.finish(status="failed", metrics={"error": "rank 1 failed"})["status"] == "failed"
+    again = run.start(kind="pretrain")  # a resumed attempt keeps the creation time
+    assert again["status"] == "running" and again["created"] == first["created"]
+    done = run.finish(metrics={"final_loss": 0.5})
+    assert done["status"] == "complete" and done["finished"] and done["metrics"] == {"final_loss": 0.5}
+    assert run.latest_checkpoint() is None
+    with pytest.raises(ValueError, match="not one of"):
+        new_run_id("train")

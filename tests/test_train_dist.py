@@ -54,9 +54,11 @@ def fault_and_resume(digits_shards, tmp_path_factory):
     run = RunFolder(cfg.run_url)
     first_metrics = read_metrics(run.metrics)
     latest_after_fault = run.latest_checkpoint()
+    status_after_fault = json.loads(Path(run.run_json).read_text())
     resumed = digits_cfg(digits_shards, out, "fault", nproc=1, sets=["log_keys=true"])
     result = launch(resumed, timeout=300)
     return {"error": info.value, "run": run, "first_metrics": first_metrics, "latest_after_fault": latest_after_fault,
+            "status_after_fault": status_after_fault,
             "result": result, "out": out}
 
 
@@ -65,6 +67,8 @@ def test_failed_rank_is_reported_with_exit_code_and_log(fault_and_resume):
     assert err.rank == 1 and err.exit_code == 13
     assert "fault injection: rank 1" in err.log_tail and "rank 1 failed with exit code 13" in str(err)
     assert fault_and_resume["latest_after_fault"] == "step00000020"
+    meta = fault_and_resume["status_after_fault"]
+    assert meta["status"] == "failed" and "rank 1 failed with exit code 13" in meta["metrics"]["error"]
 
 
 def test_two_ranks_loss_falls(fault_and_resume):
@@ -161,4 +165,5 @@ def test_stall_watchdog_kills_a_hung_launch(digits_shards, tmp_path):
     cfg = digits_cfg(digits_shards, tmp_path, "hang", sets=["hang_at_step=2", "fail_rank=0"])
     with pytest.raises(LaunchError, match="stalled: .* got no new step for 6s"):
         launch(cfg, stall_timeout=6, timeout=300)
+    assert storage.read_json(RunFolder(cfg.run_url).run_json)["status"] == "failed"
     assert int(read_metrics(RunFolder(cfg.run_url).metrics)[-1]["step"]) == 2
