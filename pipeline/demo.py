@@ -158,13 +158,24 @@ def demo_config(settings: DemoSettings, trees: dict[str, Path]):
 # ----------------------------------------------------------------------------- the demo
 
 
+def vitpipe_command() -> str:
+    """How to call `vitpipe` from here: the venv's script (what `make demo` ran), relative when possible."""
+    script = Path(sys.executable).parent / "vitpipe"
+    if not script.exists():
+        return "vitpipe"
+    try:
+        return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
+    except ValueError:
+        return str(script)
+
+
 def retrieval_commands(result: dict, *, root: str, workdir: str) -> list[str]:
-    env = f"env $(cat {env_file(workdir)})"
+    cmd = f"env $(cat {env_file(workdir)}) {vitpipe_command()}"
     return [
-        f"{env} vitpipe artifacts ls {root}",
-        f"{env} vitpipe artifacts get latest:finetune ./demo-model --root {root} --file model.safetensors",
-        f"{env} vitpipe artifacts get {result['runs']['evaluate']} ./demo-eval --root {root}",
-        f"{env} vitpipe artifacts get {result['urls']['pretrain']} ./demo-pretrain",
+        f"{cmd} artifacts ls {root}",
+        f"{cmd} artifacts get latest:finetune ./demo-model --root {root} --file model.safetensors",
+        f"{cmd} artifacts get {result['runs']['evaluate']} ./demo-eval --root {root}",
+        f"{cmd} artifacts get {result['urls']['pretrain']} ./demo-pretrain",
     ]
 
 
@@ -195,7 +206,8 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"  {kind:9s} run {run_id}  {result['urls'][kind]}")
     if result["urls"].get("report"):
         print(f"  report        {result['urls']['report']}")
-    print("retrieve the artifacts (the object store keeps running; `vitpipe demo --stop` stops it):")
+    stop = f"{vitpipe_command()} demo --stop" + (f" --workdir {settings.workdir}" if settings.workdir != DemoSettings.workdir else "")
+    print(f"retrieve the artifacts (the object store keeps running; `{stop}` stops it):")
     for cmd in retrieval_commands(result, root=config.root, workdir=settings.workdir):
         print(f"  {cmd}")
     line = {"top1": top1, "runs": result["runs"], "urls": result["urls"], "elapsed_s": result["elapsed_s"]}

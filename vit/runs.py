@@ -30,14 +30,21 @@ def _now() -> str:
 
 
 def code_version() -> str:
-    """The git commit of this checkout (with -dirty), or 'unknown'."""
+    """The git commit of this checkout (with -dirty), else the installed package version, else 'unknown'."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return f"vitpipe=={version('vitpipe')}"
+    except PackageNotFoundError:
         return "unknown"
 
 
