@@ -36,6 +36,12 @@ def test_topk_hand_case():
     assert topk_correct(logits, targets, ks=(1, 2, 5, 6)) == {1: 1, 2: 1, 5: 2, 6: 3}
 
 
+def test_topk_ties_break_like_argmax():
+    # a zero head gives all-equal logits: top-1 must be class 0, as the confusion matrix (argmax) says
+    logits = torch.zeros(4, 6)
+    assert topk_correct(logits, torch.tensor([0, 0, 1, 5]), ks=(1, 2)) == {1: 2, 2: 3}
+
+
 def test_topk_fewer_classes_than_k_counts_all():
     logits = torch.randn(4, 3)
     assert topk_correct(logits, torch.tensor([0, 1, 2, 0]), ks=(5,)) == {5: 4}
@@ -152,6 +158,7 @@ def test_evaluate_model_counts_every_sample_once(digits_shards):
     assert sum(sum(row) for row in full["confusion"]) == manifest["num_samples"]
     assert [sum(row) for row in full["confusion"]] == manifest["label_histogram"]
     assert 0.0 <= full["top1"] <= full["top5"] <= 1.0
+    assert full["top1"] == np.trace(np.array(full["confusion"])) / manifest["num_samples"]
     # the top-1 agrees with a plain argmax over the same eval stream
     from vit.data import EvalStream
 

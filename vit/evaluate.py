@@ -32,12 +32,13 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     """Number of samples whose true class is among the k highest logits, for each k.
 
     k larger than the number of classes counts every sample (the true class is always
-    among all classes).
+    among all classes). Ties rank the lower class index first, like ``argmax``.
     """
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"topk_correct wants logits [B, K] and targets [B]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
     k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # [B, k_max], best first
+    # stable sort: tied logits rank by class index, as argmax does (the confusion matrix agrees with top-1)
+    top = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k_max]  # [B, k_max], best first
     hit = top == targets[:, None]
     return {k: int(hit[:, : min(k, k_max)].any(dim=1).sum()) for k in ks}
 
