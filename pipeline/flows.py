@@ -530,7 +530,7 @@ def evaluate(params: EvalParams, root: str, dataset_url: str, model_run: str = "
     create_table_artifact(table=rows, key="evaluation-results", description=f"evaluation {out['run_id']} of {model_run}")
     if out.get("report"):
         report = out["report"]
-        extra = report.get("markdown", "") + f"\n\nHTML report: `{report['html']}`"
+        extra = report.get("markdown", "") + f"\n\nHTML report: `{report['html']}`\n\n" + _figures_markdown(report.get("pngs", []))
         _run_markdown("evaluate", out["run_id"], out["run_url"], registry.read_run(out["run_url"]).__dict__, extra)
     return out
 
@@ -539,6 +539,19 @@ def evaluate(params: EvalParams, root: str, dataset_url: str, model_run: str = "
 def vit_pipeline(config: PipelineConfig) -> dict:
     """Shard -> pretrain -> fine-tune -> evaluate -> report; each stage skipped when its inputs are unchanged."""
     return run_pipeline(config)
+
+
+def _figures_markdown(png_urls: list[str]) -> str:
+    """The training curves inline (a data URI: the UI cannot read s3://), every figure by its stored URL."""
+    import base64
+
+    lines = ["## Figures"]
+    curves = [u for u in png_urls if u.endswith("curves.png")]
+    if curves:
+        data = base64.b64encode(storage.read_bytes(curves[0])).decode()
+        lines.append(f"![training curves](data:image/png;base64,{data})")
+    lines += [f"- `{u}`" for u in png_urls]
+    return "\n".join(lines)
 
 
 def _artifact_key(kind: str) -> str:

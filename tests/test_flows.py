@@ -153,21 +153,59 @@ def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_a
     got = registry.get_run("latest:finetune", str(tmp_path / "ft"), root=root, file="model.safetensors")
     assert os.path.getsize(got[0]) > 10_000
 
+    # Prefect artifacts: a markdown report per run and the table of evaluation results
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    def artifacts(*keys: str) -> dict:
+        got = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
+                         json={"artifacts": {"key": {"any_": list(keys)}}, "sort": "CREATED_DESC", "limit": 50, "offset": 0})
+        got.raise_for_status()
+        out = {}
+        for a in got.json():  # newest first
+            out.setdefault(a["key"], a)
+        return out
+
+    table = artifacts("evaluation-results")["evaluation-results"]["data"]
+    reports = {k: a["data"] for k, a in artifacts("pretrain-run-report", "finetune-run-report", "evaluate-run-report").items()}
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"metric": "top1", "value": result["top1"]} in rows
+    assert set(reports) == {"pretrain-run-report", "finetune-run-report", "evaluate-run-report"}
+    assert ft.run_id in reports["finetune-run-report"] and "model.safetensors" in reports["finetune-run-report"]
+    assert "report.html" in reports["evaluate-run-report"] and ".png" in reports["evaluate-run-report"]
+    assert "![training curves](data:image/png;base64," in reports["evaluate-run-report"]
+
     # a third run changes nothing
     again = flows.vit_pipeline(good)
     assert again["skipped"]["pretrain"] and again["skipped"]["finetune"] and again["skipped"]["evaluate"]
     assert again["runs"] == result["runs"]
 
 
-def test_pipeline_stops_before_any_stage_when_bucket_is_missing(s3, trees, tmp_path, capsys):
-    from pipeline.cli import main
-
-    cfg = _config(s3.url("x"), "s3://no-such-bucket/data", trees, finetune_set=[]).model_dump()
-    path = tmp_path / "c.yaml"
+@pytest.mark.parametrize("fault", ["missing bucket", "wrong credentials", "store not running"])
+def test_pipeline_stops_before_any_stage_on_object_store_faults(fault, s3, trees, tmp_path, capsys, monkeypatch):
     import yaml
 
+    from pipeline.cli import main
+    from pipeline.objectstore import free_port
+
+    data = "s3://no-such-bucket/data" if fault == "missing bucket" else s3.url("x/data")
+    cfg = _config(s3.url("x"), data, trees, finetune_set=[]).model_dump()
+    path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["run", str(path)]) == 1
+    if fault == "wrong credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    if fault == "store not running":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    storage.reset_clients()
+    try:
+        assert main(["run", str(path)]) == 1
+    finally:
+        monkeypatch.undo()
+        storage.reset_clients()
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bucket 'no-such-bucket' does not exist" in err
+    expect = {"missing bucket": "bucket 'no-such-bucket' does not exist",
+              "wrong credentials": "access denied",
+              "store not running": "cannot reach S3 endpoint"}[fault]
+    assert err.count("\n") == 0 and expect in err, err
+    assert "not-the-secret" not in err
     assert registry.list_runs(s3.url("x")) == []
