@@ -292,7 +292,7 @@ def launch_once(cfg, *, stall_timeout: float, progress_every: float = 10.0) -> N
             if len(lines) > 1 and lines[-1] != shown:
                 shown = lines[-1]
                 row = dict(zip(lines[0].split(","), lines[-1].split(",")))
-                shown_cols = ", ".join(f"{k}={row[k]}" for k in ("loss", "lr", "img_per_s") if k in row)
+                shown_cols = ", ".join(f"{k}={row[k]}" for k in ("loss", "lr", "images_per_sec") if k in row)
                 print(f"{cfg.run_id}: step {row.get('step', '?')}/{cfg.schedule.total_steps} {shown_cols}", flush=True)
 
     watcher = threading.Thread(target=watch, daemon=True)
