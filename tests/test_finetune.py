@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 PT_STEPS = 150  # pretraining on digits 0-4 at 16 px
-FT_STEPS = 100  # fine-tune on 5-9 at 32 px; the scratch baseline gets the same budget
+FT_STEPS = 80  # fine-tune on 5-9 at 32 px; the scratch baseline gets the same budget
 FT_LR = 0.1
 
 
