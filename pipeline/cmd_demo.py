@@ -9,7 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="digits -> shards in a local object store -> DeepSpeed pretrain -> fine-tune -> evaluate",
                               description="Runs the vit_pipeline Prefect flow on scikit-learn's digits with a local "
                               "SeaweedFS object store and 2 DeepSpeed CPU ranks; prints accuracy, run ids and the "
-                              "commands to fetch the artifacts, and last one JSON line.")
+                              "commands to fetch the artifacts, and last one JSON line. A second run in the same --workdir "
+                              "reuses every stage whose inputs are unchanged; remove the workdir to start afresh.")
     p.add_argument("--workdir", default=".vitpipe/demo", help="local working folder (object store data, digits trees)")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed ranks (default 2)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: preset digits_tiny)")

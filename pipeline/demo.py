@@ -203,7 +203,8 @@ def run_demo(settings: DemoSettings) -> dict:
     say(f"done in {result['elapsed_s']:.0f} s")
     print(f"top-1 accuracy on held-out digits 5-9 (fine-tuned from a 0-4 pretraining): {top1:.4f}")
     for kind, run_id in result["runs"].items():
-        print(f"  {kind:9s} run {run_id}  {result['urls'][kind]}")
+        reused = "  (inputs unchanged: reused)" if result["skipped"].get(kind) else ""
+        print(f"  {kind:9s} run {run_id}  {result['urls'][kind]}{reused}")
     if result["urls"].get("report"):
         print(f"  report        {result['urls']['report']}")
     stop = f"{vitpipe_command()} demo --stop" + (f" --workdir {settings.workdir}" if settings.workdir != DemoSettings.workdir else "")
