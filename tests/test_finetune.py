@@ -277,3 +277,42 @@ def test_unknown_pretrained_source_names_the_fix(digit_sets, tmp_path):
 
     with pytest.raises(FinetuneError, match=r"'pretrain-20990101-000000-ffffff' not found.*run id under"):
         resolve_source("pretrain-20990101-000000-ffffff", runs_root=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def foreign_weights(tmp_path_factory) -> dict[str, str]:
+    """One ViT-Ti/16 (5 classes, 32 px) written as a timm .safetensors and as a big_vision .npz."""
+    from safetensors.torch import save_file
+
+    import vit
+    from vit.interop import save_big_vision_npz, to_timm_state_dict
+
+    torch.manual_seed(0)
+    model = vit.create_model("vit_tiny_patch16", num_classes=5, img_size=32)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.2)
+    root = tmp_path_factory.mktemp("foreign")
+    timm_file, npz_file = root / "vit_ti.safetensors", root / "vit_ti.npz"
+    save_file({k: v.contiguous() for k, v in to_timm_state_dict(model).items()}, str(timm_file))
+    save_big_vision_npz(model, str(npz_file))
+    return {"timm": str(timm_file), "npz": str(npz_file)}
+
+
+@pytest.mark.parametrize("kind", ["timm", "npz"])
+def test_finetune_refuses_timm_and_npz_of_another_architecture(foreign_weights, digit_sets, tmp_path, kind):
+    from pipeline.cmd_finetune import FinetuneError, finetune
+
+    with pytest.raises(FinetuneError, match=r"patch_size=16 \(preset: patch_size=4\)"):
+        finetune(preset="digits_tiny_ft", pretrained=foreign_weights[kind], data=digit_sets["b_train"],
+                 out=str(tmp_path / "r"))
+
+
+def test_evaluate_timm_and_npz_at_another_resolution_agree(foreign_weights, digit_sets):
+    """Any checkpoint, any resolution: both formats of the same weights, resampled 2x2 -> 3x3, score alike."""
+    from pipeline.cmd_finetune import evaluate
+    from shards.reader import load_manifest
+
+    a = evaluate(foreign_weights["timm"], digit_sets["b_val"], img_size=48)
+    b = evaluate(foreign_weights["npz"], digit_sets["b_val"], img_size=48)
+    assert a["count"] == b["count"] == load_manifest(digit_sets["b_val"])["num_samples"] and a["img_size"] == 48
+    assert a["confusion"] == b["confusion"]
