@@ -510,7 +510,25 @@ def _label_prior(info: DatasetInfo, multi_label: bool) -> torch.Tensor:
     return (counts / max(denom, 1)).to(torch.float32)
 
 
-class TrainStream:
+class _DatasetStream:
+    """What both streams read from the manifest: the dataset's info and the label encoding."""
+
+    def _load_dataset(self, dataset_url: str, label_mode: str) -> None:
+        self.dataset_url = str(dataset_url)
+        self.info = load_dataset_info(self.dataset_url)
+        self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def multi_label(self) -> bool:
+        """True when targets are multi-hot (sigmoid cross-entropy)."""
+        return self.spec.multi_label
+
+
+class TrainStream(_DatasetStream):
     """This rank's share of the training batches; see the module docstring for the guarantees.
 
     ``global_batch_size`` must be a multiple of ``lanes``; ``lanes`` a multiple of
@@ -523,16 +541,15 @@ class TrainStream:
                  seed: int = 0, num_workers: int = 2, lanes: int = 8, shuffle_buffer: int = 1000,
                  augment: str = "pretrain", label_mode: str = "auto", mean=INCEPTION_MEAN, std=INCEPTION_STD,
                  crop_pct: float = 0.875, pin_memory: bool | None = None):
-        self.dataset_url, self.img_size, self.global_batch_size = str(dataset_url), img_size, global_batch_size
+        self.img_size, self.global_batch_size = img_size, global_batch_size
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
         self.lanes, self.shuffle_buffer, self.augment, self.label_mode = lanes, shuffle_buffer, augment, label_mode
         self.mean, self.std, self.crop_pct = tuple(mean), tuple(std), crop_pct
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.corrupt = []
         self._check_numbers()
-        self.info = load_dataset_info(self.dataset_url)
+        self._load_dataset(dataset_url, label_mode)
         self.transform = build_transform(augment, img_size=img_size, crop_pct=crop_pct)
-        self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
         if len(self.info.shards) < lanes:
             raise ValueError(
                 f"{self.dataset_url} has {len(self.info.shards)} non-empty shards but lanes={lanes}: every lane "
@@ -581,15 +598,6 @@ class TrainStream:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
     # -- what the trainer reads
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def multi_label(self) -> bool:
-        """True when targets are multi-hot (sigmoid cross-entropy)."""
-        return self.spec.multi_label
 
     @property
     def label_prior(self) -> torch.Tensor:
@@ -715,7 +723,7 @@ class _EvalRange(IterableDataset):
                    "corrupt": corrupt}
 
 
-class EvalStream:
+class EvalStream(_DatasetStream):
     """Resize + centre crop, every sample of the dataset exactly once over all ranks, in manifest order.
 
     Rank r reads samples ``[r*N//W, (r+1)*N//W)`` of the manifest-order stream (its workers
@@ -734,24 +742,15 @@ class EvalStream:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset_url, self.img_size, self.batch_size = str(dataset_url), img_size, batch_size
+        self.img_size, self.batch_size = img_size, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.info = load_dataset_info(self.dataset_url)
+        self._load_dataset(dataset_url, label_mode)
         self.transform = ResizeCenterCrop(img_size=img_size, crop_pct=crop_pct)
-        self.spec = LabelSpec(num_classes=self.info.num_classes, multi_label=_label_mode(label_mode, self.info))
         n = self.info.num_samples
         self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
         self.corrupt: list[tuple[str, str]] = []
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def multi_label(self) -> bool:
-        return self.spec.multi_label
 
     @property
     def num_samples(self) -> int:
