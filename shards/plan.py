@@ -87,8 +87,9 @@ _EXT_CODE = {e: i for i, e in enumerate(EXTS)}
 class ShardTask:
     """The unit of work: write shard `name` to `url` from its rows (idempotent).
 
-    In the planning process a task points into the plan's shared table (`rows`); pickled (for a
-    worker process or a Prefect/Dask task) it carries only its own records, in a compact table."""
+    In the planning process a task points into the plan's shared table and scan columns (`rows`);
+    pickled (for a worker process or a Prefect/Dask task) it carries only its own records, in a
+    compact table and columns of its own."""
 
     index: int
     name: str
@@ -96,8 +97,8 @@ class ShardTask:
     out_url: str
     records: RecordTable
     class_ids: np.ndarray  # int32, flattened label ids per row (see class_off)
-    class_off: np.ndarray  # int64 [n+1]
-    ext: np.ndarray  # uint8 codes into EXTS
+    class_off: np.ndarray | None  # int64 [n+1]; None when every row has exactly one label
+    ext: np.ndarray  # uint8 codes into EXTS; these five columns are indexed like `records`
     width: np.ndarray
     height: np.ndarray
     nbytes: np.ndarray
@@ -109,8 +110,10 @@ class ShardTask:
     max_pixels: int
     rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
 
+    _COLUMNS = ("ext", "width", "height", "nbytes", "sha")
+
     def __len__(self) -> int:
-        return len(self.ext)
+        return len(self.ext) if self.rows is None else len(self.rows)
 
     def _row(self, i: int) -> int:
         return i if self.rows is None else int(self.rows[i])
@@ -119,12 +122,18 @@ class ShardTask:
         state = dict(self.__dict__)
         if self.rows is not None:
             state["records"], state["rows"] = self.records.take(self.rows), None
+            for name in self._COLUMNS:
+                state[name] = state[name][self.rows]
         return state
 
     def item(self, i: int) -> Item:
-        labels = tuple(int(v) for v in self.class_ids[self.class_off[i]:self.class_off[i + 1]])
-        return Item(self.records.ref(self._row(i)), labels, EXTS[self.ext[i]], int(self.width[i]), int(self.height[i]),
-                    int(self.nbytes[i]), self.sha[i].tobytes().hex())
+        if self.class_off is None:
+            labels = (int(self.class_ids[i]),)
+        else:
+            labels = tuple(int(v) for v in self.class_ids[self.class_off[i]:self.class_off[i + 1]])
+        r = self._row(i)
+        return Item(self.records.ref(r), labels, EXTS[self.ext[r]], int(self.width[r]), int(self.height[r]),
+                    int(self.nbytes[r]), self.sha[r].tobytes().hex())
 
     @property
     def items(self) -> list[Item]:
@@ -135,9 +144,10 @@ class ShardTask:
         h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label]).encode())
         for i in range(len(self)):
             h.update(self.records.key(self._row(i)).encode("utf-8") + b"\0")
-        h.update(self.sha.tobytes())
+        h.update((self.sha if self.rows is None else self.sha[self.rows]).tobytes())
         h.update(self.class_ids.astype("<i4").tobytes())
-        h.update(self.class_off.astype("<i8").tobytes())
+        off = np.arange(len(self) + 1) if self.class_off is None else self.class_off
+        h.update(off.astype("<i8").tobytes())
         return h.hexdigest()
 
 
@@ -169,10 +179,10 @@ class ShardPlan:
 class ScanResults:
     """Per-record scan outcome in arrays; reasons only for the bad ones."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, decode: bool = True):
         self.ok = np.zeros(n, dtype=bool)
         self.sha = np.zeros((n, 32), dtype=np.uint8)
-        self.dhash = np.zeros(n, dtype=np.uint64)
+        self.dhash = np.zeros(n, dtype=np.uint64) if decode else None  # perceptual hashes need pixels
         self.ext = np.zeros(n, dtype=np.uint8)
         self.width = np.zeros(n, dtype=np.int32)
         self.height = np.zeros(n, dtype=np.int32)
@@ -186,7 +196,8 @@ class ScanResults:
         _, digest, dh, ext, width, height, nbytes = result
         self.ok[i] = True
         self.sha[i] = np.frombuffer(digest, dtype=np.uint8)
-        self.dhash[i] = dh or 0
+        if self.dhash is not None:
+            self.dhash[i] = dh or 0
         self.ext[i] = _EXT_CODE[ext]
         self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
 
@@ -227,7 +238,7 @@ _CHUNK = 64
 
 def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None) -> ScanResults:
     n = len(table)
-    results = ScanResults(n)
+    results = ScanResults(n, decode)
     starts = range(0, n, _CHUNK)
 
     def store(start, part):
@@ -283,6 +294,68 @@ def settings_fingerprint(source_fp: str, settings: ShardSettings, exclude_fp: st
     return hashlib.sha256(json.dumps([source_fp, data, exclude_fp], sort_keys=True).encode()).hexdigest()
 
 
+def _first_copies(scan: ScanResults) -> np.ndarray:
+    """For each record, the row of the first record (in listing order) with the same content; itself
+    when it is the first or unreadable. Groups by the first 8 bytes of the sha256 (a 1-D sort, little
+    memory), then confirms full equality."""
+    n = len(scan.ok)
+    rows = np.arange(n)
+    if not n:
+        return rows
+    prefix = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel()
+    _, inverse = np.unique(prefix, return_inverse=True)
+    del prefix
+    inverse = inverse.ravel()
+    first = np.full(int(inverse.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(first, inverse, np.where(scan.ok, rows, n))  # bad records never count as "first"
+    first_of = np.where(scan.ok, first[inverse], rows)
+    del first, inverse
+    candidates = np.flatnonzero(first_of != rows)
+    clash = candidates[(scan.sha[candidates] != scan.sha[first_of[candidates]]).any(axis=1)]
+    first_of[clash] = clash  # same 64-bit prefix, different content: not a duplicate (astronomically rare)
+    return first_of
+
+
+def _non_ascii(keys, paths) -> np.ndarray:
+    """Per row: does its key hold non-ASCII characters (a key stored empty is derived from the path,
+    so the path decides)."""
+    def flags(strings, rows_with_text):
+        off = np.frombuffer(strings.off, dtype=np.uint64).astype(np.int64)
+        data = np.frombuffer(strings.buf, dtype=np.uint8)  # a view, released on return
+        out = np.zeros(len(off) - 1, dtype=bool)
+        starts = off[:-1][rows_with_text]  # empty strings add no bytes, so skipping them keeps segments right
+        if len(starts):
+            out[rows_with_text] = np.maximum.reduceat(data, starts) >= 128
+        return out
+    key_len = np.diff(np.frombuffer(keys.off, dtype=np.uint64).astype(np.int64))
+    stored = key_len > 0
+    return np.where(stored, flags(keys, stored), flags(paths, np.ones(len(stored), dtype=bool)))
+
+
+def _split(table: RecordTable, nbytes: np.ndarray, order: np.ndarray, cfg: ShardSettings) -> list[tuple[int, int]]:
+    """Cut `order` into [lo, hi) groups by sample count and estimated tar bytes per sample: image
+    header + data, cls (2 blocks), json (header + ~path-sized body), and PAX headers (6 blocks) when
+    the key is not ASCII."""
+    path_off = np.frombuffer(table.paths.off, dtype=np.uint64).astype(np.int64)
+    path_len = path_off[order + 1] - path_off[order]
+    non_ascii = _non_ascii(table.keys, table.paths)[order] if len(order) else np.zeros(0, bool)
+    del path_off
+    pad = lambda v: (v + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+    est = _TAR_BLOCK * 4 + pad(2 * path_len + 200) + pad(nbytes[order]) + 6 * _TAR_BLOCK * non_ascii
+    del path_len, non_ascii
+    groups: list[tuple[int, int]] = []
+    begin, count, size = 0, 0, 1024
+    for chunk in range(0, len(est), 65536):  # Python ints a chunk at a time, not one list of them all
+        for pos, est_bytes in enumerate(est[chunk:chunk + 65536].tolist(), start=chunk):
+            if count and (count >= cfg.shard_size or size + est_bytes > cfg.max_shard_bytes):
+                groups.append((begin, pos))
+                begin, count, size = pos, 0, 1024
+            count += 1
+            size += est_bytes
+    groups.append((begin, len(order)))
+    return groups
+
+
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, **settings) -> ShardPlan:
     """List + scan + dedup + shuffle + split. Returns the plan; writes nothing."""
     cfg = ShardSettings(**settings)
@@ -314,21 +387,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
 
     skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
+    first_of = _first_copies(scan)
     keep = scan.ok.copy()
-    # exact duplicates inside the source: the first in listing order is kept
-    first_of = np.arange(n)
-    if n:
-        # group by the first 8 bytes of the sha256 (a 1-D sort, little memory), then confirm full equality
-        prefix = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel()
-        _, inverse = np.unique(prefix, return_inverse=True)
-        inverse = inverse.ravel()
-        first = np.full(int(inverse.max()) + 1, n, dtype=np.int64)
-        np.minimum.at(first, inverse, np.where(scan.ok, np.arange(n), n))  # bad records never count as "first"
-        first_of = np.where(scan.ok, first[inverse], np.arange(n))
-        candidates = np.flatnonzero(first_of != np.arange(n))
-        clash = candidates[(scan.sha[candidates] != scan.sha[first_of[candidates]]).any(axis=1)]
-        for i in clash.tolist():  # same 64-bit prefix, different content: not a duplicate (astronomically rare)
-            first_of[i] = i
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
     for i in range(n):
         def skip(kind, reason):
@@ -357,6 +417,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
                 skip("duplicate_near", f"near duplicate of {hit[0]} (dHash distance {hit[1]})")
                 continue
             near.add(int(scan.dhash[i]), table.path(i))
+    del first_of, near
+    scan.dhash = scan.ok = None
     if cfg.strict and skipped:
         first = skipped[0]
         raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
@@ -365,37 +427,22 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     if not len(kept):
         raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                          f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-    label_counts = np.diff(np.frombuffer(table.label_off, dtype=np.uint64).astype(np.int64))
-    multi_label = listing.kind in ("jsonl", "csv") and bool((label_counts[kept] != 1).any())
-
+    label_off = np.frombuffer(table.label_off, dtype=np.uint64)
+    multi_label = listing.kind in ("jsonl", "csv") and bool((np.diff(label_off)[kept] != 1).any())
     order = kept[np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(kept))]
-    groups: list[tuple[int, int]] = []
-    begin, count, size = 0, 0, 1024
-    # estimated tar bytes per sample: image header + data, cls (2 blocks), json (header + ~path-sized body),
-    # and PAX headers (6 blocks) when the key is not ASCII
-    path_len = np.diff(np.frombuffer(table.paths.off, dtype=np.uint64).astype(np.int64))
-    key_off = np.frombuffer(table.keys.off, dtype=np.uint64).astype(np.int64)
-    key_bytes = np.frombuffer(bytes(table.keys.buf), dtype=np.uint8)
-    non_ascii = np.maximum.reduceat(key_bytes, key_off[:-1]) >= 128 if n else np.zeros(0, bool)  # keys are never empty
-    pad = lambda v: (v + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-    est = (_TAR_BLOCK * 4 + pad(2 * path_len + 200) + pad(scan.nbytes) + 6 * _TAR_BLOCK * non_ascii)[order]
-    for pos, nbytes in ((p, int(v)) for p, v in enumerate(est)):
-        if count and (count >= cfg.shard_size or size + nbytes > cfg.max_shard_bytes):
-            groups.append((begin, pos))
-            begin, count, size = pos, 0, 1024
-        count += 1
-        size += nbytes
-    groups.append((begin, len(order)))
+    if len(order) < 2**31:
+        order = order.astype(np.int32)  # the shard tasks' row numbers: half the memory
+    del kept, keep
+    groups = _split(table, scan.nbytes, order, cfg)
     histogram = np.zeros(len(classes), dtype=np.int64)
-    all_label_off = np.frombuffer(table.label_off, dtype=np.uint64).astype(np.int64)
-    all_labels = np.frombuffer(table.labels, dtype=np.uint32).astype(np.int64)
+    labels = np.frombuffer(table.labels, dtype=np.uint32)
     tasks = []
     for index, (lo, hi) in enumerate(groups):
         rows = order[lo:hi]
-        starts = all_label_off[rows]
-        counts = all_label_off[rows + 1] - starts
+        starts = label_off[rows].astype(np.int64)
+        counts = label_off[rows + 1].astype(np.int64) - starts
         offs = np.r_[0, np.cumsum(counts)].astype(np.int64)
-        flat = all_labels[np.repeat(starts - offs[:-1], counts) + np.arange(offs[-1])]
+        flat = labels[np.repeat(starts - offs[:-1], counts) + np.arange(offs[-1])]
         ids = label_map[flat].astype(np.int32) if len(flat) else np.zeros(0, np.int32)
         # sorted, distinct class ids per sample
         per = [np.unique(ids[offs[j]:offs[j + 1]]) for j in range(len(rows))] if multi_label else None
@@ -405,8 +452,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         np.add.at(histogram, ids, 1)
         shard_name = f"{cfg.name}-{index:06d}.tar"
         tasks.append(ShardTask(index=index, name=shard_name, url=storage.join(out_url, shard_name), out_url=out_url,
-                               records=table, rows=rows, class_ids=ids, class_off=offs, ext=scan.ext[rows], width=scan.width[rows],
-                               height=scan.height[rows], nbytes=scan.nbytes[rows], sha=scan.sha[rows], classes=classes,
+                               records=table, rows=rows, class_ids=ids, class_off=offs if multi_label else None, ext=scan.ext,
+                               width=scan.width, height=scan.height, nbytes=scan.nbytes, sha=scan.sha, classes=classes,
                                multi_label=multi_label, resize=cfg.resize, quality=cfg.quality,
                                max_pixels=cfg.max_pixels))
     settings_out = asdict(cfg)

@@ -22,7 +22,7 @@ import tarfile
 from dataclasses import dataclass, field
 
 from shards import storage
-from shards.table import RecordTable
+from shards.table import RecordTable, make_key
 
 FORMATS = ("imagefolder", "i21k-tars", "jsonl", "csv")
 
@@ -56,16 +56,6 @@ class Listing:
     skipped: list[dict] = field(default_factory=list)  # refused at listing time: {"path", "reason"}
     fingerprint: str = ""
     class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
-
-
-_KEY_BAD = re.compile(r"[.\s/\\\x00-\x1f]+")
-
-
-def make_key(rel_path: str) -> str:
-    """A tar-safe sample key from a relative path: no dots, slashes or whitespace."""
-    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
-    key = _KEY_BAD.sub("_", stem).strip("_")
-    return key or "sample"
 
 
 class _Fingerprint:
@@ -148,7 +138,7 @@ def _list_imagefolder(url: str, kind: str) -> Listing:
         if cls.startswith("."):
             continue
         class_files[cls] = class_files.get(cls, 0) + 1
-        records.append(key=make_key(rel), root=root, path=rel, labels=(cls,))
+        records.append(key=None, root=root, path=rel, labels=(cls,))  # key derived from the path
     empty = sorted(c for c, n in class_files.items() if n == 0)
     if empty:
         raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"

@@ -458,6 +458,7 @@ def _atomic_local_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like the shards
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -7,11 +7,22 @@ view of one row on demand; `take(indices)` copies a subset (a shard task carries
 from __future__ import annotations
 
 import os
+import re
 from array import array
 
 import numpy as np
 
 from shards import storage
+
+
+_KEY_BAD = re.compile(r"[.\s/\\\x00-\x1f]+")
+
+
+def make_key(rel_path: str) -> str:
+    """A tar-safe sample key from a relative path: no dots, slashes or whitespace."""
+    stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
+    key = _KEY_BAD.sub("_", stem).strip("_")
+    return key or "sample"
 
 
 class _Strings:
@@ -56,19 +67,20 @@ class RecordTable:
         self._label_ids: dict[str, int] = {}
         self.labels = array("I")
         self.label_off = array("Q", [0])
-        self.offset = array("q")
+        self.offset = array("q")  # tar members only: empty while every row is a whole file (offset -1)
         self.length = array("q")
 
     def __len__(self) -> int:
         return len(self.root_idx)
 
-    def append(self, *, key: str, root: str, path: str, labels, offset: int = -1, length: int = -1) -> None:
+    def append(self, *, key: str | None, root: str, path: str, labels, offset: int = -1, length: int = -1) -> None:
+        """`key=None`: the key is make_key(path), computed when asked for instead of stored."""
         rid = self._root_ids.get(root)
         if rid is None:
             rid = self._root_ids[root] = len(self.roots)
             self.roots.append(root)
         self.root_idx.append(rid)
-        self.keys.append(key)
+        self.keys.append(key or "")
         self.paths.append(path)
         for label in labels:
             lid = self._label_ids.get(label)
@@ -77,11 +89,14 @@ class RecordTable:
                 self.label_names.append(label)
             self.labels.append(lid)
         self.label_off.append(len(self.labels))
-        self.offset.append(offset)
-        self.length.append(length)
+        if offset >= 0 and not self.offset:
+            self.offset, self.length = array("q", [-1]) * (len(self) - 1), array("q", [-1]) * (len(self) - 1)
+        if self.offset or offset >= 0:
+            self.offset.append(offset)
+            self.length.append(length)
 
     def key(self, i: int) -> str:
-        return self.keys[i]
+        return self.keys[i] or make_key(self.paths[i])
 
     def path(self, i: int) -> str:
         return self.paths[i]
@@ -89,9 +104,12 @@ class RecordTable:
     def label_list(self, i: int) -> tuple[str, ...]:
         return tuple(self.label_names[j] for j in self.labels[self.label_off[i]:self.label_off[i + 1]])
 
+    def _offset(self, i: int) -> int:
+        return self.offset[i] if self.offset else -1
+
     def url(self, i: int) -> str:
         root, path = self.roots[self.root_idx[i]], self.paths[i]
-        if self.offset[i] >= 0 or not root:
+        if self._offset(i) >= 0 or not root:
             return root or path
         if storage.is_s3(root):
             return storage.join(root, path)
@@ -100,8 +118,8 @@ class RecordTable:
     def ref(self, i: int):
         from shards.sources import RecordRef
 
-        offset = self.offset[i]
-        return RecordRef(self.keys[i], self.url(i), self.label_list(i), self.paths[i],
+        offset = self._offset(i)
+        return RecordRef(self.key(i), self.url(i), self.label_list(i), self.paths[i],
                          None if offset < 0 else offset, None if offset < 0 else self.length[i])
 
     def __iter__(self):
@@ -121,8 +139,9 @@ class RecordTable:
         for i in indices:
             out.labels.extend(self.labels[self.label_off[i]:self.label_off[i + 1]])
             out.label_off.append(len(out.labels))
-        out.offset = array("q", (self.offset[i] for i in indices))
-        out.length = array("q", (self.length[i] for i in indices))
+        if self.offset:
+            out.offset = array("q", (self.offset[i] for i in indices))
+            out.length = array("q", (self.length[i] for i in indices))
         return out
 
     def __getstate__(self):
@@ -139,7 +158,7 @@ class RecordTable:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""
         import hashlib
 
-        hashes = np.fromiter((hash(self.keys[i]) for i in range(len(self))), dtype=np.int64, count=len(self))
+        hashes = np.fromiter((hash(self.key(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
         _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
         if (counts == 1).all():
             return 0
@@ -147,11 +166,11 @@ class RecordTable:
         changed = 0
         suspects = set(np.flatnonzero(np.isin(hashes, _[counts > 1])).tolist())
         for i in sorted(suspects):
-            key = self.keys[i]
+            key = self.key(i)
             if key in seen:
                 self.keys.set(i, f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}")
                 changed += 1
-            seen.add(self.keys[i])
+            seen.add(self.key(i))
         return changed
 
     @property
