@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tarfile
 import time
 import zlib
@@ -231,13 +232,10 @@ def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterat
     """One pass over the shard from its start, yielding kept samples at segment index >= progress[0]."""
     first, skip_to = segment.first, segment.first + progress[0]
     with contextlib.closing(open_fn(segment.url)) as stream:
-        # a local file is seekable: skipped members are seeked over instead of read
-        tar = tarfile.open(fileobj=stream, mode="r:" if stream.seekable() else "r|")
+        members = TarMembers(stream)
         index, key, sample = -1, None, None
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = _split_name(member.name)
+        for name, _ in members:
+            member_key, ext = _split_name(name)
             if member_key != key:  # the sample at `index` is complete
                 if sample is not None:
                     yield index - first, sample
@@ -248,10 +246,155 @@ def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterat
                 if index >= skip_to and keep(index - first):
                     sample = {"__key__": member_key}
             if sample is not None:
-                sample[ext] = tar.extractfile(member).read()
+                sample[ext] = members.read()
         if sample is not None:
             yield index - first, sample
         progress[0] = max(progress[0], index - first + 1)
+
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directory, fifo: no data follows
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+
+
+def _tar_number(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256 for big values."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else n
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+class TarMembers:
+    """The regular-file members of a tar stream, as ``(name, size)``; ``read()`` gives the current one's bytes.
+
+    A lean header parser for what shards hold (ustar, pax ``path``/``size`` records, GNU long
+    names), several times cheaper per member than ``tarfile``, whose member objects the
+    pipeline never needed. It ends and fails where ``tarfile`` does: an empty or invalid
+    first header raises ``tarfile.ReadError``; a zero block, a short or invalid header later
+    ends the archive; data cut short (read or skipped) raises ``tarfile.ReadError``.
+    Members that are not read are seeked over on a seekable stream and read past otherwise.
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._seekable = stream.seekable()
+        self._unread = 0  # bytes of the current member (data + padding) not consumed yet
+        self._size = -1  # size of the current member while its data is unread, else -1
+        self._headers = 0
+        self._global_pax: dict[str, str] = {}
+
+    def __iter__(self) -> TarMembers:
+        return self
+
+    def read(self) -> bytes:
+        """The current member's data (once)."""
+        if self._size < 0:
+            raise ValueError("TarMembers.read(): no current member, or its data was read already")
+        data = self._stream.read(self._size)
+        if len(data) != self._size:
+            raise tarfile.ReadError("unexpected end of data")
+        self._unread -= self._size
+        self._size = -1
+        return data
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._seekable:  # like tarfile: the last byte skipped over must exist
+            self._stream.seek(n - 1, 1)
+            ok = len(self._stream.read(1)) == 1
+        else:
+            ok = True
+            while n and ok:
+                got = len(self._stream.read(min(n, 1 << 20)))
+                ok, n = got > 0, n - got
+            ok = ok and n == 0
+        if not ok:
+            raise tarfile.ReadError("unexpected end of data")
+
+    def _header(self) -> bytes | None:
+        """The next header block, or None at the end of the archive."""
+        block = self._stream.read(_BLOCK)
+        first = self._headers == 0
+        self._headers += 1
+        if len(block) < _BLOCK or block.count(0) == _BLOCK:
+            if first and len(block) < _BLOCK:
+                raise tarfile.ReadError("empty file" if not block else "truncated header")
+            return None
+        try:
+            stored = _tar_number(block[148:156])
+        except ValueError:
+            stored = -1
+        unsigned = 256 + sum(block) - sum(block[148:156])  # the checksum field counts as 8 spaces
+        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
+            # (the second form: old tars summed signed bytes)
+            if first:
+                raise tarfile.ReadError("bad checksum")
+            return None
+        return block
+
+    def __next__(self) -> tuple[str, int]:
+        self._skip(self._unread)
+        self._unread, self._size = 0, -1
+        overrides: dict[str, str] = {}
+        while True:
+            block = self._header()
+            if block is None:
+                if overrides:  # an extended header without its member
+                    raise tarfile.ReadError("missing member header after an extended header")
+                raise StopIteration
+            kind = block[156:157]
+            try:
+                size = _tar_number(block[124:136])
+            except ValueError:
+                if self._headers == 1:
+                    raise tarfile.ReadError("invalid header") from None
+                raise StopIteration from None
+            padded = -(-size // _BLOCK) * _BLOCK
+            if kind in (b"L", b"x", b"g"):  # GNU long name, pax extended / global header: data is metadata
+                data = self._stream.read(padded)
+                if len(data) != padded:
+                    raise tarfile.ReadError("unexpected end of data")
+                if kind == b"L":
+                    overrides["path"] = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    records = self._global_pax if kind == b"g" else overrides
+                    records.update(_pax_records(data[:size]))
+                continue
+            if kind == b"K":  # GNU long link name: irrelevant for regular files
+                self._skip(padded)
+                continue
+            fields = self._global_pax | overrides
+            if "size" in fields:
+                size = int(fields["size"])
+                padded = -(-size // _BLOCK) * _BLOCK
+            name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix and kind != b"S":
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            name = fields.get("path", name)
+            if kind in _FILE_TYPES and not (kind == b"\0" and name.endswith("/")):
+                self._unread, self._size = padded, size
+                return name, size
+            self._unread = 0 if kind in _NO_DATA_TYPES else padded  # like tarfile: unknown types carry data
+            self._skip(self._unread)
+            self._unread = 0
+            overrides = {}
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records of a pax header."""
+    out, pos = {}, 0
+    while match := _PAX_RECORD.match(data, pos):
+        length = int(match.group(1))
+        if length <= 0:
+            raise tarfile.ReadError("invalid pax header")
+        value = data[match.end(2) + 1 : match.start(1) + length - 1]
+        out[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
 
 def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
