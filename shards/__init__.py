@@ -37,7 +37,32 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
         storage.check_writable(out_url)
     except storage.StorageError as err:
         raise ShardError(str(err)) from None
-    plan = plan_shards(source, out_url, workers=workers, progress=progress, **settings)
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        pool = None
+        if workers > 1:  # one pool for scanning and writing, forked while this process is still small
+            from shards.workers import process_pool
+
+            pool = stack.enter_context(process_pool(workers))
+        plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, **settings)
+        manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done)
+    if progress:
+        from shards.storage import join
+
+        elapsed = time.monotonic() - start
+        print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards "
+              f"({manifest['total_bytes'] / 1e6:.1f} MB, {len(manifest['classes'])} classes) in {elapsed:.1f}s "
+              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s); skipped {len(manifest['skipped'])}"
+              + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
+        print(f"manifest: {join(plan.out_url, 'manifest.json')}")
+    return manifest
+
+
+def _write_all(plan: ShardPlan, pool, *, progress: bool, on_shard_done) -> dict:
+    """Write every shard (in `pool` when given), then publish the manifest; returns it."""
+    from shards import storage
+
     if not storage.is_s3(plan.out_url):  # staging files of a writer killed earlier (this run owns the folder)
         import glob
         import os
@@ -60,29 +85,16 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
             on_shard_done(entry)
 
     try:
-        if workers == 1 or len(plan.tasks) == 1:
+        if pool is None or len(plan.tasks) == 1:
             for task in plan.tasks:
                 done(task, write_shard(task))
         else:
             from concurrent.futures import as_completed
 
-            from shards.workers import process_pool
-
-            with process_pool(workers) as pool:
-                futures = {pool.submit(write_shard, task): task for task in plan.tasks}
-                for future in as_completed(futures):
-                    done(futures[future], future.result())
+            futures = {pool.submit(write_shard, task): task for task in plan.tasks}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
     finally:
         if bar is not None:
             bar.close()
-    manifest = finish_dataset(plan, entries)
-    if progress:
-        from shards.storage import join
-
-        elapsed = time.monotonic() - start
-        print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards "
-              f"({manifest['total_bytes'] / 1e6:.1f} MB, {len(manifest['classes'])} classes) in {elapsed:.1f}s "
-              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s); skipped {len(manifest['skipped'])}"
-              + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
-        print(f"manifest: {join(plan.out_url, 'manifest.json')}")
-    return manifest
+    return finish_dataset(plan, entries)

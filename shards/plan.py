@@ -236,7 +236,9 @@ def _scan_chunk(args):
 _CHUNK = 64
 
 
-def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None) -> ScanResults:
+def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
+             pool=None) -> ScanResults:
+    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more work)."""
     n = len(table)
     results = ScanResults(n, decode)
     starts = range(0, n, _CHUNK)
@@ -251,11 +253,13 @@ def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool 
         for start in starts:
             store(start, scan_records((table.ref(i) for i in range(start, min(n, start + _CHUNK))), max_pixels, decode))
         return results
+    from contextlib import nullcontext
+
     from shards.workers import process_pool
 
     jobs = ((table.take(range(start, min(n, start + _CHUNK))), max_pixels, decode) for start in starts)
-    with process_pool(workers) as pool:
-        for start, part in zip(starts, pool.map(_scan_chunk, jobs, chunksize=4)):
+    with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
+        for start, part in zip(starts, executor.map(_scan_chunk, jobs, chunksize=4)):
             store(start, part)
     return results
 
@@ -356,8 +360,10 @@ def _split(table: RecordTable, nbytes: np.ndarray, order: np.ndarray, cfg: Shard
     return groups
 
 
-def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, **settings) -> ShardPlan:
-    """List + scan + dedup + shuffle + split. Returns the plan; writes nothing."""
+def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
+                **settings) -> ShardPlan:
+    """List + scan + dedup + shuffle + split. Returns the plan; writes nothing. `pool`: an executor
+    to scan in (else one of `workers` processes is made for the scan)."""
     cfg = ShardSettings(**settings)
     out_url = str(out_url) if storage.is_s3(str(out_url)) else os.path.abspath(storage._local(str(out_url)))
     try:
@@ -375,7 +381,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         bar = tqdm(total=n, desc="scan", unit="img", dynamic_ncols=True)
     try:
         decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
-        scan = scan_all(table, max_pixels=cfg.max_pixels, workers=workers, decode=decode,
+        scan = scan_all(table, max_pixels=cfg.max_pixels, workers=workers, decode=decode, pool=pool,
                         progress=bar.update if bar else None)
     finally:
         if bar:

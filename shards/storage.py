@@ -427,8 +427,27 @@ def open_read(url: str | os.PathLike) -> BinaryIO:
 
 
 def read_bytes(url: str | os.PathLike) -> bytes:
+    url = str(url)
+    if not is_s3(url):
+        try:
+            return _read_local(_local(url))
+        except FileNotFoundError:
+            raise StorageNotFound(f"{url}: not found") from None
     with open_read(url) as f:
         return f.read()
+
+
+def _read_local(path: str) -> bytes:
+    """A whole local file with plain os calls (no buffered-file object: about half the per-file
+    cost, which is what matters when reading millions of small images)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+        while parts[-1]:  # the file grew, or a short read: go on to the end
+            parts.append(os.read(fd, 1 << 20))
+        return parts[0] if len(parts) == 2 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def read_json(url: str | os.PathLike):

@@ -108,19 +108,22 @@ class RecordTable:
         return self.offset[i] if self.offset else -1
 
     def url(self, i: int) -> str:
-        root, path = self.roots[self.root_idx[i]], self.paths[i]
-        if self._offset(i) >= 0 or not root:
+        return self._url(self.roots[self.root_idx[i]], self.paths[i], self._offset(i))
+
+    @staticmethod
+    def _url(root: str, path: str, offset: int) -> str:
+        if offset >= 0 or not root:
             return root or path
         if storage.is_s3(root):
             return storage.join(root, path)
-        return os.path.join(root, *path.split("/"))
+        return f"{root}/{path}" if os.sep == "/" else os.path.join(root, *path.split("/"))
 
     def ref(self, i: int):
         from shards.sources import RecordRef
 
-        offset = self._offset(i)
-        return RecordRef(self.key(i), self.url(i), self.label_list(i), self.paths[i],
-                         None if offset < 0 else offset, None if offset < 0 else self.length[i])
+        path, offset = self.paths[i], self._offset(i)
+        return RecordRef(self.keys[i] or make_key(path), self._url(self.roots[self.root_idx[i]], path, offset),
+                         self.label_list(i), path, None if offset < 0 else offset, None if offset < 0 else self.length[i])
 
     def __iter__(self):
         for i in range(len(self)):
