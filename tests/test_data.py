@@ -396,3 +396,99 @@ def test_transforms_crop_where_they_say():
     box = inception_crop_box(800, 600, np.random.default_rng(5), scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))
     reference = np.asarray(full.resize((32, 32), Image.BILINEAR, box=box))
     assert np.abs(a.astype(int) - reference.astype(int)).mean() < 3
+
+
+def _tar_bytes(fmt: int) -> bytes:
+    """A tar with what shards may hold besides plain members: long and non-ASCII names, a directory, a link."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        members = [("a/s0.jpg", b"x" * 700), ("a/s0.cls", b"3"), ("é/s1.json", b"{}"), ("s2.txt", b"")]
+        if fmt != tarfile.USTAR_FORMAT:
+            members.append(("d" * 150 + "/s3.png", bytes(range(256)) * 3))
+        for i, (name, data) in enumerate(members):
+            if i == 2:
+                info = tarfile.TarInfo("somedir")
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                info = tarfile.TarInfo("link")
+                info.type, info.linkname = tarfile.SYMTYPE, "q" * (20 if fmt == tarfile.USTAR_FORMAT else 200)
+                tar.addfile(info)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _read_all(data: bytes, *, seekable: bool, lean: bool, read_every: int = 1) -> tuple[list, str | None]:
+    """(name, bytes or None) of the regular members until the end or an error, and the error class name."""
+    import tarfile
+
+    from vit.data import TarMembers
+
+    stream = io.BytesIO(data)
+    if not seekable:
+        stream.seekable = lambda: False
+    got = []
+    try:
+        if lean:
+            members = TarMembers(stream)
+            for i, (name, size) in enumerate(members):
+                got.append((name, members.read() if i % read_every == 0 else size))
+        else:
+            with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
+                regular = (m for m in tar if m.isfile())
+                for i, m in enumerate(regular):
+                    got.append((m.name, tar.extractfile(m).read() if i % read_every == 0 else m.size))
+    except tarfile.ReadError as err:
+        return got, type(err).__name__
+    return got, None
+
+
+def test_lean_tar_reader_reads_and_fails_like_tarfile():
+    """TarMembers (the pipeline's tar reader) against the stdlib's tarfile on the same bytes: every
+    format, read or skipped members, seekable or streamed, and the tar cut at every 64th byte."""
+    import tarfile
+
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        data = _tar_bytes(fmt)
+        for seekable in (True, False):
+            for read_every in (1, 2):
+                kw = dict(seekable=seekable, read_every=read_every)
+                full = _read_all(data, lean=True, **kw)
+                assert full == _read_all(data, lean=False, **kw) and full[1] is None
+                assert len(full[0]) == (4 if fmt == tarfile.USTAR_FORMAT else 5)
+                for cut in range(0, len(data), 64):
+                    lean = _read_all(data[:cut], lean=True, **kw)
+                    assert lean == _read_all(data[:cut], lean=False, **kw), (fmt, seekable, read_every, cut)
+    # a damaged header: first one -> an error; a later one ends the archive (both as tarfile does)
+    data = bytearray(_tar_bytes(tarfile.PAX_FORMAT))
+    for offset in (0, 1536):
+        bad = bytearray(data)
+        bad[offset + 10] ^= 0xFF
+        lean = _read_all(bytes(bad), seekable=True, lean=True)
+        assert lean == _read_all(bytes(bad), seekable=True, lean=False)
+        assert (lean[1] is not None) == (offset == 0)
+
+
+def test_a_truncated_member_ends_its_shard_with_counted_samples(tmp_path):
+    """A shard whose last member's data is cut: the samples before it are read, the rest yielded as errors."""
+    from vit.data import read_segment
+
+    root, _ = write_dataset(tmp_path / "cut", sizes=[12])
+    path = root / "data-000000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    for keep in (lambda i: True, lambda i: i % 3 == 0):
+        for stream_kind in ("seekable", "stream"):
+            def open_fn(url, kind=stream_kind):
+                f = open(url, "rb")
+                return f if kind == "seekable" else io.BufferedReader(io.BytesIO(f.read()), buffer_size=4096)
+
+            got = list(read_segment(Segment(str(path), 0, 12), keep=keep, open_fn=open_fn))
+            assert [i for i, _ in got] == [i for i in range(12) if keep(i)]  # every kept index exactly once
+            good = [s["__key__"] for _, s in got if "__error__" not in s]
+            errors = [s["__key__"] for _, s in got if "__error__" in s]
+            assert good and errors and good == [f"s00_{i:03d}" for i in range(12) if keep(i)][: len(good)]
+            assert errors == [f"data-000000.tar#{i}" for i in range(12) if keep(i)][len(good):]

@@ -339,20 +339,22 @@ class TarMembers:
         self._skip(self._unread)
         self._unread, self._size = 0, -1
         overrides: dict[str, str] = {}
+        extended = False  # a GNU long name / pax header was read: the member header must follow
         while True:
             block = self._header()
             if block is None:
-                if overrides:  # an extended header without its member
-                    raise tarfile.ReadError("missing member header after an extended header")
+                if extended:
+                    raise tarfile.ReadError("no valid member header after an extended header")
                 raise StopIteration
             kind = block[156:157]
             try:
                 size = _tar_number(block[124:136])
             except ValueError:
-                if self._headers == 1:
+                if self._headers == 1 or extended:
                     raise tarfile.ReadError("invalid header") from None
                 raise StopIteration from None
             padded = -(-size // _BLOCK) * _BLOCK
+            extended = kind in (b"L", b"K", b"x", b"g")
             if kind in (b"L", b"x", b"g"):  # GNU long name, pax extended / global header: data is metadata
                 data = self._stream.read(padded)
                 if len(data) != padded:
@@ -381,7 +383,7 @@ class TarMembers:
             self._unread = 0 if kind in _NO_DATA_TYPES else padded  # like tarfile: unknown types carry data
             self._skip(self._unread)
             self._unread = 0
-            overrides = {}
+            overrides, extended = {}, False
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
