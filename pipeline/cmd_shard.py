@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="DATASET_OR_LIST",
                    help="drop exact and near duplicates of this evaluation set (dataset URL, source or .txt list); repeatable")
     p.add_argument("--near-dup-threshold", type=int, default=6, help="dHash Hamming distance counted as near duplicate")
+    p.add_argument("--dedup-within", choices=["exact", "near"], default="exact",
+                   help="duplicates inside the source to drop (the first in listing order is kept): exact byte "
+                        "copies (default), or also near duplicates such as re-encoded or resized copies (decodes "
+                        "every image)")
     p.add_argument("--validate", choices=["header", "decode"], default="header",
                    help="pass-through check: header + end marker (fast, default) or decode every image")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
@@ -43,6 +47,7 @@ def run_shard(args) -> int:
         shard_dataset(args.source, args.out_url, format=args.format, name=args.name, classes=args.classes,
                       shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
                       quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
+                      dedup_within=args.dedup_within,
                       workers=args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
                       progress=True)
     except (ShardError, StorageError, ValueError) as err:

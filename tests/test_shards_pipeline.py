@@ -279,3 +279,24 @@ def test_exclude_accepts_a_dataset_and_a_list_file(mixed_tree, mixed_out, tmp_pa
     manifest = shard_dataset(str(mixed_tree), str(tmp_path / "one-excluded"), exclude=str(tmp_path / "eval.txt"),
                              near_dup_threshold=0)
     assert manifest["num_samples"] == 23 and manifest["dropped"]["excluded_exact"] == 1
+
+
+def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, capsys):
+    from pipeline.cli import main
+
+    crops = photo_crops(6, size=(96, 72), seed=11)
+    root = tmp_path / "src"
+    for i, crop in enumerate(crops):
+        _write(root / ("a" if i % 2 else "b") / f"img{i}.jpg", encode(crop, "JPEG", quality=90))
+    # a smaller, re-encoded copy of img0, listed after it: different bytes, same picture
+    _write(root / "b" / "zz copy.jpg", encode(crops[0].resize((64, 48)), "JPEG", quality=70))
+
+    assert main(["shard", str(root), str(tmp_path / "exact")]) == 0
+    assert load_manifest(str(tmp_path / "exact"))["num_samples"] == 7  # exact mode keeps it: the bytes differ
+
+    assert main(["shard", str(root), str(tmp_path / "near"), "--dedup-within", "near"]) == 0
+    manifest = load_manifest(str(tmp_path / "near"))
+    assert manifest["num_samples"] == 6 and manifest["dropped"] == {"duplicate_near": 1}
+    (skip,) = manifest["skipped"]
+    assert skip["path"] == "b/zz copy.jpg" and "near duplicate of b/img0.jpg" in skip["reason"]
+    capsys.readouterr()
