@@ -1,11 +1,15 @@
 """Training-engine and input-pipeline overheads, measured side by side in one run.
 
-    .venv/bin/python benchmarks/train_step.py [--steps N] [--images N]
+    .venv/bin/python benchmarks/train_step.py [--steps N] [--images N] [--rounds N] [--only engine|pipeline|projection]
 
 1. DeepSpeed engine step (ZeRO-0 and ZeRO-1, fp32, CPU, world 1) vs a plain PyTorch loop on the
    same model, batch and optimizer (AdamW + clip 1.0): median step time, overhead (target <= 10%).
 2. vit.data.TrainStream images/s vs a bare loop (read tar, PIL decode, resize, to tensor) over the
-   same shards, from a local folder and from S3 (SeaweedFS started here) (target >= 0.9x).
+   same shards, from a local folder and from S3 (SeaweedFS started here) (target >= 0.9x). The
+   loops run interleaved, one after the other in each of ``--rounds`` rounds; medians. A second
+   bare loop reads the tars with vit.data's own lean reader instead of ``tarfile``: the gap
+   between the two bare loops is what the tar parsing costs, and TrainStream against the lean
+   one is what the pipeline's own bookkeeping (lanes, shuffle window, labels, seeding) costs.
 3. GPU projection (not a measurement): FLOPs/image x 3 / (A100 bf16 312 TFLOP/s x assumed MFU).
 """
 from __future__ import annotations
@@ -89,18 +93,36 @@ def bench_engine(*, batch: int, img: int, steps: int) -> list[tuple[str, float]]
     return [(k, statistics.median(v)) for k, v in times.items()]
 
 
-def bare_decode(dataset: str, *, img: int, limit: int) -> float:
-    """Images/s of the simplest reader: tar members -> PIL decode -> resize -> float tensor."""
+def _tar_members(f, *, lean: bool):
+    """``(name, read)`` of each member: the stdlib's tarfile, or vit.data's lean reader (``lean``)."""
+    if lean:
+        from vit.data import TarMembers
+
+        members = TarMembers(f)
+        for name, _ in members:
+            yield name, members.read
+    else:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                yield member.name, tar.extractfile(member).read
+
+
+def bare_decode(dataset: str, *, img: int, limit: int, lean: bool = False) -> float:
+    """Images/s of the simplest reader: tar members -> PIL decode -> resize -> float tensor in [0, 1].
+
+    Resizes with the filter TrainStream uses (bilinear; PIL's default for ``resize`` is bicubic,
+    which is slower): both loops then do the same work per pixel.
+    """
     from shards.reader import load_manifest, open_shard
 
     n, t = 0, time.perf_counter()
     for entry in load_manifest(dataset)["shards"]:
-        with open_shard(storage.join(dataset, entry["name"])) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                ext = member.name.rsplit(".", 1)[-1]
+        with open_shard(storage.join(dataset, entry["name"])) as f:
+            for name, read in _tar_members(f, lean=lean):
+                ext = name.rsplit(".", 1)[-1]
                 if ext not in ("jpg", "jpeg", "png", "webp"):
                     continue
-                im = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB").resize((img, img))
+                im = Image.open(io.BytesIO(read())).convert("RGB").resize((img, img), Image.BILINEAR)
                 torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
                 n += 1
                 if n >= limit:
@@ -136,14 +158,7 @@ def projection() -> list[tuple[str, float, float]]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed engine steps per loop")
-    ap.add_argument("--images", type=int, default=600, help="images per input-pipeline measurement")
-    args = ap.parse_args()
-    torch.set_num_threads(1)  # one thread: on a shared 2-core machine 2 OpenMP threads mostly measure contention
-    steps, limit = args.steps, args.images
-
+def section_engine(*, steps: int) -> None:
     print("## 1. engine step: DeepSpeed vs plain PyTorch (ViT-Ti/16, 224 px, batch 8, fp32 CPU, AdamW, clip 1.0)")
     res = bench_engine(batch=8, img=224, steps=steps)
     base = res[0][1]
@@ -151,6 +166,8 @@ def main() -> int:
     for name, t in res:
         print(f"| {name} | {t:.3f} | {100 * (t / base - 1):+.1f}% |")
 
+
+def section_pipeline(*, limit: int, rounds: int) -> None:
     print("\n## 2. input pipeline: vit.data.TrainStream vs bare decode loop (digits tree at 96 px, output 64 px)")
     from pipeline.objectstore import start_seaweedfs
     from shards import shard_dataset
@@ -168,24 +185,63 @@ def main() -> int:
             storage.reset_clients()
             remote = "s3://bench/digits"
             storage.copy_tree(local, remote)
-            print("| source | bare decode+resize img/s | TrainStream augment=none | ratio | TrainStream augment=pretrain |"
-                  " ratio | TrainStream pretrain, 2 workers |")
-            print("|---|---|---|---|---|---|---|")
+            print(f"{limit} images per run, {rounds} interleaved rounds, medians (img/s); ratios against the bare tarfile"
+                  " loop (the target), in brackets against the bare loop with the lean tar reader\n")
+            print("| source | bare (tarfile) | bare (lean tar) | TrainStream none | ratio | TrainStream pretrain | ratio |"
+                  " TrainStream pretrain, 2 workers | ratio |")
+            print("|---|---|---|---|---|---|---|---|---|")
             for label, url in (("local", local), ("S3 (SeaweedFS)", remote)):
-                bare = statistics.median(bare_decode(url, img=64, limit=limit) for _ in range(3))
-                none = statistics.median(stream_rate(url, img=64, limit=limit, workers=0, augment="none") for _ in range(3))
-                ts = statistics.median(stream_rate(url, img=64, limit=limit, workers=0) for _ in range(3))
-                ts2 = stream_rate(url, img=64, limit=limit, workers=2)
-                print(f"| {label} | {bare:.0f} | {none:.0f} | {none / bare:.2f}x | {ts:.0f} | {ts / bare:.2f}x | {ts2:.0f} |")
+                loops = {
+                    "bare": lambda url=url: bare_decode(url, img=64, limit=limit),
+                    "lean": lambda url=url: bare_decode(url, img=64, limit=limit, lean=True),
+                    "none": lambda url=url: stream_rate(url, img=64, limit=limit, workers=0, augment="none"),
+                    "pretrain": lambda url=url: stream_rate(url, img=64, limit=limit, workers=0),
+                    "workers": lambda url=url: stream_rate(url, img=64, limit=limit, workers=2),
+                }
+                for fn in loops.values():  # warm-up: imports, page cache, S3 connections
+                    fn()
+                runs: dict[str, list[float]] = {k: [] for k in loops}
+                for _ in range(rounds):  # interleaved so machine noise hits every loop alike
+                    for key, fn in loops.items():
+                        runs[key].append(fn())
+                m = {k: statistics.median(v) for k, v in runs.items()}
+
+                def cell(key: str) -> str:
+                    return f"{m[key]:.0f} | {m[key] / m['bare']:.2f}x ({m[key] / m['lean']:.2f}x)"
+
+                print(f"| {label} | {m['bare']:.0f} | {m['lean']:.0f} | {cell('none')} | {cell('pretrain')} |"
+                      f" {cell('workers')} |")
         finally:
             store.stop()
 
+
+def section_projection() -> None:
     print("\n## 3. GPU projection (NOT measured): img/s per A100 = 312e12 x MFU 0.4 / (3 x FLOPs/img), bf16, 224 px")
     print("| model | fwd GFLOPs/img | projected img/s per A100 | projected days for I21k 90 ep on 64 A100 |")
     print("|---|---|---|---|")
     for name, gf, ips in projection():
         days = 90 * 14_197_122 / (ips * 64) / 86400
         print(f"| {name} | {gf:.1f} | {ips:.0f} | {days:.1f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed engine steps per loop")
+    # one epoch of the benchmark's digits stream (28 steps of 64): every lane reads its whole range (including
+    # the shard head it skips) and the bare loops read all 9 shards; 600 images (10 steps, ~0.3 s) weighed the
+    # per-run set-up (manifest read, worker start, S3 connections) and the lanes' head skips far more than a real
+    # epoch does, and were within timer noise of each other
+    ap.add_argument("--images", type=int, default=1792, help="images per input-pipeline measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the input-pipeline loops")
+    ap.add_argument("--only", choices=("engine", "pipeline", "projection"), help="run one section")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # one thread: on a shared 2-core machine 2 OpenMP threads mostly measure contention
+    if args.only in (None, "engine"):
+        section_engine(steps=args.steps)
+    if args.only in (None, "pipeline"):
+        section_pipeline(limit=args.images, rounds=args.rounds)
+    if args.only in (None, "projection"):
+        section_projection()
     return 0
 
 
