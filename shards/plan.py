@@ -331,8 +331,10 @@ def _non_ascii(keys, paths) -> np.ndarray:
         if len(starts):
             out[rows_with_text] = np.maximum.reduceat(data, starts) >= 128
         return out
-    key_len = np.diff(np.frombuffer(keys.off, dtype=np.uint64).astype(np.int64))
-    stored = key_len > 0
+    n = len(paths.off) - 1
+    if keys is None:
+        return flags(paths, np.ones(n, dtype=bool))
+    stored = np.diff(np.frombuffer(keys.off, dtype=np.uint64).astype(np.int64)) > 0
     return np.where(stored, flags(keys, stored), flags(paths, np.ones(len(stored), dtype=bool)))
 
 
@@ -404,7 +406,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
             kind, reason = scan.bad[i]
             skip(kind, reason)
             continue
-        ids = label_map[table.labels[table.label_off[i]:table.label_off[i + 1]]]
+        lo, hi = table.label_span(i)
+        ids = label_map[table.labels[lo:hi]]
         if (ids < 0).any():
             missing = table.label_list(i)[int(np.flatnonzero(ids < 0)[0])]
             skip("unknown_class", f"class {missing!r} is not in the class index (--classes)")
@@ -433,8 +436,9 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     if not len(kept):
         raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                          f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-    label_off = np.frombuffer(table.label_off, dtype=np.uint64)
-    multi_label = listing.kind in ("jsonl", "csv") and bool((np.diff(label_off)[kept] != 1).any())
+    label_off = table.label_offsets()  # None: one label per row
+    multi_label = (listing.kind in ("jsonl", "csv") and label_off is not None
+                   and bool((np.diff(label_off)[kept] != 1).any()))
     order = kept[np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(kept))]
     if len(order) < 2**31:
         order = order.astype(np.int32)  # the shard tasks' row numbers: half the memory
@@ -445,8 +449,11 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     tasks = []
     for index, (lo, hi) in enumerate(groups):
         rows = order[lo:hi]
-        starts = label_off[rows].astype(np.int64)
-        counts = label_off[rows + 1].astype(np.int64) - starts
+        if label_off is None:
+            starts, counts = rows.astype(np.int64), np.ones(len(rows), dtype=np.int64)
+        else:
+            starts = label_off[rows].astype(np.int64)
+            counts = label_off[rows + 1].astype(np.int64) - starts
         offs = np.r_[0, np.cumsum(counts)].astype(np.int64)
         flat = labels[np.repeat(starts - offs[:-1], counts) + np.arange(offs[-1])]
         ids = label_map[flat].astype(np.int32) if len(flat) else np.zeros(0, np.int32)

@@ -61,12 +61,12 @@ class RecordTable:
         self.roots: list[str] = []  # few distinct values: the source root, or one per tar
         self._root_ids: dict[str, int] = {}
         self.root_idx = array("I")
-        self.keys = _Strings()
+        self.keys: _Strings | None = None  # None while every key is derived from its path (see append)
         self.paths = _Strings()
         self.label_names: list[str] = []
         self._label_ids: dict[str, int] = {}
         self.labels = array("I")
-        self.label_off = array("Q", [0])
+        self.label_off = array("Q")  # empty while every row has exactly one label (row i: labels[i])
         self.offset = array("q")  # tar members only: empty while every row is a whole file (offset -1)
         self.length = array("q")
 
@@ -80,15 +80,22 @@ class RecordTable:
             rid = self._root_ids[root] = len(self.roots)
             self.roots.append(root)
         self.root_idx.append(rid)
-        self.keys.append(key or "")
+        if key and self.keys is None:
+            self._store_keys()
+        if self.keys is not None:
+            self.keys.append(key or "")
         self.paths.append(path)
+        before = len(self.labels)
         for label in labels:
             lid = self._label_ids.get(label)
             if lid is None:
                 lid = self._label_ids[label] = len(self.label_names)
                 self.label_names.append(label)
             self.labels.append(lid)
-        self.label_off.append(len(self.labels))
+        if self.label_off or len(labels) != 1:
+            if not self.label_off:  # rows so far had one label each
+                self.label_off = array("Q", range(before + 1))
+            self.label_off.append(len(self.labels))
         if offset >= 0 and not self.offset:
             self.offset, self.length = array("q", [-1]) * (len(self) - 1), array("q", [-1]) * (len(self) - 1)
         if self.offset or offset >= 0:
@@ -96,13 +103,27 @@ class RecordTable:
             self.length.append(length)
 
     def key(self, i: int) -> str:
-        return self.keys[i] or make_key(self.paths[i])
+        return (self.keys is not None and self.keys[i]) or make_key(self.paths[i])
+
+    def _store_keys(self) -> None:
+        """From now on keep keys: the rows so far get empty (derived) ones."""
+        self.keys = _Strings()
+        self.keys.off = array("Q", [0]) * (len(self.paths.off))
 
     def path(self, i: int) -> str:
         return self.paths[i]
 
     def label_list(self, i: int) -> tuple[str, ...]:
-        return tuple(self.label_names[j] for j in self.labels[self.label_off[i]:self.label_off[i + 1]])
+        lo, hi = self.label_span(i)
+        return tuple(self.label_names[j] for j in self.labels[lo:hi])
+
+    def label_span(self, i: int) -> tuple[int, int]:
+        """Row i's labels are labels[lo:hi]."""
+        return (self.label_off[i], self.label_off[i + 1]) if self.label_off else (i, i + 1)
+
+    def label_offsets(self) -> np.ndarray | None:
+        """The label offsets as an array [n+1] (a view), or None when every row has one label."""
+        return np.frombuffer(self.label_off, dtype=np.uint64) if self.label_off else None
 
     def _offset(self, i: int) -> int:
         return self.offset[i] if self.offset else -1
@@ -122,7 +143,7 @@ class RecordTable:
         from shards.sources import RecordRef
 
         path, offset = self.paths[i], self._offset(i)
-        return RecordRef(self.keys[i] or make_key(path), self._url(self.roots[self.root_idx[i]], path, offset),
+        return RecordRef((self.keys is not None and self.keys[i]) or make_key(path), self._url(self.roots[self.root_idx[i]], path, offset),
                          self.label_list(i), path, None if offset < 0 else offset, None if offset < 0 else self.length[i])
 
     def __iter__(self):
@@ -137,11 +158,15 @@ class RecordTable:
         out.roots, out._root_ids, out.label_names, out._label_ids = self.roots, self._root_ids, self.label_names, self._label_ids
         indices = [int(i) for i in indices]
         out.root_idx = array("I", (self.root_idx[i] for i in indices))
-        out.keys = self.keys.take(indices)
+        out.keys = None if self.keys is None else self.keys.take(indices)
         out.paths = self.paths.take(indices)
-        for i in indices:
-            out.labels.extend(self.labels[self.label_off[i]:self.label_off[i + 1]])
-            out.label_off.append(len(out.labels))
+        if self.label_off:
+            out.label_off = array("Q", [0])
+            for i in indices:
+                out.labels.extend(self.labels[self.label_off[i]:self.label_off[i + 1]])
+                out.label_off.append(len(out.labels))
+        else:
+            out.labels = array("I", (self.labels[i] for i in indices))
         if self.offset:
             out.offset = array("q", (self.offset[i] for i in indices))
             out.length = array("q", (self.length[i] for i in indices))
@@ -171,6 +196,8 @@ class RecordTable:
         for i in sorted(suspects):
             key = self.key(i)
             if key in seen:
+                if self.keys is None:
+                    self._store_keys()
                 self.keys.set(i, f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}")
                 changed += 1
             seen.add(self.key(i))
@@ -178,5 +205,6 @@ class RecordTable:
 
     @property
     def nbytes(self) -> int:
-        return (len(self.keys.buf) + len(self.paths.buf) + 8 * (len(self.keys.off) + len(self.paths.off))
+        keys = self.keys or _Strings()
+        return (len(keys.buf) + len(self.paths.buf) + 8 * (len(keys.off) + len(self.paths.off))
                 + 4 * len(self.root_idx) + 4 * len(self.labels) + 8 * len(self.label_off) + 16 * len(self.offset))
