@@ -21,7 +21,10 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   ``order = argsort(i + U(0, shuffle_buffer))`` with ``rng(seed, epoch, lane)``: a sliding-window
   shuffle like WebDataset's buffer (a sample moves < ``shuffle_buffer`` places), but computed
   on indices, so it does not depend on what was read. Raw samples are kept as tar bytes until
-  their turn; images are decoded only when emitted.
+  their turn; images are decoded only when emitted. The first steps of an epoch therefore read
+  up to ``shuffle_buffer`` samples ahead per lane; tars are parsed with ``TarMembers``, a lean
+  header reader: a member costs ~7 us here against ~40 us through ``tarfile`` (measured on
+  the digits shards, three members per sample: a quarter of the time per small image).
 * **Global position.** Position p of the epoch is lane ``p % C``, index ``p // C`` in that lane;
   global step s is positions ``[s*G, (s+1)*G)``. Rank r owns the lanes ``c % world_size == r``,
   and its DataLoader workers split those lanes among them (so ``lanes`` must be a multiple
