@@ -276,7 +276,9 @@ class TarMembers:
     names), several times cheaper per member than ``tarfile``, whose member objects the
     pipeline never needed. It ends and fails where ``tarfile`` does: an empty or invalid
     first header raises ``tarfile.ReadError``; a zero block, a short or invalid header later
-    ends the archive; data cut short (read or skipped) raises ``tarfile.ReadError``.
+    ends the archive (unless it follows a long-name/pax header); data cut short (read or
+    skipped) raises ``tarfile.ReadError``. ``tests/test_data.py`` checks this against
+    ``tarfile`` on every format and cut. Not read: sparse and multi-volume members (skipped).
     Members that are not read are seeked over on a seekable stream and read past otherwise.
     """
 
