@@ -227,10 +227,10 @@ def section_projection() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="timed engine steps per loop")
-    # one epoch of the benchmark's digits stream (28 steps of 64): every lane reads its whole range (including
-    # the shard head it skips) and the bare loops read all 9 shards; 600 images (10 steps, ~0.3 s) weighed the
-    # per-run set-up (manifest read, worker start, S3 connections) and the lanes' head skips far more than a real
-    # epoch does, and were within timer noise of each other
+    # one epoch of the benchmark's digits stream (28 steps of 64), so TrainStream reads what it emits, as over a
+    # real epoch. With 600 images (10 steps, ~0.3 s) it read ~3x what it emitted: the shuffle window (1000) is
+    # longer than a lane (448 samples), so the first samples of a lane come from all over it and the whole lane is
+    # read up front (plus the shard heads lanes skip, and per-run set-up: manifest, worker start, S3 clients)
     ap.add_argument("--images", type=int, default=1792, help="images per input-pipeline measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the input-pipeline loops")
     ap.add_argument("--only", choices=("engine", "pipeline", "projection"), help="run one section")
