@@ -492,3 +492,25 @@ def test_a_truncated_member_ends_its_shard_with_counted_samples(tmp_path):
             errors = [s["__key__"] for _, s in got if "__error__" in s]
             assert good and errors and good == [f"s00_{i:03d}" for i in range(12) if keep(i)][: len(good)]
             assert errors == [f"data-000000.tar#{i}" for i in range(12) if keep(i)][len(good):]
+
+
+def test_workers_fork_with_the_parents_objects_frozen_out_of_their_gc(dataset, monkeypatch):
+    """Workers start under gc.freeze() (their GC does not walk, and so copy, the parent's heap);
+    the parent is unfrozen again right after, and the batches are the same as without workers."""
+    import gc
+
+    from torch.utils.data import DataLoader
+
+    root, _ = dataset
+    frozen_at_fork = []
+    real_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: frozen_at_fork.append(gc.get_freeze_count()) or real_iter(self))
+    kw = dict(img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3, shuffle_buffer=20)
+    with_workers = list(TrainStream(str(root), num_workers=2, **kw).batches(0, start_step=20))
+    evaluated = list(EvalStream(str(root), img_size=8, batch_size=64, num_workers=1))
+    assert len(frozen_at_fork) == 2 and min(frozen_at_fork) > 1000
+    assert gc.get_freeze_count() == 0
+    without = list(TrainStream(str(root), num_workers=0, **kw).batches(0, start_step=20))
+    assert [b.keys for b in with_workers] == [b.keys for b in without]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(with_workers, without))
+    assert sum(len(b.keys) for b in evaluated) == 395
