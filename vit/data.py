@@ -62,7 +62,6 @@ import gc
 import logging
 import re
 import tarfile
-import time
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
@@ -948,26 +947,3 @@ class EvalStream(_DatasetStream):
                                       targets=targets_tensor(part["labels"], self.spec), keys=list(part["keys"]),
                                       step=step), self.pin_memory)
             step += 1
-
-
-# ----------------------------------------------------------------------------- measurement
-
-
-def bare_decode_rate(dataset_url: str, n: int, *, img_size: int = 224) -> float:
-    """Images/s of the simplest loop over the same shards: read tar, decode, resize (one process).
-
-    The reference a benchmark compares ``TrainStream`` against.
-    """
-    from PIL import Image
-
-    info = load_dataset_info(dataset_url)
-    done, start = 0, time.perf_counter()
-    for segment in slice_stream(info.shards, 0, min(n, info.num_samples)):
-        for _, sample in read_segment(segment, keep=lambda i: True, open_fn=_open_shard):
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if ext is None:
-                continue
-            img = open_image(sample[ext]).convert("RGB").resize((img_size, img_size), Image.BILINEAR)
-            np.asarray(img)
-            done += 1
-    return done / (time.perf_counter() - start)
