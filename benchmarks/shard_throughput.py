@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1500, help="throughput corpus size (default 1500)")
     ap.add_argument("--size", default="500x375", help="throughput image size WxH (default 500x375, ImageNet-like)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-sizes", default="10000,50000")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--quick", action="store_true", help="small corpus, 1 repeat (smoke run)")

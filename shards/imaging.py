@@ -147,12 +147,13 @@ def resize_encode(data: bytes, *, shorter: int, quality: int, max_pixels: int = 
         return data, EXTENSIONS[fmt], image.size[0], image.size[1]
     if fmt == "JPEG":
         image.draft("RGB", target)  # DCT-domain downscale to >= target, then a proper filter
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn the pixels upright (else no copy)
+        image = ImageOps.exif_transpose(image)
     target = resized_size(*image.size, shorter)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     out_fmt = fmt if fmt in ("JPEG", "PNG", "WEBP") else ("PNG" if has_alpha else "JPEG")
     if out_fmt == "JPEG":
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else image.convert("RGB")
     elif has_alpha:
         image = image.convert("RGBA")
     elif image.mode not in ("RGB", "L"):

@@ -300,3 +300,28 @@ def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, 
     (skip,) = manifest["skipped"]
     assert skip["path"] == "b/zz copy.jpg" and "near duplicate of b/img0.jpg" in skip["reason"]
     capsys.readouterr()
+
+
+def test_resize_turns_exif_rotated_jpegs_upright(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import ImageOps
+
+    from shards.imaging import resize_encode
+
+    stored = Image.new("RGB", (96, 64), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 48, 64))  # left half red, right half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif)
+    data, ext, width, height = resize_encode(buffer.getvalue(), shorter=32, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).resize((32, 48))
+    out = Image.open(io.BytesIO(data))
+    assert (ext, width, height, out.size) == ("jpg", 32, 48, (32, 48))  # portrait: width and height swapped
+    assert np.abs(np.asarray(out, dtype=int) - np.asarray(upright, dtype=int)).mean() < 8
+    # and an unrotated JPEG keeps its landscape shape
+    plain = io.BytesIO()
+    stored.save(plain, "JPEG", quality=95)
+    assert resize_encode(plain.getvalue(), shorter=32, quality=95)[2:] == (48, 32)
