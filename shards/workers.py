@@ -1,8 +1,10 @@
 """Worker processes for scanning and writing shards on one machine."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 from shards import storage
 
@@ -11,8 +13,30 @@ def _init_worker(settings: dict) -> None:
     storage.configure(**settings)
 
 
+def _ready() -> None:
+    pass
+
+
+@contextmanager
+def gc_frozen():
+    """Processes forked inside keep the objects alive now out of their garbage collector.
+
+    Otherwise a forked child's first full collection walks every object inherited from the
+    parent, writing to each one's page and so copying it. `gc.freeze()` before fork is what the
+    `gc` docs advise; the parent unfreezes right after, so its own collections are unchanged."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    """`workers` processes (forked: no re-import, the parent's storage settings carried over)."""
+    """`workers` processes, started now (forked: no re-import, the parent's storage settings
+    carried over, its heap kept out of their GC)."""
     context = multiprocessing.get_context("fork")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                initargs=(storage.settings_dict(),))
+    with gc_frozen():  # a fork pool starts all its processes at the first submit
+        pool.submit(_ready).result()
+    return pool
