@@ -468,7 +468,7 @@ def sha256_url(url: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_local_write(path: str, write) -> None:
+def _atomic_local_write(path: str, write, durable: bool = True) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -476,7 +476,8 @@ def _atomic_local_write(path: str, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like the shards
         os.replace(tmp, path)
     except BaseException:
@@ -485,10 +486,13 @@ def _atomic_local_write(path: str, write) -> None:
         raise
 
 
-def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+def write_bytes(url: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Publish `data` at `url` whole (atomic rename locally). `durable=False` skips the local fsync:
+    for records that are checked when read back, where a lost one only means redoing work (an
+    fsync can wait a long time behind other writes: the whole journal is committed)."""
     url = str(url)
     if not is_s3(url):
-        _atomic_local_write(_local(url), lambda f: f.write(data))
+        _atomic_local_write(_local(url), lambda f: f.write(data), durable)
         return
     bucket, key = split(url)
     if len(data) < _settings.multipart_threshold:
@@ -497,8 +501,9 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
         _s3_call(url, _client().upload_fileobj, io.BytesIO(data), bucket, key, Config=_transfer_config())
 
 
-def write_json(url: str | os.PathLike, obj) -> None:
-    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_json(url: str | os.PathLike, obj, *, durable: bool = True) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8"),
+                durable=durable)
 
 
 def upload_file(local_path: str | os.PathLike, url: str | os.PathLike) -> None:

@@ -126,8 +126,11 @@ def completed_entry(task: ShardTask) -> dict | None:
     record_url = progress_url(task)
     if not storage.exists(record_url):
         return None
-    record = storage.read_json(record_url)
-    if record.get("task_digest") != task.digest or not storage.exists(task.url):
+    try:
+        record = storage.read_json(record_url)
+    except (storage.StorageError, ValueError):  # e.g. cut short by a power loss (records are not fsynced): redo the shard
+        return None
+    if not isinstance(record, dict) or record.get("task_digest") != task.digest or not storage.exists(task.url):
         return None
     if storage.size(task.url) != record.get("bytes") or storage.sha256_url(task.url) != record.get("sha256"):
         return None
@@ -176,5 +179,6 @@ def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    storage.write_json(progress_url(task), {**entry, "task_digest": task.digest})
+    # not fsynced: a record is trusted only if the shard's size and sha256 still match it
+    storage.write_json(progress_url(task), {**entry, "task_digest": task.digest}, durable=False)
     return entry

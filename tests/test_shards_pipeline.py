@@ -271,6 +271,22 @@ def test_killed_writer_rerun_completes_identically(digits_tree, tmp_path):
     assert not list(crashed.glob(".*.partial"))
 
 
+def test_a_cut_short_progress_record_means_that_shard_is_rewritten(digits_tree, tmp_path):
+    """Progress records are not fsynced; one emptied or cut short (a power loss) only costs a rewrite."""
+    out = tmp_path / "out"
+    reference = shard_dataset(str(digits_tree), str(out), name="digits", shard_size=150, seed=4)
+    (out / "manifest.json").unlink()
+    (out / "_progress" / "digits-000001.json").write_bytes(b'{"name": "digits-0000')
+    (out / "_progress" / "digits-000002.json").write_bytes(b"")
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("digits-000000.tar", "digits-000003.tar")}
+    os.utime(out / "digits-000001.tar", ns=(1, 1))
+    finished = shard_dataset(str(digits_tree), str(out), name="digits", shard_size=150, seed=4)
+    assert finished["shards"] == reference["shards"]
+    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert (out / "digits-000001.tar").stat().st_mtime_ns != 1  # rewritten
+    assert json.loads((out / "_progress" / "digits-000002.json").read_text())["sha256"] == reference["shards"][2]["sha256"]
+
+
 def test_exclude_accepts_a_dataset_and_a_list_file(mixed_tree, mixed_out, tmp_path):
     out, _ = mixed_out
     with pytest.raises(ShardError, match=r"no usable images \(31 skipped"):
