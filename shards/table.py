@@ -143,8 +143,8 @@ class RecordTable:
         from shards.sources import RecordRef
 
         path, offset = self.paths[i], self._offset(i)
-        return RecordRef((self.keys is not None and self.keys[i]) or make_key(path), self._url(self.roots[self.root_idx[i]], path, offset),
-                         self.label_list(i), path, None if offset < 0 else offset, None if offset < 0 else self.length[i])
+        return RecordRef(self.key(i), self._url(self.roots[self.root_idx[i]], path, offset), self.label_list(i), path,
+                         None if offset < 0 else offset, None if offset < 0 else self.length[i])
 
     def __iter__(self):
         for i in range(len(self)):
