@@ -60,22 +60,43 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _quick_size(head: bytes, tail: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), ext) of a JPEG/PNG from its first bytes and its complete end, else (None, None)."""
+    if head[:2] == b"\xff\xd8" and tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return _jpeg_size(head), "jpg"
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and tail.endswith(_PNG_END):
+        return (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")), "png"
+    return None, None
+
+
+def _header_checked(size: tuple[int, int], ext: str, max_pixels: int) -> Probe:
+    if size[0] * size[1] > max_pixels:
+        raise BadImage(f"decompression bomb ({size[0]}x{size[1]} pixels > limit {max_pixels})")
+    return Probe(ext, size[0], size[1], None)
+
+
 def header_probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     """Cheap check for pass-through: JPEG/PNG headers parsed here, completeness by the end marker
     (truncated files fail); anything unusual or another format falls back to a full decode."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    size, ext = None, None
-    if data[:2] == b"\xff\xd8" and data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        size, ext = _jpeg_size(data), "jpg"
-    elif data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data.endswith(_PNG_END):
-        size, ext = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")), "png"
+    size, ext = _quick_size(data, data)
     if size is None or size[0] <= 0 or size[1] <= 0:
         full = probe(data, max_pixels=max_pixels)
         return Probe(full.ext, full.width, full.height, None)
-    if size[0] * size[1] > max_pixels:
-        raise BadImage(f"decompression bomb ({size[0]}x{size[1]} pixels > limit {max_pixels})")
-    return Probe(ext, size[0], size[1], None)
+    return _header_checked(size, ext, max_pixels)
+
+
+def header_probe_ends(head: bytes, tail: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe | None:
+    """header_probe from a file's first bytes (`head`) and last bytes (`tail`, from a file longer than
+    `head`): the answer header_probe would give on the whole file, or None when these bytes do not
+    settle it (then read the whole file and ask header_probe). The JPEG marker walk reads from the
+    start, so it finds the same size in a prefix as in the whole file, or runs out (None); an end
+    marker before the tail (trailing padding longer than it) also leaves this undecided."""
+    size, ext = _quick_size(head, tail)
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    return _header_checked(size, ext, max_pixels)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -14,7 +14,7 @@ import numpy as np
 
 from shards import storage
 from shards.dedup import HashIndex, load_exclude
-from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, probe
+from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
 from shards.sources import Listing, RecordRef, SourceError, list_source
 from shards.table import RecordTable
 
@@ -76,7 +76,7 @@ class Item:
     width: int
     height: int
     nbytes: int
-    sha256: str
+    content_key: str  # hex (see scan_records)
 
 
 EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
@@ -102,12 +102,13 @@ class ShardTask:
     width: np.ndarray
     height: np.ndarray
     nbytes: np.ndarray
-    sha: np.ndarray  # uint8 [n, 32]
+    sha: np.ndarray  # uint8 [n, 32]: content keys (see scan_records)
     classes: list[str]
     multi_label: bool
     resize: int | None
     quality: int
     max_pixels: int
+    source_fingerprint: str = ""  # the listing's (paths, sizes, mtimes): part of the digest, as keys may hash only the ends
     rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
 
     _COLUMNS = ("ext", "width", "height", "nbytes", "sha")
@@ -141,7 +142,8 @@ class ShardTask:
 
     @property
     def digest(self) -> str:
-        h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label]).encode())
+        h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label,
+                                       self.source_fingerprint]).encode())
         for i in range(len(self)):
             h.update(self.records.key(self._row(i)).encode("utf-8") + b"\0")
         h.update((self.sha if self.rows is None else self.sha[self.rows]).tobytes())
@@ -202,65 +204,130 @@ class ScanResults:
         self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
 
 
-def scan_records(refs, max_pixels: int, decode: bool = True) -> list[tuple]:
-    """For each record: ("ok", sha256 digest, dhash, ext, width, height, nbytes) or ("bad", kind, reason).
+# The content key of a record read only at its ends (pass-through scans): sha256 of its size, its
+# first and its last _KEY_ENDS bytes. Identical files get identical keys, so every exact duplicate is
+# found among the records sharing a key; those few are then hashed whole to confirm (plan_shards).
+_KEY_ENDS = 4096
+_HEAD_READ = 16384  # read at the start: JPEG/PNG headers (and a file this small, whole)
 
-    `decode` decodes every image (and computes the dHash); else only headers/end markers are checked."""
+
+def content_key(data: bytes) -> bytes:
+    return _ends_key(len(data), data[:_KEY_ENDS], data[max(_KEY_ENDS, len(data) - _KEY_ENDS):])
+
+
+def _ends_key(size: int, head: bytes, tail: bytes) -> bytes:
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    digest.update(head)
+    digest.update(tail)
+    return digest.digest()
+
+
+def _bad_image(err: BadImage) -> tuple:
+    reason = str(err)
+    kind = ("empty_file" if reason.startswith("empty") else "not_an_image" if reason.startswith(("not an image", "unsupported"))
+            else "decompression_bomb" if reason.startswith("decompression") else "corrupt_image")
+    return ("bad", kind, reason)
+
+
+def _unreadable(err: Exception) -> tuple:
+    if isinstance(err, storage.StorageError):
+        return ("bad", "unreadable", f"unreadable ({str(err)[:120]})")
+    return ("bad", "unreadable", f"unreadable ({err.strerror or type(err).__name__})")
+
+
+def _locations(table: RecordTable, rows) -> list[tuple[str, int, int]]:
+    """(url, offset, length) per row: where its bytes are (offset -1: the whole file)."""
+    if not table.offset:
+        return [(table.url(i), -1, -1) for i in rows]
+    return [(table.url(i), table.offset[i], table.length[i]) for i in rows]
+
+
+def _read(url: str, offset: int, length: int) -> bytes:
+    return storage.read_bytes(url) if offset < 0 else storage.read_range(url, offset, length)
+
+
+def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple:
+    data = None
+    if not decode:  # read the ends: they settle most JPEGs and PNGs
+        ends = storage.read_ends(url, _HEAD_READ, _KEY_ENDS, None if offset < 0 else offset, None if offset < 0 else length)
+        if ends is not None:
+            head, tail, size = ends
+            if size == len(head):  # small: that is all of it
+                data = head
+            elif len(head) == _HEAD_READ and len(tail) == _KEY_ENDS:
+                p = header_probe_ends(head, tail, max_pixels=max_pixels)
+                if p is not None:
+                    return ("ok", _ends_key(size, head[:_KEY_ENDS], tail), None, p.ext, p.width, p.height, size)
+    if data is None:
+        data = _read(url, offset, length)
+    try:
+        p = probe(data, max_pixels=max_pixels) if decode else header_probe(data, max_pixels=max_pixels)
+    except BadImage as err:
+        return _bad_image(err)
+    key = hashlib.sha256(data).digest() if decode else content_key(data)
+    return ("ok", key, p.dhash, p.ext, p.width, p.height, len(data))
+
+
+def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
+    """For each (url, offset, length): ("ok", key, dhash, ext, width, height, nbytes) or ("bad", kind, reason).
+
+    `decode`: decode every image (and compute the dHash); the key is the sha256 of the bytes. Else
+    only headers and end markers are checked, reading just the ends of the record where they
+    settle it, and the key is content_key (see _KEY_ENDS)."""
     out = []
-    for ref in refs:
+    for url, offset, length in locations:
         try:
-            data = ref.read()
-        except storage.StorageError as err:
-            out.append(("bad", "unreadable", f"unreadable ({str(err)[:120]})"))
-            continue
-        except OSError as err:
-            out.append(("bad", "unreadable", f"unreadable ({err.strerror or type(err).__name__})"))
-            continue
-        try:
-            p = probe(data, max_pixels=max_pixels) if decode else header_probe(data, max_pixels=max_pixels)
-        except BadImage as err:
-            reason = str(err)
-            kind = ("empty_file" if reason.startswith("empty") else "not_an_image" if reason.startswith(("not an image", "unsupported"))
-                    else "decompression_bomb" if reason.startswith("decompression") else "corrupt_image")
-            out.append(("bad", kind, reason))
-            continue
-        out.append(("ok", hashlib.sha256(data).digest(), p.dhash, p.ext, p.width, p.height, len(data)))
+            out.append(_scan_one(url, offset, length, max_pixels, decode))
+        except (storage.StorageError, OSError) as err:
+            out.append(_unreadable(err))
     return out
 
 
-def _scan_chunk(args):
-    table, max_pixels, decode = args
-    return scan_records(table, max_pixels, decode)
+def hash_records(locations) -> list[bytes | tuple]:
+    """For each (url, offset, length): the sha256 of its bytes, or ("bad", "unreadable", reason)."""
+    out = []
+    for url, offset, length in locations:
+        try:
+            out.append(hashlib.sha256(_read(url, offset, length)).digest())
+        except (storage.StorageError, OSError) as err:
+            out.append(_unreadable(err))
+    return out
 
 
 _CHUNK = 64
 
 
-def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
-             pool=None) -> ScanResults:
-    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more work)."""
-    n = len(table)
-    results = ScanResults(n, decode)
-    starts = range(0, n, _CHUNK)
-
-    def store(start, part):
-        for j, result in enumerate(part):
-            results.put(start + j, result)
-        if progress is not None:
-            progress(len(part))
-
-    if workers <= 1 or n <= _CHUNK:
-        for start in starts:
-            store(start, scan_records((table.ref(i) for i in range(start, min(n, start + _CHUNK))), max_pixels, decode))
-        return results
+def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int, pool=None):
+    """Yields (position in rows, fn(locations, *args)) per chunk of _CHUNK rows, in order, in
+    `pool` or `workers` processes."""
+    starts = range(0, len(rows), _CHUNK)
+    chunks = ((_locations(table, rows[start:start + _CHUNK]), *args) for start in starts)
+    if workers <= 1 or len(rows) <= _CHUNK:
+        yield from zip(starts, (fn(*chunk) for chunk in chunks))
+        return
     from contextlib import nullcontext
 
     from shards.workers import process_pool
 
-    jobs = ((table.take(range(start, min(n, start + _CHUNK))), max_pixels, decode) for start in starts)
     with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
-        for start, part in zip(starts, executor.map(_scan_chunk, jobs, chunksize=4)):
-            store(start, part)
+        yield from zip(starts, executor.map(_call, ((fn, chunk) for chunk in chunks), chunksize=4))
+
+
+def _call(job):
+    fn, args = job
+    return fn(*args)
+
+
+def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
+             pool=None) -> ScanResults:
+    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more work)."""
+    results = ScanResults(len(table), decode)
+    for start, part in _map_chunks(scan_records, table, range(len(table)), (max_pixels, decode), workers=workers,
+                                   pool=pool):
+        for j, result in enumerate(part):
+            results.put(start + j, result)
+        if progress is not None:
+            progress(len(part))
     return results
 
 
@@ -298,25 +365,48 @@ def settings_fingerprint(source_fp: str, settings: ShardSettings, exclude_fp: st
     return hashlib.sha256(json.dumps([source_fp, data, exclude_fp], sort_keys=True).encode()).hexdigest()
 
 
-def _first_copies(scan: ScanResults) -> np.ndarray:
-    """For each record, the row of the first record (in listing order) with the same content; itself
-    when it is the first or unreadable. Groups by the first 8 bytes of the sha256 (a 1-D sort, little
-    memory), then confirms full equality."""
-    n = len(scan.ok)
+def _first_copies(keys: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """For each row, the row of the first row (in listing order) with the same key (`keys`: uint8
+    [n, 32]); itself when it is the first or not `ok`. Groups by the first 8 bytes (a 1-D sort,
+    little memory), then confirms all 32."""
+    n = len(ok)
     rows = np.arange(n)
     if not n:
         return rows
-    prefix = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel()
+    prefix = np.ascontiguousarray(keys[:, :8]).view(np.uint64).ravel()
     _, inverse = np.unique(prefix, return_inverse=True)
     del prefix
     inverse = inverse.ravel()
     first = np.full(int(inverse.max()) + 1, n, dtype=np.int64)
-    np.minimum.at(first, inverse, np.where(scan.ok, rows, n))  # bad records never count as "first"
-    first_of = np.where(scan.ok, first[inverse], rows)
+    np.minimum.at(first, inverse, np.where(ok, rows, n))  # bad records never count as "first"
+    first_of = np.where(ok, first[inverse], rows)
     del first, inverse
     candidates = np.flatnonzero(first_of != rows)
-    clash = candidates[(scan.sha[candidates] != scan.sha[first_of[candidates]]).any(axis=1)]
-    first_of[clash] = clash  # same 64-bit prefix, different content: not a duplicate (astronomically rare)
+    clash = candidates[(keys[candidates] != keys[first_of[candidates]]).any(axis=1)]
+    first_of[clash] = clash  # same 64-bit prefix, different key: not a duplicate (astronomically rare)
+    return first_of
+
+
+def _exact_copies(table: RecordTable, scan: ScanResults, *, workers: int, pool=None) -> np.ndarray:
+    """_first_copies by content. Keys from a decoding scan are sha256s of the bytes; content keys
+    (from the ends only) are confirmed by hashing the records that share one whole (few: the
+    duplicates themselves). A record unreadable now becomes a bad one."""
+    first_of = _first_copies(scan.sha, scan.ok)
+    if scan.dhash is not None:
+        return first_of
+    dup = np.flatnonzero(first_of != np.arange(len(first_of)))
+    if not len(dup):
+        return first_of
+    rows = np.union1d(dup, first_of[dup])
+    digests, ok = np.zeros((len(rows), 32), dtype=np.uint8), np.ones(len(rows), dtype=bool)
+    for start, part in _map_chunks(hash_records, table, rows, workers=workers, pool=pool):
+        for j, result in enumerate(part):
+            if isinstance(result, tuple):
+                scan.put(int(rows[start + j]), result)
+                scan.ok[rows[start + j]], ok[start + j] = False, False
+            else:
+                digests[start + j] = np.frombuffer(result, dtype=np.uint8)
+    first_of[rows] = rows[_first_copies(digests, ok)]
     return first_of
 
 
@@ -395,7 +485,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
 
     skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
-    first_of = _first_copies(scan)
+    first_of = _exact_copies(table, scan, workers=workers, pool=pool)
     keep = scan.ok.copy()
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
     for i in range(n):
@@ -468,7 +558,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
                                records=table, rows=rows, class_ids=ids, class_off=offs if multi_label else None, ext=scan.ext,
                                width=scan.width, height=scan.height, nbytes=scan.nbytes, sha=scan.sha, classes=classes,
                                multi_label=multi_label, resize=cfg.resize, quality=cfg.quality,
-                               max_pixels=cfg.max_pixels))
+                               max_pixels=cfg.max_pixels, source_fingerprint=listing.fingerprint))
     settings_out = asdict(cfg)
     source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint, "records": n}
     if exclude is not None:

@@ -1,0 +1,125 @@
+"""The pass-through scan reads only the ends of a record (header, end marker, content key) where they
+settle it. These tests hold it to the answer a scan of the whole bytes gives, and check what the
+content key must never cost: a missed exact duplicate, a false one, or a stale shard on re-run."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import shards.plan as plan
+from shards import shard_dataset
+from shards.imaging import BadImage, header_probe
+from shards.testdata import encode, photo_crops
+
+
+def _big_jpeg(seed: int) -> bytes:
+    data = encode(photo_crops(1, size=(480, 360), seed=seed)[0], "JPEG", quality=95)
+    assert len(data) > plan._HEAD_READ + plan._KEY_ENDS  # read at the ends only
+    return data
+
+
+def _odd_records() -> dict[str, bytes]:
+    """Large records of every shape the ends can mislead on."""
+    jpeg = _big_jpeg(1)
+    image = Image.open(io.BytesIO(jpeg))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30000  # an APP1 segment pushing the frame header past the first read
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    middle = bytearray(jpeg)
+    middle[len(jpeg) // 2] ^= 0xFF  # same size and ends, damaged middle (header mode accepts it, as before)
+    png = encode(image.resize((300, 300)), "PNG")
+    return {
+        "plain.jpg": jpeg,
+        "exif_app1.jpg": buffer.getvalue(),
+        "truncated.jpg": jpeg[: len(jpeg) * 2 // 3],
+        "trailing_zeros.jpg": jpeg + bytes(plan._KEY_ENDS + 900),  # the end marker lies before the tail read
+        "trailing_crlf.jpg": jpeg + b"\r\n",
+        "damaged_middle.jpg": bytes(middle),
+        "plain.png": png,
+        "cut.png": png[:-5],
+        "image.webp": encode(image, "WEBP", quality=90),
+        "text.jpg": b"not an image " * 3000,
+        "small.jpg": encode(image.resize((40, 30)), "JPEG"),
+    }
+
+
+def _whole_file_answer(data: bytes) -> tuple:
+    try:
+        p = header_probe(data)
+    except BadImage as err:
+        return plan._bad_image(err)
+    return ("ok", plan.content_key(data), None, p.ext, p.width, p.height, len(data))
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path_factory.mktemp("odd")
+    records = _odd_records()
+    for name, data in records.items():
+        (root / name).write_bytes(data)
+    with tarfile.open(root / "all.tar", "w") as tar:  # the same records as members of a tar (i21k-tars)
+        for name in records:
+            tar.add(root / name, arcname=name)
+    return root, records
+
+
+def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
+    root, records = odd_files
+    whole_reads = []
+    read = plan._read
+    monkeypatch.setattr(plan, "_read", lambda *a: whole_reads.append(a[0]) or read(*a))
+    with tarfile.open(root / "all.tar") as tar:
+        members = {m.name: (str(root / "all.tar"), m.offset_data, m.size) for m in tar}
+    for name, data in records.items():
+        expected = _whole_file_answer(data)
+        assert plan.scan_records([(str(root / name), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False) == [expected], name
+        assert plan.scan_records([members[name]], plan.DEFAULT_MAX_PIXELS, decode=False) == [expected], f"tar: {name}"
+    settled_by_ends = {n for n in records if str(root / n) not in whole_reads}
+    # the usual case reads just the ends; the frame header past 16 KB, the end marker before the
+    # tail, other formats and anything broken fall back to reading the whole record
+    assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png"} <= settled_by_ends
+    assert not {"exif_app1.jpg", "trailing_zeros.jpg", "truncated.jpg", "cut.png", "image.webp"} & settled_by_ends
+    assert plan.scan_records([(str(root / "small.jpg"), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False)[0][0] == "ok"
+
+
+def test_exact_duplicates_are_confirmed_on_the_whole_content(tmp_path):
+    jpeg = _big_jpeg(2)
+    twin = bytearray(jpeg)
+    twin[len(jpeg) // 2] ^= 0x01  # same size, same first and last 4 KB: the same content key
+    assert plan.content_key(bytes(twin)) == plan.content_key(jpeg)
+    for cls, name, data in (("a", "original.jpg", jpeg), ("b", "copy.jpg", jpeg), ("b", "twin.jpg", bytes(twin)),
+                            ("c", "other.jpg", _big_jpeg(3))):
+        (tmp_path / "src" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / cls / name).write_bytes(data)
+    for workers in (1, 2):
+        manifest = shard_dataset(str(tmp_path / "src"), str(tmp_path / f"out{workers}"), workers=workers)
+        assert manifest["num_samples"] == 3
+        assert [(s["path"], s["reason"]) for s in manifest["skipped"]] == [("b/copy.jpg", "exact duplicate of a/original.jpg")]
+
+
+def test_a_source_file_changed_between_runs_gets_its_shard_rewritten(tmp_path):
+    """A shard task's digest covers the source listing (sizes, mtimes), not only the content keys,
+    which for big files hash just the ends: a file rewritten in the middle must not leave the old
+    bytes in a kept shard."""
+    src = tmp_path / "src"
+    for i in range(6):
+        (src / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"c{i % 2}" / f"{i}.jpg").write_bytes(_big_jpeg(10 + i))
+    out = tmp_path / "out"
+    before = shard_dataset(str(src), str(out), shard_size=2)
+    changed = src / "c0" / "2.jpg"
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    (out / "manifest.json").unlink()  # as after a crash: the re-run finds progress records and shards
+    after = shard_dataset(str(src), str(out), shard_size=2)
+    fresh = shard_dataset(str(src), str(tmp_path / "fresh"), shard_size=2)
+    assert after["shards"] == fresh["shards"] != before["shards"]
+    assert bytes(data) in b"".join((out / s["name"]).read_bytes() for s in after["shards"])
