@@ -452,6 +452,22 @@ def _split(table: RecordTable, nbytes: np.ndarray, order: np.ndarray, cfg: Shard
     return groups
 
 
+def _rows_to_check(table: RecordTable, scan: ScanResults, label_map: np.ndarray, first_of: np.ndarray, *,
+                   every: bool):
+    """The rows plan_shards must look at one by one, in order: all of them when `every` (exclusion or
+    near-duplicates compare each row), else only bad ones, ones with a label outside the class
+    index, and exact duplicates (few: the loop stays off the millions of plain rows)."""
+    n = len(scan.ok)
+    if every:
+        return range(n)
+    flags = ~scan.ok | (first_of != np.arange(n))
+    unknown = np.flatnonzero(label_map[np.frombuffer(table.labels, dtype=np.uint32)] < 0)
+    if len(unknown):
+        off = table.label_offsets()
+        flags[unknown if off is None else np.searchsorted(off, unknown, side="right") - 1] = True
+    return np.flatnonzero(flags).tolist()
+
+
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
                 **settings) -> ShardPlan:
     """List + scan + dedup + shuffle + split. Returns the plan; writes nothing. `pool`: an executor
@@ -488,7 +504,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     first_of = _exact_copies(table, scan, workers=workers, pool=pool)
     keep = scan.ok.copy()
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
-    for i in range(n):
+    for i in _rows_to_check(table, scan, label_map, first_of, every=exclude is not None or near is not None):
         def skip(kind, reason):
             skipped.append({"key": table.key(i), "path": table.path(i), "reason": reason, "kind": kind})
             keep[i] = False

@@ -4,6 +4,7 @@ content key must never cost: a missed exact duplicate, a false one, or a stale s
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -123,3 +124,19 @@ def test_a_source_file_changed_between_runs_gets_its_shard_rewritten(tmp_path):
     fresh = shard_dataset(str(src), str(tmp_path / "fresh"), shard_size=2)
     assert after["shards"] == fresh["shards"] != before["shards"]
     assert bytes(data) in b"".join((out / s["name"]).read_bytes() for s in after["shards"])
+
+
+def test_a_multi_label_row_with_a_label_outside_the_class_index_is_skipped(tmp_path):
+    """Rows are checked one by one only when flagged; a multi-label row flagged by any of its labels."""
+    crops = photo_crops(5, size=(64, 48), seed=6)
+    rows = []
+    for i, crop in enumerate(crops):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(crop, "JPEG"))
+        rows.append({"path": f"{i}.jpg", "labels": [["a", "b"], ["b"], ["b", "zebra"], ["a"], ["zebra"]][i]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    manifest = shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), classes=str(tmp_path / "classes.txt"))
+    assert [(s["path"], s["reason"]) for s in manifest["skipped"]] == [
+        ("2.jpg", "class 'zebra' is not in the class index (--classes)"),
+        ("4.jpg", "class 'zebra' is not in the class index (--classes)")]
+    assert manifest["num_samples"] == 3 and manifest["label_histogram"] == [2, 2]
