@@ -20,6 +20,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from shards import storage
 from shards.table import RecordTable, make_key
@@ -58,6 +59,9 @@ class Listing:
     class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
 
 
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps(ensure_ascii=False) escapes in a string
+
+
 class _Fingerprint:
     """Incremental hash of listing entries (nothing kept in memory)."""
 
@@ -67,6 +71,28 @@ class _Fingerprint:
     def append(self, entry) -> None:
         self._digest.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         self._digest.update(b"\n")
+
+    def extend_files(self, folder: str, names: list[str], sizes: list[int], mtimes: list[float]) -> None:
+        """append([folder + name, size, mtime]) for each file (int sizes, float mtimes), hashing the same bytes
+        without a json.dumps per file: json writes an int or a float as its repr, and a string as is in quotes
+        unless it holds a character it escapes."""
+        times = set(mtimes)
+        if len(times) < len(mtimes) and 0.0 not in times:  # shared mtimes (copied, untarred files): one repr each
+            stamps = map({m: repr(m) for m in times}.__getitem__, mtimes)  # (0.0 == -0.0, their reprs differ)
+        else:
+            stamps = map(repr, mtimes)
+        if _JSON_ESCAPED.search(folder) or _JSON_ESCAPED.search("".join(names)):
+            quote = json.encoder.encode_basestring
+            lines = [f"[{quote(folder + n)}, {s!r}, {m}]\n" for n, s, m in zip(names, sizes, stamps)]
+        else:
+            lines = [f'["{folder}{n}", {s!r}, {m}]\n' for n, s, m in zip(names, sizes, stamps)]
+        try:
+            data = "".join(lines).encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not UTF-8: fail exactly as append() does
+            for n, s, m in zip(names, sizes, mtimes):
+                self.append([folder + n, s, m])
+            raise
+        self._digest.update(data)
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -118,27 +144,85 @@ def list_source(url: str, *, format: str | None = None) -> Listing:
 
 # ----------------------------------------------------------------------------- imagefolder
 
+_FOLDER_CHUNK = 8192  # files of one folder handled at a time (bounds memory in a huge flat folder)
+
+
+def _s3_folders(url: str, root: str):
+    """storage.iter_files(url) as runs (folder, names, sizes, mtimes): rel path = folder + name, folder "" or "a/b/"."""
+    run = None
+    for item in storage.iter_files(url):
+        rel = item["url"][len(root):].lstrip("/").replace(os.sep, "/")
+        cut = rel.rfind("/") + 1
+        if run is None or run[0] != rel[:cut] or len(run[1]) >= _FOLDER_CHUNK:
+            if run is not None:
+                yield run
+            run = (rel[:cut], [], [], [])
+        run[1].append(rel[cut:])
+        run[2].append(item["size"])
+        run[3].append(item["mtime"])
+    if run is not None:
+        yield run
+
+
+def _local_folders(url: str, root: str):
+    """The same runs as _s3_folders gives for storage.iter_files(url) on a local tree (its os.walk order: folders
+    top-down, subfolders and files sorted; unreadable folders and links to folders left out), from os.scandir
+    with one stat per file and no per-file dict or path join."""
+    top = storage._local(url)
+    if not os.path.isdir(top):
+        raise storage.StorageNotFound(f"{url}: not found or not a folder")
+    by_name = attrgetter("name")
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry)
+        files.sort(key=by_name)
+        folder = os.path.join(path, "")[len(root):].lstrip("/").replace(os.sep, "/")
+        for lo in range(0, len(files), _FOLDER_CHUNK):
+            names = [entry.name for entry in files[lo:lo + _FOLDER_CHUNK]]
+            try:
+                stats = [entry.stat() for entry in files[lo:lo + _FOLDER_CHUNK]]
+            except OSError:  # e.g. a broken link: file by file, so the error comes where iter_files raises it
+                for name in names:
+                    st = os.stat(os.path.join(path, name))
+                    yield folder, [name], [st.st_size], [st.st_mtime]
+                continue
+            yield folder, names, [st.st_size for st in stats], [st.st_mtime for st in stats]
+        dirs.sort(key=by_name, reverse=True)
+        stack.extend(entry.path for entry in dirs if not os.path.islink(entry.path))
+
+
 def _list_imagefolder(url: str, kind: str) -> Listing:
-    files = storage.iter_files(url)
-    root = url.rstrip("/") if storage.is_s3(url) else url.rstrip(os.sep)
+    s3 = storage.is_s3(url)
+    root = url.rstrip("/") if s3 else url.rstrip(os.sep)
+    folders = _s3_folders(url, root) if s3 else _local_folders(url, root)
     records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
     class_files: dict[str, int] = {}
-    if not storage.is_s3(url):  # empty class folders exist only locally (S3 has no empty prefixes)
+    if not s3:  # empty class folders exist only locally (S3 has no empty prefixes)
         for name in storage.listdir(url):
             if not name.startswith(".") and os.path.isdir(os.path.join(url, name)):
                 class_files.setdefault(name, 0)
-    for item in files:
-        rel = item["url"][len(root):].lstrip("/").replace(os.sep, "/")
-        entries.append([rel, item["size"], item["mtime"]])
-        parts = rel.split("/")
-        if len(parts) < 2:
-            skipped.append({"path": rel, "reason": "not inside a class folder"})
+    for folder, names, sizes, mtimes in folders:
+        entries.extend_files(folder, names, sizes, mtimes)
+        if not folder:
+            skipped.extend({"path": name, "reason": "not inside a class folder"} for name in names)
             continue
-        cls = parts[0]
+        cls = folder.split("/", 1)[0]
         if cls.startswith("."):
             continue
-        class_files[cls] = class_files.get(cls, 0) + 1
-        records.append(key=None, root=root, path=rel, labels=(cls,))  # key derived from the path
+        class_files[cls] = class_files.get(cls, 0) + len(names)
+        records.extend_files(root=root, folder=folder, names=names, label=cls)  # keys derived from the paths
     empty = sorted(c for c, n in class_files.items() if n == 0)
     if empty:
         raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"

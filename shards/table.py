@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 import re
 from array import array
+from itertools import accumulate, islice
 
 import numpy as np
 
 from shards import storage
 
 
-_KEY_BAD = re.compile(r"[.\s/\\\x00-\x1f]+")
+_BAD = r".\s/\\\x00-\x1f"  # characters a key cannot hold (a run of them becomes one "_")
+_KEY_BAD = re.compile(f"[{_BAD}]+")
+# "/"-joined file names that are each a plain stem (no character above) and at most one ".extension"
+_PLAIN_NAMES = re.compile(rf"[^{_BAD}]*(?:\.[^./]*)?(?:/[^{_BAD}]*(?:\.[^./]*)?)*")
+_PLAIN_BYTES = bytes(sorted(set(range(0x21, 0x80)) - set(b"./\\")))  # ASCII characters a key keeps
 
 
 def make_key(rel_path: str) -> str:
@@ -23,6 +28,25 @@ def make_key(rel_path: str) -> str:
     stem = rel_path.rsplit(".", 1)[0] if "." in rel_path.rsplit("/", 1)[-1] else rel_path
     key = _KEY_BAD.sub("_", stem).strip("_")
     return key or "sample"
+
+
+def make_keys(folder: str, names: list[str]) -> list[str]:
+    """[make_key(folder + name) for name in names], without a regex per name when the names are plain (no character
+    make_key replaces, but one dot): then each key is the folder's key part ("a/b/" -> "a_b_") + the name's stem."""
+    if not names or not folder.endswith("/"):
+        return [make_key(folder + name) for name in names]
+    head = _KEY_BAD.sub("_", folder).lstrip("_")  # ends in "_" (from the "/"); empty or starts with a non-"_"
+    joined = "/".join(names)
+    ends, first = joined + "/", names[0]
+    ext = first[first.rfind("."):]
+    if (head and ends.isascii() and ends.encode("ascii").translate(None, _PLAIN_BYTES) == b"./" * len(names)
+            and ends.count(ext + "/") == len(names) and "_" + ext + "/" not in ends and "/" + ext + "/" not in "/" + ends):
+        # the usual folder (ASCII names, one dot each, all one extension, no stem empty or ending in "_"):
+        # every key is head + stem, cut out of one string
+        return (head + joined.removesuffix(ext).replace(ext + "/", "/" + head)).split("/")
+    if _PLAIN_NAMES.fullmatch(joined):
+        return [(head + name.partition(".")[0]).strip("_") or "sample" for name in names]
+    return [make_key(folder + name) for name in names]
 
 
 class _Strings:
@@ -35,6 +59,22 @@ class _Strings:
     def append(self, text: str) -> None:
         self.buf += text.encode("utf-8", "surrogatepass")
         self.off.append(len(self.buf))
+
+    def extend(self, texts: list[str], *, prefix: str = "") -> None:
+        """append(prefix + text) for each text."""
+        if not texts:
+            return
+        joined = prefix + prefix.join(texts)
+        pre = prefix.encode("utf-8", "surrogatepass")
+        if joined.isascii():
+            data, sizes = joined.encode("ascii"), map(len, texts)
+        else:
+            encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+            data, sizes = pre + pre.join(encoded), map(len, encoded)
+        if pre:
+            sizes = map(len(pre).__add__, sizes)
+        self.off.extend(islice(accumulate(sizes, initial=len(self.buf)), 1, None))
+        self.buf += data
 
     def __getitem__(self, i: int) -> str:
         return self.buf[self.off[i]:self.off[i + 1]].decode("utf-8", "surrogatepass")
@@ -69,17 +109,17 @@ class RecordTable:
         self.label_off = array("Q")  # empty while every row has exactly one label (row i: labels[i])
         self.offset = array("q")  # tar members only: empty while every row is a whole file (offset -1)
         self.length = array("q")
+        # hash(key(i)) of every row while all rows came from extend_files (for make_keys_unique), else None;
+        # never pickled (str hashes differ between processes)
+        self._key_hash: array | None = array("q")
 
     def __len__(self) -> int:
         return len(self.root_idx)
 
     def append(self, *, key: str | None, root: str, path: str, labels, offset: int = -1, length: int = -1) -> None:
         """`key=None`: the key is make_key(path), computed when asked for instead of stored."""
-        rid = self._root_ids.get(root)
-        if rid is None:
-            rid = self._root_ids[root] = len(self.roots)
-            self.roots.append(root)
-        self.root_idx.append(rid)
+        self._key_hash = None
+        self.root_idx.append(self._root_id(root))
         if key and self.keys is None:
             self._store_keys()
         if self.keys is not None:
@@ -87,11 +127,7 @@ class RecordTable:
         self.paths.append(path)
         before = len(self.labels)
         for label in labels:
-            lid = self._label_ids.get(label)
-            if lid is None:
-                lid = self._label_ids[label] = len(self.label_names)
-                self.label_names.append(label)
-            self.labels.append(lid)
+            self.labels.append(self._label_id(label))
         if self.label_off or len(labels) != 1:
             if not self.label_off:  # rows so far had one label each
                 self.label_off = array("Q", range(before + 1))
@@ -101,6 +137,33 @@ class RecordTable:
         if self.offset or offset >= 0:
             self.offset.append(offset)
             self.length.append(length)
+
+    def extend_files(self, *, root: str, folder: str, names: list[str], label: str) -> None:
+        """append(key=None, root=root, path=folder + name, labels=(label,)) for each name, at a fraction of the cost
+        (an imagefolder listing: one label per row, whole files, keys derived from the paths)."""
+        if self.keys is not None or self.label_off or self.offset:  # not that layout any more: row by row
+            for name in names:
+                self.append(key=None, root=root, path=folder + name, labels=(label,))
+            return
+        self.root_idx += array("I", [self._root_id(root)]) * len(names)
+        self.labels += array("I", [self._label_id(label)]) * len(names)
+        self.paths.extend(names, prefix=folder)
+        if self._key_hash is not None:
+            self._key_hash.extend(map(hash, make_keys(folder, names)))
+
+    def _root_id(self, root: str) -> int:
+        rid = self._root_ids.get(root)
+        if rid is None:
+            rid = self._root_ids[root] = len(self.roots)
+            self.roots.append(root)
+        return rid
+
+    def _label_id(self, label: str) -> int:
+        lid = self._label_ids.get(label)
+        if lid is None:
+            lid = self._label_ids[label] = len(self.label_names)
+            self.label_names.append(label)
+        return lid
 
     def key(self, i: int) -> str:
         return (self.keys is not None and self.keys[i]) or make_key(self.paths[i])
@@ -155,6 +218,7 @@ class RecordTable:
 
     def take(self, indices) -> "RecordTable":
         out = RecordTable()
+        out._key_hash = None
         out.roots, out._root_ids, out.label_names, out._label_ids = self.roots, self._root_ids, self.label_names, self._label_ids
         indices = [int(i) for i in indices]
         out.root_idx = array("I", (self.root_idx[i] for i in indices))
@@ -181,12 +245,17 @@ class RecordTable:
             setattr(self, k, v)
         self._root_ids = {r: i for i, r in enumerate(self.roots)}
         self._label_ids = {n: i for i, n in enumerate(self.label_names)}
+        self._key_hash = None
 
     def make_keys_unique(self) -> int:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""
         import hashlib
 
-        hashes = np.fromiter((hash(self.key(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
+        known, self._key_hash = self._key_hash, None  # keys may change below
+        if known is not None and len(known) == len(self):
+            hashes = np.frombuffer(known, dtype=np.int64)
+        else:
+            hashes = np.fromiter((hash(self.key(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
         _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
         if (counts == 1).all():
             return 0
