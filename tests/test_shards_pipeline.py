@@ -341,3 +341,53 @@ def test_resize_turns_exif_rotated_jpegs_upright(tmp_path):
     plain = io.BytesIO()
     stored.save(plain, "JPEG", quality=95)
     assert resize_encode(plain.getvalue(), shorter=32, quality=95)[2:] == (48, 32)
+
+
+def test_writer_json_and_headers_for_awkward_names_and_files_changed_after_planning(tmp_path):
+    """The writer builds each sample's json and tar headers itself: they must read back as
+    json.dumps(meta, sort_keys=True, ensure_ascii=False) and as the expected tar members whatever the
+    names (quotes, backslashes, control characters, emoji, names over 100 bytes); a file rewritten or
+    removed between planning and writing stops its shard, naming the file, with nothing published."""
+    from shards import plan_shards, write_shard
+    from shards.writer import MTIME
+
+    crops = photo_crops(6, size=(48, 40), seed=13)
+    files = ['q"uo\\te/ctl\x01 ü.jpg', "🐟 fish/" + "long" * 30 + ".png", "plain/a b.jpg", "plain/tab\there.jpg",
+             "plain/line\u2028sep.webp", "plain/x.y.z.jpg"]
+    for i, (name, crop) in enumerate(zip(files, crops)):
+        _write(tmp_path / "src" / name, encode(crop, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[name.rsplit(".", 1)[1]]))
+    rows = [{"path": f"src/{name}", "labels": ['d"q', "🐟", "e\\f"][: 1 + i % 3], "key": f"k {i}.é" if i % 2 else None}
+            for i, name in enumerate(files)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({k: v for k, v in r.items() if v}) for r in rows) + "\n")
+    for source, multi in ((tmp_path / "src", False), (tmp_path / "m.jsonl", True)):
+        out = tmp_path / f"out-{multi}"
+        manifest = shard_dataset(str(source), str(out), shard_size=4)
+        assert manifest["multi_label"] is multi and manifest["num_samples"] == 6
+        seen = set()
+        for shard in manifest["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                members = tar.getmembers()
+                assert all((m.mode, m.mtime, m.uid, m.gid, m.isfile()) == (0o444, MTIME, 0, 0, True) for m in members)
+                by_key = {}
+                for m in members:
+                    key, ext = m.name.rsplit(".", 1)
+                    by_key.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            for key, sample in by_key.items():
+                meta = json.loads(sample["json"])
+                assert sample["json"] == json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+                rel = meta["path"] if not multi else meta["path"][len("src/"):]
+                image = next(v for k, v in sample.items() if k not in ("json", "cls"))
+                assert image == (tmp_path / "src" / rel).read_bytes()
+                assert meta["classes"] == [manifest["classes"][i] for i in meta["labels"]]
+                assert ("cls" in sample) is not multi and (multi or int(sample["cls"]) == meta["labels"][0])
+                seen.add(rel)
+        assert seen == set(files)
+
+    plan = plan_shards(str(tmp_path / "src"), str(tmp_path / "changed"), shard_size=100)
+    (tmp_path / "src" / "plain" / "a b.jpg").write_bytes(encode(crops[0], "JPEG", quality=50))
+    with pytest.raises(ShardError, match=r"^plain/a b\.jpg: changed since it was scanned"):
+        write_shard(plan, 0)
+    (tmp_path / "src" / "plain" / "a b.jpg").unlink()
+    with pytest.raises(ShardError, match=r"^plain/a b\.jpg: unreadable while writing data-000000\.tar"):
+        write_shard(plan, 0)
+    assert os.listdir(tmp_path / "changed") == []  # no shard, no staging file, no progress record
