@@ -144,8 +144,12 @@ class ShardTask:
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label,
                                        self.source_fingerprint]).encode())
-        for i in range(len(self)):
-            h.update(self.records.key(self._row(i)).encode("utf-8") + b"\0")
+        # the keys: derived from the paths, or stored (custom, or made unique)
+        rows = range(len(self)) if self.rows is None else self.rows.tolist()
+        for strings in (self.records.paths, self.records.keys):
+            if strings is not None:
+                buf, off = strings.buf, strings.off
+                h.update(b"\0".join([buf[off[r]:off[r + 1]] for r in rows]))
         h.update((self.sha if self.rows is None else self.sha[self.rows]).tobytes())
         h.update(self.class_ids.astype("<i4").tobytes())
         off = np.arange(len(self) + 1) if self.class_off is None else self.class_off
@@ -242,10 +246,6 @@ def _locations(table: RecordTable, rows) -> list[tuple[str, int, int]]:
     return [(table.url(i), table.offset[i], table.length[i]) for i in rows]
 
 
-def _read(url: str, offset: int, length: int) -> bytes:
-    return storage.read_bytes(url) if offset < 0 else storage.read_range(url, offset, length)
-
-
 def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple:
     data = None
     if not decode:  # read the ends: they settle most JPEGs and PNGs
@@ -259,7 +259,7 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
                 if p is not None:
                     return ("ok", _ends_key(size, head[:_KEY_ENDS], tail), None, p.ext, p.width, p.height, size)
     if data is None:
-        data = _read(url, offset, length)
+        data = storage.read_record(url, offset, length)
     try:
         p = probe(data, max_pixels=max_pixels) if decode else header_probe(data, max_pixels=max_pixels)
     except BadImage as err:
@@ -288,7 +288,7 @@ def hash_records(locations) -> list[bytes | tuple]:
     out = []
     for url, offset, length in locations:
         try:
-            out.append(hashlib.sha256(_read(url, offset, length)).digest())
+            out.append(hashlib.sha256(storage.read_record(url, offset, length)).digest())
         except (storage.StorageError, OSError) as err:
             out.append(_unreadable(err))
     return out

@@ -426,26 +426,38 @@ def open_read(url: str | os.PathLike) -> BinaryIO:
     return io.BufferedReader(_S3Stream(url, response["Body"]), buffer_size=1024 * 1024)
 
 
-def read_bytes(url: str | os.PathLike) -> bytes:
+def read_bytes(url: str | os.PathLike, *, size: int | None = None) -> bytes:
+    """A whole file. `size`: what it is expected to hold, when known (saves a stat locally; a file
+    of another size is still read whole, for the caller to notice)."""
     url = str(url)
     if not is_s3(url):
         try:
-            return _read_local(_local(url))
+            return _read_local(_local(url), size)
         except FileNotFoundError:
             raise StorageNotFound(f"{url}: not found") from None
     with open_read(url) as f:
         return f.read()
 
 
-def _read_local(path: str) -> bytes:
+def read_record(url: str, offset: int = -1, length: int = -1, *, size: int | None = None) -> bytes:
+    """One record's bytes: the whole file at `url` (offset < 0; `size` as in read_bytes), or the
+    `length` bytes at `offset` in it (a tar member)."""
+    return read_bytes(url, size=size) if offset < 0 else read_range(url, offset, length)
+
+
+def _read_local(path: str, size: int | None = None) -> bytes:
     """A whole local file with plain os calls (no buffered-file object: about half the per-file
-    cost, which is what matters when reading millions of small images)."""
+    cost, which is what matters when reading millions of small images). One read when the size
+    is right: a regular file reads short only at its end."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while parts[-1]:  # the file grew, or a short read: go on to the end
+        expected = os.fstat(fd).st_size if size is None else size
+        parts = [os.read(fd, expected + 1)]
+        if len(parts[0]) == expected:
+            return parts[0]
+        while parts[-1]:  # the file grew, shrank or read short: go on to the end
             parts.append(os.read(fd, 1 << 20))
-        return parts[0] if len(parts) == 2 else b"".join(parts)
+        return b"".join(parts)
     finally:
         os.close(fd)
 

@@ -195,8 +195,8 @@ def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
     with open(path, "wb", buffering=0) as f:
         tar = _TarOut(f.fileno())
         for key, rel_path, url, offset, length, nbytes, ext, width, height, labels in _columns(task):
-            try:  # as RecordRef.read
-                data = storage.read_bytes(url) if offset < 0 else storage.read_range(url, offset, length)
+            try:
+                data = storage.read_record(url, offset, length, size=nbytes)
             except (storage.StorageError, OSError) as err:
                 raise ShardError(f"{rel_path}: unreadable while writing {task.name} ({err}); fix access and re-run") from None
             # the scan hashed this file; a size check here (not a second hash) catches a file rewritten since

@@ -73,8 +73,8 @@ def odd_files(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
     root, records = odd_files
     whole_reads = []
-    read = plan._read
-    monkeypatch.setattr(plan, "_read", lambda *a: whole_reads.append(a[0]) or read(*a))
+    read = plan.storage.read_record
+    monkeypatch.setattr(plan.storage, "read_record", lambda *a, **k: whole_reads.append(a[0]) or read(*a, **k))
     with tarfile.open(root / "all.tar") as tar:
         members = {m.name: (str(root / "all.tar"), m.offset_data, m.size) for m in tar}
     for name, data in records.items():

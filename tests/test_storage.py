@@ -79,3 +79,16 @@ def test_local_write_is_atomic(tmp_path):
         storage._atomic_local_write(str(target), lambda f: (f.write(b"partial"), 1 / 0))
     assert target.read_bytes() == b"first"
     assert os.listdir(tmp_path / "out") == ["f.bin"]
+
+
+def test_read_with_an_expected_size_still_returns_the_whole_file(tmp_path):
+    """The writer passes the size the scan saw; a file that has grown or shrunk since comes back
+    whole, so its size check fails instead of a shard taking a cut copy."""
+    data = os.urandom(300_000)
+    (tmp_path / "f").write_bytes(data)
+    for expected in (300_000, 1000, 299_999, 300_001, 2_000_000, 0):
+        assert storage.read_bytes(str(tmp_path / "f"), size=expected) == data
+    assert storage.read_record(str(tmp_path / "f"), 1000, 24) == data[1000:1024]
+    assert storage.read_ends(str(tmp_path / "f"), 100, 10, 1000, 5000) == (data[1000:1100], data[5990:6000], 5000)
+    assert storage.read_ends(str(tmp_path / "f"), 100, 10) == (data[:100], data[-10:], 300_000)
+    assert storage.read_ends(str(tmp_path / "f"), 10**6, 10) == (data, b"", 300_000)
