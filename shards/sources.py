@@ -167,40 +167,53 @@ def _s3_folders(url: str, root: str):
 def _local_folders(url: str, root: str):
     """The same runs as _s3_folders gives for storage.iter_files(url) on a local tree (its os.walk order: folders
     top-down, subfolders and files sorted; unreadable folders and links to folders left out), from os.scandir
-    with one stat per file and no per-file dict or path join."""
+    with one stat per file (relative to the open folder) and no per-file dict or path join."""
     top = storage._local(url)
     if not os.path.isdir(top):
         raise storage.StorageNotFound(f"{url}: not found or not a folder")
-    by_name = attrgetter("name")
     stack = [top]
     while stack:
         path = stack.pop()
         try:
-            with os.scandir(path) as it:
-                entries = list(it)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             continue
-        dirs, files = [], []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            (dirs if is_dir else files).append(entry)
-        files.sort(key=by_name)
-        folder = os.path.join(path, "")[len(root):].lstrip("/").replace(os.sep, "/")
-        for lo in range(0, len(files), _FOLDER_CHUNK):
-            names = [entry.name for entry in files[lo:lo + _FOLDER_CHUNK]]
-            try:
-                stats = [entry.stat() for entry in files[lo:lo + _FOLDER_CHUNK]]
-            except OSError:  # e.g. a broken link: file by file, so the error comes where iter_files raises it
-                for name in names:
-                    st = os.stat(os.path.join(path, name))
-                    yield folder, [name], [st.st_size], [st.st_mtime]
-                continue
-            yield folder, names, [st.st_size for st in stats], [st.st_mtime for st in stats]
-        dirs.sort(key=by_name, reverse=True)
-        stack.extend(entry.path for entry in dirs if not os.path.islink(entry.path))
+        try:
+            subfolders = yield from _local_folder(path, fd, root)
+        finally:
+            os.close(fd)
+        stack.extend(reversed(subfolders))
+
+
+def _local_folder(path: str, fd: int, root: str):
+    """The runs of one folder (`fd` open on it); returns its subfolders to walk, sorted."""
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    except OSError:
+        return []
+    dirs, files = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        (dirs if is_dir else files).append(entry)
+    files.sort(key=attrgetter("name"))
+    folder = os.path.join(path, "")[len(root):].lstrip("/").replace(os.sep, "/")
+    for lo in range(0, len(files), _FOLDER_CHUNK):
+        chunk = files[lo:lo + _FOLDER_CHUNK]
+        names = [entry.name for entry in chunk]
+        try:
+            stats = [entry.stat() for entry in chunk]
+        except OSError:  # e.g. a broken link: file by file, so the error comes where (and as) iter_files raises it
+            for name in names:
+                st = os.stat(os.path.join(path, name))
+                yield folder, [name], [st.st_size], [st.st_mtime]
+            continue
+        yield folder, names, [st.st_size for st in stats], [st.st_mtime for st in stats]
+    subfolders = sorted(os.path.join(path, entry.name) for entry in dirs)
+    return [sub for sub in subfolders if not os.path.islink(sub)]
 
 
 def _list_imagefolder(url: str, kind: str) -> Listing:
