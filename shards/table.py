@@ -79,12 +79,21 @@ class _Strings:
     def __getitem__(self, i: int) -> str:
         return self.buf[self.off[i]:self.off[i + 1]].decode("utf-8", "surrogatepass")
 
-    def set(self, i: int, text: str) -> None:  # rare (key collisions): rebuild
-        items = [self[j] for j in range(len(self.off) - 1)]
-        items[i] = text
-        self.buf, self.off = bytearray(), array("Q", [0])
-        for item in items:
-            self.append(item)
+    def replace(self, texts: dict[int, str]) -> None:
+        """Set the text of rows {i: text} (rare: key collisions), in one rebuild."""
+        off = np.frombuffer(self.off, dtype=np.uint64).astype(np.int64)
+        sizes = np.diff(off)
+        buf, start = bytearray(), 0
+        for i in sorted(texts):
+            data = texts[i].encode("utf-8", "surrogatepass")
+            buf += self.buf[off[start]:off[i]]
+            buf += data
+            sizes[i] = len(data)
+            start = i + 1
+        buf += self.buf[off[start]:]
+        self.buf = buf
+        self.off = array("Q", [0])
+        self.off.frombytes(np.cumsum(sizes).astype(np.uint64).tobytes())
 
     def take(self, indices) -> "_Strings":
         out = _Strings()
@@ -256,21 +265,22 @@ class RecordTable:
             hashes = np.frombuffer(known, dtype=np.int64)
         else:
             hashes = np.fromiter((hash(self.key(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
-        _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
-        if (counts == 1).all():
+        ordered = np.sort(hashes)
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if not len(repeated):
             return 0
         seen: set[str] = set()
-        changed = 0
-        suspects = set(np.flatnonzero(np.isin(hashes, _[counts > 1])).tolist())
-        for i in sorted(suspects):
+        changes: dict[int, str] = {}
+        for i in np.flatnonzero(np.isin(hashes, repeated)).tolist():
             key = self.key(i)
             if key in seen:
-                if self.keys is None:
-                    self._store_keys()
-                self.keys.set(i, f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}")
-                changed += 1
-            seen.add(self.key(i))
-        return changed
+                key = changes[i] = f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}"
+            seen.add(key)
+        if changes:
+            if self.keys is None:
+                self._store_keys()
+            self.keys.replace(changes)
+        return len(changes)
 
     @property
     def nbytes(self) -> int:
