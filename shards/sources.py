@@ -176,7 +176,7 @@ def _local_folders(url: str, root: str):
         path = stack.pop()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
+        except OSError:  # as os.walk: a folder that cannot be read is left out
             continue
         try:
             subfolders = yield from _local_folder(path, fd, root)
@@ -212,7 +212,7 @@ def _local_folder(path: str, fd: int, root: str):
                 yield folder, [name], [st.st_size], [st.st_mtime]
             continue
         yield folder, names, [st.st_size for st in stats], [st.st_mtime for st in stats]
-    subfolders = sorted(os.path.join(path, entry.name) for entry in dirs)
+    subfolders = (os.path.join(path, name) for name in sorted(entry.name for entry in dirs))
     return [sub for sub in subfolders if not os.path.islink(sub)]
 
 
