@@ -35,18 +35,28 @@ def make_keys(folder: str, names: list[str]) -> list[str]:
     make_key replaces, but one dot): then each key is the folder's key part ("a/b/" -> "a_b_") + the name's stem."""
     if not names or not folder.endswith("/"):
         return [make_key(folder + name) for name in names]
-    head = _KEY_BAD.sub("_", folder).lstrip("_")  # ends in "_" (from the "/"); empty or starts with a non-"_"
     joined = "/".join(names)
-    ends, first = joined + "/", names[0]
-    ext = first[first.rfind("."):]
-    if (head and ends.isascii() and ends.encode("ascii").translate(None, _PLAIN_BYTES) == b"./" * len(names)
-            and ends.count(ext + "/") == len(names) and "_" + ext + "/" not in ends and "/" + ext + "/" not in "/" + ends):
-        # the usual folder (ASCII names, one dot each, all one extension, no stem empty or ending in "_"):
-        # every key is head + stem, cut out of one string
+    usual = _usual_folder(folder, names, joined)
+    if usual:  # every key is head + stem, cut out of one string
+        head, ext = usual
         return (head + joined.removesuffix(ext).replace(ext + "/", "/" + head)).split("/")
     if _PLAIN_NAMES.fullmatch(joined):
+        head = _KEY_BAD.sub("_", folder).lstrip("_")  # ends in "_" (from the "/"); empty or starts with a non-"_"
         return [(head + name.partition(".")[0]).strip("_") or "sample" for name in names]
     return [make_key(folder + name) for name in names]
+
+
+def _usual_folder(folder: str, names: list[str], joined: str) -> tuple[str, str] | None:
+    """(head, ext) when the key of each folder + name is head + the name's stem: ASCII names of one dot each, all
+    one extension `ext`, no stem empty or ending in "_"; else None."""
+    head = _KEY_BAD.sub("_", folder).lstrip("_")  # ends in "_" (from the "/"); empty or starts with a non-"_"
+    ends, first = joined + "/", names[0]
+    ext = first[first.rfind("."):]
+    if (folder.endswith("/") and head and ends.isascii()
+            and ends.encode("ascii").translate(None, _PLAIN_BYTES) == b"./" * len(names)
+            and ends.count(ext + "/") == len(names) and "_" + ext + "/" not in ends and "/" + ext + "/" not in "/" + ends):
+        return head, ext
+    return None
 
 
 class _Strings:
@@ -118,16 +128,18 @@ class RecordTable:
         self.label_off = array("Q")  # empty while every row has exactly one label (row i: labels[i])
         self.offset = array("q")  # tar members only: empty while every row is a whole file (offset -1)
         self.length = array("q")
-        # hash(key(i)) of every row while all rows came from extend_files (for make_keys_unique), else None;
-        # never pickled (str hashes differ between processes)
+        # while all rows came from extend_files (for make_keys_unique), else None: hash(key(i)) of every row, 0 for
+        # the rows of _later runs (lo, hi, folder, head): usual folders, hashed only if needed. Never pickled (str
+        # hashes differ between processes).
         self._key_hash: array | None = array("q")
+        self._later: list[tuple[int, int, str, str]] = []
 
     def __len__(self) -> int:
         return len(self.root_idx)
 
     def append(self, *, key: str | None, root: str, path: str, labels, offset: int = -1, length: int = -1) -> None:
         """`key=None`: the key is make_key(path), computed when asked for instead of stored."""
-        self._key_hash = None
+        self._key_hash, self._later = None, []
         self.root_idx.append(self._root_id(root))
         if key and self.keys is None:
             self._store_keys()
@@ -154,11 +166,27 @@ class RecordTable:
             for name in names:
                 self.append(key=None, root=root, path=folder + name, labels=(label,))
             return
+        start = len(self)
         self.root_idx += array("I", [self._root_id(root)]) * len(names)
         self.labels += array("I", [self._label_id(label)]) * len(names)
         self.paths.extend(names, prefix=folder)
-        if self._key_hash is not None:
+        if self._key_hash is None or not names:
+            return
+        usual = folder.endswith("/") and len(set(names)) == len(names) and _usual_folder(folder, names, "/".join(names))
+        if usual:
+            self._later.append((start, len(self), folder, usual[0]))
+            self._key_hash += array("q", [0]) * len(names)
+        else:
             self._key_hash.extend(map(hash, make_keys(folder, names)))
+
+    def _names(self, lo: int, hi: int, folder: str) -> list[str]:
+        """The names of rows lo..hi-1 whose paths are folder + name (one extend_files call)."""
+        skip = len(folder.encode("utf-8", "surrogatepass"))
+        off = np.frombuffer(self.paths.off, dtype=np.uint64)[lo:hi + 1].astype(np.int64)
+        text = np.frombuffer(self.paths.buf, dtype=np.uint8)[off[0]:off[-1]]
+        keep = np.ones(len(text), dtype=bool)
+        keep[((off[:-1] - off[0])[:, None] + np.arange(skip - 1)).ravel()] = False  # each folder but its last "/"
+        return text[keep].tobytes().decode("utf-8", "surrogatepass")[1:].split("/")
 
     def _root_id(self, root: str) -> int:
         rid = self._root_ids.get(root)
@@ -227,7 +255,7 @@ class RecordTable:
 
     def take(self, indices) -> "RecordTable":
         out = RecordTable()
-        out._key_hash = None
+        out._key_hash, out._later = None, []
         out.roots, out._root_ids, out.label_names, out._label_ids = self.roots, self._root_ids, self.label_names, self._label_ids
         indices = [int(i) for i in indices]
         out.root_idx = array("I", (self.root_idx[i] for i in indices))
@@ -254,14 +282,20 @@ class RecordTable:
             setattr(self, k, v)
         self._root_ids = {r: i for i, r in enumerate(self.roots)}
         self._label_ids = {n: i for i, n in enumerate(self.label_names)}
-        self._key_hash = None
+        self._key_hash, self._later = None, []
 
     def make_keys_unique(self) -> int:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""
         import hashlib
 
-        known, self._key_hash = self._key_hash, None  # keys may change below
+        known, later = self._key_hash, self._later
+        self._key_hash, self._later = None, []  # keys may change below
         if known is not None and len(known) == len(self):
+            heads = sorted(head for *_, head in later)
+            if sum(hi - lo for lo, hi, *_ in later) == len(self) and not any(map(str.startswith, heads[1:], heads)):
+                return 0  # every key is its folder's head + a stem unique in the folder, and no head begins another
+            for lo, hi, folder, _ in later:
+                known[lo:hi] = array("q", map(hash, make_keys(folder, self._names(lo, hi, folder))))
             hashes = np.frombuffer(known, dtype=np.int64)
         else:
             hashes = np.fromiter((hash(self.key(i)) for i in range(len(self))), dtype=np.int64, count=len(self))
