@@ -140,3 +140,30 @@ def test_a_multi_label_row_with_a_label_outside_the_class_index_is_skipped(tmp_p
         ("2.jpg", "class 'zebra' is not in the class index (--classes)"),
         ("4.jpg", "class 'zebra' is not in the class index (--classes)")]
     assert manifest["num_samples"] == 3 and manifest["label_histogram"] == [2, 2]
+
+
+def test_imagefolder_fingerprint_is_the_documented_hash_of_the_listing(tmp_path):
+    """The fingerprint stored in manifests (and compared by flows to skip finished work) is
+    sha256(kind, then per file in walk order: JSON [relative path, size, mtime] + newline). Pinned
+    here so a faster listing cannot change it for existing datasets."""
+    import hashlib
+
+    from shards import source_fingerprint
+
+    names = {"b c": ["z.jpg", 'q"uote.jpg', "tab\there.jpg"], "a": ["ü 1.jpg", "sub/n.jpg"], "é": ["x.png"]}
+    crop = encode(photo_crops(1, size=(32, 24), seed=7)[0], "JPEG")
+    for i, (cls, files) in enumerate(names.items()):
+        for j, name in enumerate(files):
+            path = tmp_path / "src" / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(crop + bytes(i * 10 + j))
+            os.utime(path, (1_700_000_000.25 + j, 1_700_000_000.125 + 3.3 * i + j))
+    expected = hashlib.sha256(b"imagefolder")
+    for dirpath, dirnames, filenames in os.walk(tmp_path / "src"):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(tmp_path / "src").as_posix()
+            st = path.stat()
+            expected.update(json.dumps([rel, st.st_size, st.st_mtime], ensure_ascii=False).encode() + b"\n")
+    assert source_fingerprint(str(tmp_path / "src")) == expected.hexdigest()
