@@ -134,8 +134,15 @@ def list_source(url: str, *, format: str | None = None) -> Listing:
     kind = format or detect_format(url)
     if kind not in FORMATS:
         raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
-    listing = {"imagefolder": _list_imagefolder, "i21k-tars": _list_tars, "jsonl": _list_manifest,
-               "csv": _list_manifest}[kind](url, kind)
+    try:
+        listing = {"imagefolder": _list_imagefolder, "i21k-tars": _list_tars, "jsonl": _list_manifest,
+                   "csv": _list_manifest}[kind](url, kind)
+    except UnicodeEncodeError as err:  # a name the OS gave as undecodable bytes (surrogate escapes)
+        text = err.object if isinstance(err.object, str) else ""
+        left, right = text.rfind('"', 0, err.start) + 1, text.find('"', err.end)
+        name = text[left:right] if right > 0 else text[max(0, err.start - 60):err.end + 20]  # the quoted path, if any
+        raise SourceError(f"{url}: a file or folder name is not valid UTF-8 ({os.fsencode(name)!r}); "
+                          "rename it to UTF-8 (e.g. with convmv) and re-run") from None
     if not len(listing.records) and not listing.skipped:
         raise SourceError(f"{url}: empty source (no images found as {kind})")
     listing.records.make_keys_unique()

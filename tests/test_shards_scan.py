@@ -167,3 +167,16 @@ def test_imagefolder_fingerprint_is_the_documented_hash_of_the_listing(tmp_path)
             st = path.stat()
             expected.update(json.dumps([rel, st.st_size, st.st_mtime], ensure_ascii=False).encode() + b"\n")
     assert source_fingerprint(str(tmp_path / "src")) == expected.hexdigest()
+
+
+def test_a_file_name_that_is_not_utf8_is_a_one_line_error_naming_it(tmp_path):
+    from shards import ShardError
+
+    (tmp_path / "src" / "cls").mkdir(parents=True)
+    data = encode(photo_crops(1, size=(32, 24), seed=8)[0], "JPEG")
+    (tmp_path / "src" / "cls" / "ok.jpg").write_bytes(data)
+    with open(os.path.join(os.fsencode(tmp_path / "src" / "cls"), b"bad\xff.jpg"), "wb") as f:
+        f.write(data)
+    with pytest.raises(ShardError, match=r"not valid UTF-8 \(b'cls/bad\\xff\.jpg'\); rename it"):
+        shard_dataset(str(tmp_path / "src"), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.json").exists()
