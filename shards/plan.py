@@ -15,7 +15,7 @@ import numpy as np
 from shards import storage
 from shards.dedup import HashIndex, load_exclude
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
-from shards.sources import Listing, RecordRef, SourceError, list_source
+from shards.sources import Listing, SourceError, list_source
 from shards.table import RecordTable
 
 _TAR_BLOCK = 512
@@ -66,19 +66,6 @@ class ShardSettings:
             raise ValueError(f"near_dup_threshold={self.near_dup_threshold}: use 0..31 bits")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One kept record as planned (a view built on demand from a task's columns)."""
-
-    ref: RecordRef
-    label_ids: tuple[int, ...]
-    ext: str
-    width: int
-    height: int
-    nbytes: int
-    content_key: str  # hex (see scan_records)
-
-
 EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
 _EXT_CODE = {e: i for i, e in enumerate(EXTS)}
 
@@ -116,9 +103,6 @@ class ShardTask:
     def __len__(self) -> int:
         return len(self.ext) if self.rows is None else len(self.rows)
 
-    def _row(self, i: int) -> int:
-        return i if self.rows is None else int(self.rows[i])
-
     def __getstate__(self):
         state = dict(self.__dict__)
         if self.rows is not None:
@@ -126,19 +110,6 @@ class ShardTask:
             for name in self._COLUMNS:
                 state[name] = state[name][self.rows]
         return state
-
-    def item(self, i: int) -> Item:
-        if self.class_off is None:
-            labels = (int(self.class_ids[i]),)
-        else:
-            labels = tuple(int(v) for v in self.class_ids[self.class_off[i]:self.class_off[i + 1]])
-        r = self._row(i)
-        return Item(self.records.ref(r), labels, EXTS[self.ext[r]], int(self.width[r]), int(self.height[r]),
-                    int(self.nbytes[r]), self.sha[r].tobytes().hex())
-
-    @property
-    def items(self) -> list[Item]:
-        return [self.item(i) for i in range(len(self))]
 
     @property
     def digest(self) -> str:

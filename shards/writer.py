@@ -6,7 +6,7 @@ completion record `_progress/<shard>.json` (task digest, samples, bytes, sha256)
 re-run that finds a record whose digest matches the task and a shard whose sha256 matches the
 record keeps that shard and does no work.
 
-Per sample the writer reads the task's columns directly (no Item or RecordRef objects) and builds
+Per sample the writer reads the task's columns directly (no per-sample objects) and builds
 the small members from text prepared once per task: in pass-through mode what is left per image is
 little more than the read, the sha256 and the write.
 """
@@ -110,8 +110,7 @@ class _SampleWriter:
 
 def _columns(task: ShardTask):
     """Per sample of the task, in order: (key, path, url, offset, length, nbytes, ext, width, height,
-    labels), read straight from the task's columns (what task.item(i) holds, without the objects);
-    offset is -1 for a whole file."""
+    labels), read straight from the task's columns; offset is -1 for a whole file."""
     records, rows = task.records, task.rows
 
     def column(values):
