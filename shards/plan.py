@@ -182,7 +182,7 @@ class ScanResults:
 # The content key of a record read only at its ends (pass-through scans): sha256 of its size, its
 # first and its last _KEY_ENDS bytes. Identical files get identical keys, so every exact duplicate is
 # found among the records sharing a key; those few are then hashed whole to confirm (plan_shards).
-_KEY_ENDS = 4096
+_KEY_ENDS = 1024
 _HEAD_READ = 16384  # read at the start: JPEG/PNG headers (and a file this small, whole)
 
 

@@ -445,6 +445,31 @@ def read_record(url: str, offset: int = -1, length: int = -1, *, size: int | Non
     return read_bytes(url, size=size) if offset < 0 else read_range(url, offset, length)
 
 
+_SPARE = bytearray(1)
+
+
+def read_record_into(url: str, offset: int, length: int, out) -> int:
+    """Read a record (as read_record) into `out`, a writable buffer of the size it is expected to
+    have; returns the record's size. A size other than len(out) means the record changed: then
+    `out` holds a part of it, or the whole of it at its start."""
+    if is_s3(url):
+        data = read_record(url, offset, length)
+        if len(data) <= len(out):
+            out[:len(data)] = data
+        return len(data)
+    try:
+        fd = os.open(_local(url), os.O_RDONLY)
+    except FileNotFoundError:
+        raise StorageNotFound(f"{url}: not found") from None
+    try:
+        if offset >= 0:  # a tar member
+            return os.preadv(fd, [out], offset) if length == len(out) else length
+        read = os.readv(fd, [out, _SPARE])  # one byte more: a file that grew reads long
+        return read if read <= len(out) else os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def _read_local(path: str, size: int | None = None) -> bytes:
     """A whole local file with plain os calls (no buffered-file object: about half the per-file
     cost, which is what matters when reading millions of small images). One read when the size

@@ -30,6 +30,19 @@ def make_key(rel_path: str) -> str:
     return key or "sample"
 
 
+_SEP = "\uffff"  # a noncharacter: joins paths for the bulk key functions (checked absent)
+_STEM_EXT = re.compile(f"\\.[^./{_SEP}]*(?={_SEP}|\\Z)")  # each path's ".extension" (in its last part)
+
+
+def keys_of_paths(paths: list[str]) -> list[str]:
+    """[make_key(p) for p in paths] with two regex passes over the joined paths instead of one per path."""
+    joined = _SEP.join(paths)
+    if not paths or joined.count(_SEP) != len(paths) - 1:
+        return [make_key(p) for p in paths]
+    stems = _KEY_BAD.sub("_", _STEM_EXT.sub("", joined)).split(_SEP)
+    return [key.strip("_") or "sample" for key in stems]
+
+
 def make_keys(folder: str, names: list[str]) -> list[str]:
     """[make_key(folder + name) for name in names], without a regex per name when the names are plain (no character
     make_key replaces, but one dot): then each key is the folder's key part ("a/b/" -> "a_b_") + the name's stem."""
@@ -204,6 +217,12 @@ class RecordTable:
 
     def key(self, i: int) -> str:
         return (self.keys is not None and self.keys[i]) or make_key(self.paths[i])
+
+    def keys_of(self, rows) -> list[str]:
+        """[key(i) for i in rows], deriving the keys of all those rows at once."""
+        if self.keys is None:
+            return keys_of_paths([self.paths[i] for i in rows])
+        return [self.keys[i] or make_key(self.paths[i]) for i in rows]
 
     def _store_keys(self) -> None:
         """From now on keep keys: the rows so far get empty (derived) ones."""

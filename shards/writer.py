@@ -6,9 +6,11 @@ completion record `_progress/<shard>.json` (task digest, samples, bytes, sha256)
 re-run that finds a record whose digest matches the task and a shard whose sha256 matches the
 record keeps that shard and does no work.
 
-Per sample the writer reads the task's columns directly (no per-sample objects) and builds
-the small members from text prepared once per task: in pass-through mode what is left per image is
-little more than the read, the sha256 and the write.
+The samples are written a chunk at a time (_TarOut.layout): the tar headers and the small
+members (`cls`, `json`) of the whole chunk are built with a few array operations, each image is
+read straight into its place in the chunk's buffer, and the chunk is hashed and written in one
+call each. In pass-through mode what is left per image is the open, the read and its share of
+the sha256 and the write.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import tarfile
 import tempfile
 from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for strings
 
+import numpy as np
+
 from shards import storage
 from shards.imaging import resize_encode
 from shards.plan import EXTS, ShardError, ShardPlan, ShardTask
@@ -26,10 +30,9 @@ MTIME = 946684800  # 2000-01-01: every member gets the same timestamp, so shards
 PROGRESS_DIR = "_progress"
 
 
-def _ustar_template() -> tuple[bytes, bytes, bytes, int]:
-    """The fixed parts of a ustar header (mode 0444, owner 0/0, mtime MTIME, regular file): the
-    fields between the name and the size, between the size and the checksum, after the checksum;
-    and the byte sum of all fixed fields with the checksum field counted as spaces."""
+def _ustar_template() -> tuple[np.ndarray, int]:
+    """A ustar header of a regular file (mode 0444, owner 0/0, mtime MTIME) with the name, size and
+    checksum fields empty, and the byte sum of its fixed fields with the checksum counted as spaces."""
     header = bytearray(512)
     header[100:108] = b"0000444\0"
     header[108:116] = b"0000000\0"
@@ -38,135 +41,231 @@ def _ustar_template() -> tuple[bytes, bytes, bytes, int]:
     header[148:156] = b"        "
     header[156:157] = b"0"
     header[257:265] = b"ustar\x0000"
-    return bytes(header[100:124]), bytes(header[136:148]), bytes(header[156:]), sum(header)
+    total = sum(header)
+    header[148:156] = bytes(8)
+    return np.frombuffer(bytes(header), dtype=np.uint8), total
 
 
-_USTAR_MODE_OWNER, _USTAR_MTIME, _USTAR_TAIL, _USTAR_SUM = _ustar_template()
-_ZEROS = bytes(512)
+_USTAR, _USTAR_SUM = _ustar_template()
+_SIZE_SHIFTS = np.arange(30, -1, -3)  # the 11 octal digits of the size field
+_SUM_SHIFTS = np.arange(15, -1, -3)  # the 6 of the checksum
+_MAX_USTAR_SIZE = 8 ** 11
 
 
-def _ustar(name: bytes, name_sum: int, size: int) -> bytes:
-    """The ustar header of an ASCII `name` of at most 100 bytes, `name_sum` being sum(name)."""
-    size_field = b"%011o\0" % size
-    return b"".join((name.ljust(100, b"\0"), _USTAR_MODE_OWNER, size_field, _USTAR_MTIME,
-                     b"%06o\0 " % (_USTAR_SUM + name_sum + sum(size_field)), _USTAR_TAIL))
+def ustar_headers(names: list[bytes], sizes: np.ndarray) -> np.ndarray:
+    """[m, 512] uint8: the ustar header of each regular file member, for ASCII `names` of at most
+    100 bytes and sizes below 8 GiB (see tar_header), built for all members at once."""
+    m = len(names)
+    out = np.empty((m, 512), dtype=np.uint8)
+    out[:] = _USTAR
+    out[:, :100] = np.array(names, dtype="S100").view(np.uint8).reshape(m, 100)
+    size_digits = ((np.asarray(sizes, dtype=np.int64)[:, None] >> _SIZE_SHIFTS) & 7) + 48
+    out[:, 124:135] = size_digits
+    checksum = _USTAR_SUM + out[:, :100].sum(axis=1, dtype=np.int64) + size_digits.sum(axis=1)
+    out[:, 148:154] = ((checksum[:, None] >> _SUM_SHIFTS) & 7) + 48
+    out[:, 155] = 32  # "%06o\0 "
+    return out
 
 
 def tar_header(name: str, size: int) -> bytes:
     """The header block(s) of a regular file member: fixed mode 0444, owner 0/0, mtime MTIME.
 
-    Plain ASCII names up to 100 bytes get a ustar header built here; other names go through
-    tarfile's PAX encoder, which is deterministic for the same fields."""
+    Plain ASCII names up to 100 bytes get a ustar header; other names go through tarfile's PAX
+    encoder, which is deterministic for the same fields."""
     encoded = name.encode("utf-8")
-    if len(encoded) > 100 or not name.isascii():
+    if len(encoded) > 100 or not name.isascii() or size >= _MAX_USTAR_SIZE:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, MTIME, 0o444, 0, 0, "", ""
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    return _ustar(encoded, sum(encoded), size)
+    return ustar_headers([encoded], np.array([size])).tobytes()
 
 
-class _SampleWriter:
-    """Turns one sample of a task into tar bytes: `<key>.<ext>` (the image), `<key>.cls`
-    (single-label: the class id) and `<key>.json`, which is byte for byte
-    json.dumps({"labels", "classes", "path", "width", "height"}, sort_keys=True, ensure_ascii=False):
-    its label part is built once per distinct label set, the path goes through json's own string
-    encoder. Headers are tar_header's bytes; when all three names fit a ustar header (the usual
-    case) the key's byte sum, which the checksum needs, is taken once for the three."""
+def _header_blocks(names: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The header blocks of members `names` of `sizes`, in order ([r, 512] uint8), and how many
+    blocks each one has (1 for ustar; more for PAX)."""
+    joined = "".join(names)
+    if joined.isascii() and max(map(len, names)) <= 100 and int(sizes.max()) < _MAX_USTAR_SIZE:
+        return ustar_headers([n.encode("ascii") for n in names], sizes), np.ones(len(names), dtype=np.int64)
+    headers = [tar_header(name, int(size)) for name, size in zip(names, sizes)]
+    blocks = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(-1, 512)
+    return blocks, np.array([len(h) // 512 for h in headers], dtype=np.int64)
+
+
+def _blocks_of(payloads: list[bytes]) -> np.ndarray:
+    """[b, 512] uint8: the payloads one after another, each zero-padded to whole blocks."""
+    if max(map(len, payloads)) > 512:  # rare (a long path or many labels): cut into blocks
+        payloads = [p[i:i + 512] for p in payloads for i in range(0, len(p), 512)]
+    return np.array(payloads, dtype="S512").view(np.uint8).reshape(-1, 512)
+
+
+class _Metadata:
+    """The small members of each sample: `cls` (single-label: the class id) and `json`, which is byte
+    for byte json.dumps({"labels", "classes", "path", "width", "height"}, sort_keys=True,
+    ensure_ascii=False); its label part is built once per distinct label set, the path goes through
+    json's own string encoder."""
 
     def __init__(self, task: ShardTask):
-        self._classes, self._multi_label = task.classes, task.multi_label
-        self._labels: dict[tuple[int, ...], tuple[str, str, bytes | None]] = {}
-        self._suffixes = {s: (b"." + s.encode("ascii"), sum(b"." + s.encode("ascii"))) for s in EXTS + ("cls", "json")}
+        self._classes, self.multi_label = task.classes, task.multi_label
+        self._labels: dict[tuple[int, ...], tuple[str, str, bytes]] = {}
 
-    def __call__(self, key: str, ext: str, data: bytes, labels: tuple[int, ...], path: str, width: int,
-                 height: int) -> tuple[bytes, bytes, bytes]:
-        """(image header, image bytes, the rest: padding, the cls and json members) of one sample."""
+    def __call__(self, labels: tuple[int, ...], path: str, width: int, height: int) -> tuple[bytes, bytes]:
+        """(cls payload, json payload) of one sample."""
         pieces = self._labels.get(labels)
         if pieces is None:
-            pieces = self._labels[labels] = self._label_pieces(labels)
+            head = '{"classes": [%s], "height": ' % ", ".join(encode_basestring(self._classes[i]) for i in labels)
+            middle = ', "labels": [%s], "path": ' % ", ".join(str(i) for i in labels)
+            pieces = self._labels[labels] = (head, middle, str(labels[0]).encode("ascii"))
         head, middle, cls = pieces
-        meta = ('%s%d%s%s, "width": %d}' % (head, height, middle, encode_basestring(path), width)).encode("utf-8")
-        encoded = key.encode("utf-8")
-        suffixes = self._suffixes
-        # the key's byte sum (for the ustar checksum) once for its three members; None: some name needs PAX
-        key_sum = sum(encoded) if len(encoded) <= 95 and key.isascii() and ext in suffixes else None  # ".json": 5
-        parts = []
-        for suffix, payload in ((ext, data), ("cls", cls), ("json", meta)):
-            if payload is None:  # multi-label: no .cls
-                continue
-            if key_sum is None:
-                header = tar_header(f"{key}.{suffix}", len(payload))
-            else:
-                name, name_sum = suffixes[suffix]
-                header = _ustar(encoded + name, key_sum + name_sum, len(payload))
-            parts += (header, payload, _ZEROS[:-len(payload) % 512])
-        return parts[0], parts[1], b"".join(parts[2:])
-
-    def _label_pieces(self, labels: tuple[int, ...]) -> tuple[str, str, bytes | None]:
-        head = '{"classes": [%s], "height": ' % ", ".join(encode_basestring(self._classes[i]) for i in labels)
-        middle = ', "labels": [%s], "path": ' % ", ".join(str(i) for i in labels)
-        return head, middle, None if self._multi_label else str(labels[0]).encode("ascii")
+        return cls, ('%s%d%s%s, "width": %d}' % (head, height, middle, encode_basestring(path), width)).encode("utf-8")
 
 
-def _columns(task: ShardTask):
-    """Per sample of the task, in order: (key, path, url, offset, length, nbytes, ext, width, height,
-    labels), read straight from the task's columns; offset is -1 for a whole file."""
+class _TarOut:
+    """The shard's tar file, written a chunk of samples at a time. Each chunk is laid out in one
+    buffer of 512-byte blocks: the headers and small members of all its samples are placed in a few
+    array operations, each image is read (or copied) straight into its place; the buffer is then
+    fed to the shard's sha256 and written with one call."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._buffer = np.empty(0, dtype=np.uint8)
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    def layout(self, keys: list[str], exts: list[str], sizes: list[int], small: list[tuple[bytes, ...]]
+               ) -> tuple[memoryview, list[int]]:
+        """Lay out samples: `keys[i].exts[i]` (an image of sizes[i] bytes, left to the caller) then
+        one member per payload in small[i] (named cls, json; or json alone). Returns the chunk's
+        bytes and where each image goes in them."""
+        per = len(small[0])
+        suffixes = ("json",) if per == 1 else ("cls", "json")
+        names, member_sizes, payloads = [], [], []
+        for key, ext, size, members in zip(keys, exts, sizes, small):
+            names.append(f"{key}.{ext}")
+            names += [f"{key}.{s}" for s in suffixes]
+            member_sizes.append(size)
+            member_sizes += map(len, members)
+            payloads += members
+        member_sizes = np.array(member_sizes, dtype=np.int64)
+        header_rows, header_count = _header_blocks(names, member_sizes)
+        data_count = -(-member_sizes // 512)
+        start = np.cumsum(header_count + data_count) - header_count - data_count  # each member's first block
+        total = int(start[-1] + header_count[-1] + data_count[-1])
+        if len(self._buffer) < total * 512:
+            self._buffer = np.empty(max(total * 512, 2 * len(self._buffer)), dtype=np.uint8)
+        blocks = self._buffer[:total * 512].reshape(total, 512)
+        if len(header_rows) == len(names):
+            blocks[start] = header_rows
+        else:  # some PAX headers: several blocks for a member
+            first = np.repeat(start - np.cumsum(header_count) + header_count, header_count)
+            blocks[first + np.arange(len(header_rows))] = header_rows
+        data_start = start + header_count
+        is_image = np.zeros(len(names), dtype=bool)
+        is_image[::per + 1] = True
+        small_rows = _blocks_of(payloads)
+        small_first = np.repeat(data_start[~is_image] - np.cumsum(data_count[~is_image]) + data_count[~is_image],
+                                data_count[~is_image])
+        blocks[small_first + np.arange(len(small_rows))] = small_rows
+        image_start, image_blocks = data_start[is_image], data_count[is_image]
+        tails = image_start[image_blocks > 0] + image_blocks[image_blocks > 0] - 1
+        blocks[tails] = 0  # an image's last block: zeros after its end
+        return memoryview(self._buffer)[:total * 512], (image_start * 512).tolist()
+
+    def write(self, data) -> None:
+        self.digest.update(data)
+        view = memoryview(data)
+        while view:  # write may write less than asked: go on from where it stopped
+            view = view[os.write(self._fd, view):]
+        self.bytes += len(data)
+
+    def finish(self) -> None:
+        self.write(bytes(1024))  # end-of-archive: two zero blocks
+
+
+_CHUNK_SAMPLES = 64
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(task: ShardTask):
+    """The task's samples in chunks of up to _CHUNK_SAMPLES or about _CHUNK_BYTES of images, each chunk
+    as columns: (paths, locations (url, offset, length), keys, exts, nbytes, widths, heights, labels)."""
     records, rows = task.records, task.rows
+    row_list = list(range(len(task))) if rows is None else rows.tolist()
 
     def column(values):
         return (values if rows is None else values[rows]).tolist()
 
-    ext, width, height, nbytes = column(task.ext), column(task.width), column(task.height), column(task.nbytes)
+    exts, widths, heights, nbytes = column(task.ext), column(task.width), column(task.height), column(task.nbytes)
     ids = task.class_ids.tolist()
     off = None if task.class_off is None else task.class_off.tolist()
-    paths, roots, root_idx, offsets, lengths = records.paths, records.roots, records.root_idx, records.offset, records.length
-    for i, r in enumerate(range(len(task)) if rows is None else rows.tolist()):
-        path = paths[r]
-        offset = offsets[r] if offsets else -1
-        yield (records.key(r), path, records._url(roots[root_idx[r]], path, offset), offset,
-               lengths[r] if offset >= 0 else -1, nbytes[i], EXTS[ext[i]], width[i], height[i],
-               (ids[i],) if off is None else tuple(ids[off[i]:off[i + 1]]))
+    roots, root_idx, offsets, lengths = records.roots, records.root_idx, records.offset, records.length
+    lo = 0
+    while lo < len(row_list):
+        hi, size = lo, 0
+        while hi < len(row_list) and hi - lo < _CHUNK_SAMPLES and (size < _CHUNK_BYTES or hi == lo):
+            size += nbytes[hi]
+            hi += 1
+        chunk = row_list[lo:hi]
+        paths = [records.paths[r] for r in chunk]
+        locations = []
+        for r, path in zip(chunk, paths):
+            offset = offsets[r] if offsets else -1
+            locations.append((records._url(roots[root_idx[r]], path, offset), offset, lengths[r] if offset >= 0 else -1))
+        labels = ([(i,) for i in ids[lo:hi]] if off is None else [tuple(ids[off[i]:off[i + 1]]) for i in range(lo, hi)])
+        yield (paths, locations, records.keys_of(chunk), [EXTS[e] for e in exts[lo:hi]], nbytes[lo:hi],
+               widths[lo:hi], heights[lo:hi], labels)
+        lo = hi
 
 
-class _TarOut:
-    """Tar bytes gathered as a list of buffers and written with writev, a few MB at a time, also
-    fed to the shard's sha256: no per-member write call and no copy of the image bytes."""
+def _changed(path: str, before: int, now: int) -> ShardError:
+    # the scan read this record; a size check here (not a second hash) catches a file rewritten since
+    return ShardError(f"{path}: changed since it was scanned ({before} -> {now} bytes); re-run to re-plan")
 
-    FLUSH = 4 << 20
-    _IOV_MAX = 512  # buffers per writev call (Linux takes up to 1024)
 
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._parts: list[bytes] = []
-        self._pending = 0
-        self.digest = hashlib.sha256()
-        self.bytes = 0
+def _unreadable(path: str, task: ShardTask, err: Exception) -> ShardError:
+    return ShardError(f"{path}: unreadable while writing {task.name} ({err}); fix access and re-run")
 
-    def add(self, parts) -> None:
-        """Append buffers that together make whole 512-byte blocks."""
-        self._parts += parts
-        self._pending += sum(map(len, parts))
-        if self._pending >= self.FLUSH or len(self._parts) >= self._IOV_MAX:
-            self.flush()
 
-    def flush(self) -> None:
-        update = self.digest.update
-        for part in self._parts:
-            update(part)
-        views = [memoryview(part) for part in self._parts if part]
-        while views:  # writev may write less than asked: go on from where it stopped
-            written = os.writev(self._fd, views)
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
-        self.bytes += self._pending
-        self._parts, self._pending = [], 0
+def _resized(task: ShardTask, paths, locations, nbytes) -> list[tuple[bytes, str, int, int]]:
+    """(bytes, ext, width, height) of each image of a chunk, read and resized."""
+    out = []
+    for path, (url, offset, length), size in zip(paths, locations, nbytes):
+        try:
+            data = storage.read_record(url, offset, length, size=size)
+        except (storage.StorageError, OSError) as err:
+            raise _unreadable(path, task, err) from None
+        if len(data) != size:
+            raise _changed(path, size, len(data))
+        out.append(resize_encode(data, shorter=task.resize, quality=task.quality, max_pixels=task.max_pixels))
+    return out
 
-    def finish(self) -> None:
-        self.add((bytes(1024),))  # end-of-archive: two zero blocks
-        self.flush()
+
+def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
+    metadata = _Metadata(task)
+    with open(path, "wb", buffering=0) as f:
+        tar = _TarOut(f.fileno())
+        for paths, locations, keys, exts, nbytes, widths, heights, labels in _chunks(task):
+            images = _resized(task, paths, locations, nbytes) if task.resize else None
+            if images is not None:
+                exts, widths, heights = ([image[c] for image in images] for c in (1, 2, 3))
+                nbytes = [len(image[0]) for image in images]
+            small = [metadata(*sample) for sample in zip(labels, paths, widths, heights)]
+            if metadata.multi_label:  # no cls member
+                small = [(meta,) for _, meta in small]
+            chunk, where = tar.layout(keys, exts, nbytes, small)
+            for i, (start, size) in enumerate(zip(where, nbytes)):
+                if images is not None:
+                    chunk[start:start + size] = images[i][0]
+                    continue
+                url, offset, length = locations[i]
+                try:
+                    got = storage.read_record_into(url, offset, length, chunk[start:start + size])
+                except (storage.StorageError, OSError) as err:
+                    raise _unreadable(paths[i], task, err) from None
+                if got != size:
+                    raise _changed(paths[i], size, got)
+            tar.write(chunk)
+        tar.finish()
+    return tar.bytes, tar.digest.hexdigest()
 
 
 def progress_url(task: ShardTask) -> str:
@@ -187,27 +286,6 @@ def completed_entry(task: ShardTask) -> dict | None:
     if storage.size(task.url) != record.get("bytes") or storage.sha256_url(task.url) != record.get("sha256"):
         return None
     return {k: record[k] for k in ("name", "samples", "bytes", "sha256")}
-
-
-def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
-    sample = _SampleWriter(task)
-    with open(path, "wb", buffering=0) as f:
-        tar = _TarOut(f.fileno())
-        for key, rel_path, url, offset, length, nbytes, ext, width, height, labels in _columns(task):
-            try:
-                data = storage.read_record(url, offset, length, size=nbytes)
-            except (storage.StorageError, OSError) as err:
-                raise ShardError(f"{rel_path}: unreadable while writing {task.name} ({err}); fix access and re-run") from None
-            # the scan hashed this file; a size check here (not a second hash) catches a file rewritten since
-            if len(data) != nbytes:
-                raise ShardError(f"{rel_path}: changed since it was scanned ({nbytes} -> {len(data)} bytes); "
-                                 "re-run to re-plan")
-            if task.resize:
-                data, ext, width, height = resize_encode(data, shorter=task.resize, quality=task.quality,
-                                                         max_pixels=task.max_pixels)
-            tar.add(sample(key, ext, data, labels, rel_path, width, height))
-        tar.finish()
-    return tar.bytes, tar.digest.hexdigest()
 
 
 def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -> dict:

@@ -1,0 +1,90 @@
+"""The shard writer's own parts: tar headers built for many members at once, chunks of samples laid
+out in one buffer (images larger than a chunk, metadata longer than a block), files that grew."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+
+from shards import ShardError, plan_shards, shard_dataset, write_shard
+from shards.table import keys_of_paths, make_key
+from shards.testdata import encode, photo_crops
+from shards.writer import MTIME, tar_header, ustar_headers
+
+
+def _stdlib_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, MTIME, 0o444, 0, 0, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_bulk_ustar_headers_equal_the_stdlib_ones():
+    rng = random.Random(0)
+    chars = "abcXYZ019_-.~!()"
+    names = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 100))) for _ in range(300)]
+    sizes = [rng.choice([0, 1, 511, 512, 513, 8 ** 11 - 1, rng.randint(0, 10 ** 9)]) for _ in names]
+    headers = ustar_headers([n.encode("ascii") for n in names], np.array(sizes))
+    for name, size, header in zip(names, sizes, headers):
+        assert header.tobytes() == _stdlib_header(name, size) == tar_header(name, size)
+    # too long, not ASCII or too big for ustar: PAX, which tarfile reads back as given
+    for name, size in (("x" * 101, 3), ("é.json", 5)):
+        data = tar_header(name, size) + b"12345"[:size] + bytes(-size % 512 + 1024)
+        member = tarfile.open(fileobj=io.BytesIO(data), mode="r:").next()
+        assert (member.name, member.size, member.mtime, member.mode) == (name, size, MTIME, 0o444)
+    assert b" size=%d\n" % 8 ** 11 in tar_header("big.png", 8 ** 11)
+
+
+def test_keys_of_paths_equals_make_key_per_path():
+    rng = random.Random(1)
+    pieces = ["a", "B", ".", "/", " ", "_", "\\", "\t", "é", "日", "x.y", "..", "\x01", "-", "\u2028"]
+    for _ in range(2000):
+        paths = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 6))]
+        assert keys_of_paths(paths) == [make_key(p) for p in paths]
+
+
+def test_chunks_hold_images_larger_than_a_chunk_and_metadata_longer_than_a_block(tmp_path, monkeypatch):
+    """Small chunks (3 samples, 1 KB of images) so that a shard spans many of them, one PNG larger
+    than a chunk, and class names that make the json member several blocks long."""
+    from shards import writer
+
+    monkeypatch.setattr(writer, "_CHUNK_SAMPLES", 3)
+    monkeypatch.setattr(writer, "_CHUNK_BYTES", 1024)
+    crops = photo_crops(11, size=(64, 48), seed=5)
+    rows = []
+    for i, crop in enumerate(crops):
+        name = f"img{i}.{'png' if i == 4 else 'jpg'}"
+        image = crop.resize((400, 300)) if i == 4 else crop
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(encode(image, "PNG" if i == 4 else "JPEG"))
+        rows.append({"path": f"src/{name}", "labels": ["L" * 700, f"class {i % 3}"][: 1 + i % 2]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (tmp_path / "src" / "img4.png").stat().st_size > 1024 * 3
+    manifest = shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), shard_size=8)
+    seen = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            for member in tar.getmembers():
+                seen[member.name] = tar.extractfile(member).read()
+    assert len(seen) == 2 * 11
+    for i in range(11):
+        meta = json.loads(seen[f"src_img{i}.json"])
+        assert meta["classes"] == sorted(set(rows[i]["labels"]), key=[*manifest["classes"]].index)
+        ext = "png" if i == 4 else "jpg"
+        assert seen[f"src_img{i}.{ext}"] == (tmp_path / "src" / f"img{i}.{ext}").read_bytes()
+    assert len(seen["src_img0.json"]) > 512
+
+
+def test_a_file_that_grew_after_planning_stops_its_shard(tmp_path):
+    for i, crop in enumerate(photo_crops(3, size=(40, 30), seed=2)):
+        (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "c" / f"{i}.jpg").write_bytes(encode(crop, "JPEG"))
+    plan = plan_shards(str(tmp_path / "src"), str(tmp_path / "out"), shard_size=10)
+    path = tmp_path / "src" / "c" / "1.jpg"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes() + b"\0" * 10)
+    with pytest.raises(ShardError, match=rf"^c/1\.jpg: changed since it was scanned \({size} -> {size + 10} bytes\)"):
+        write_shard(plan, 0)
