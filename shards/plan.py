@@ -178,6 +178,15 @@ class ScanResults:
         self.ext[i] = _EXT_CODE[ext]
         self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
 
+    def put_part(self, start: int, part: "ScanResults") -> None:
+        """Take the results of rows start.. from `part` (a ScanResults of those rows)."""
+        stop = start + len(part.ok)
+        for name in ("ok", "sha", "dhash", "ext", "width", "height", "nbytes"):
+            column = getattr(self, name)
+            if column is not None:
+                column[start:stop] = getattr(part, name)
+        self.bad.update((start + i, reason) for i, reason in part.bad.items())
+
 
 # The content key of a record read only at its ends (pass-through scans): sha256 of its size, its
 # first and its last _KEY_ENDS bytes. Identical files get identical keys, so every exact duplicate is
@@ -254,6 +263,24 @@ def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]
     return out
 
 
+def _scan_part(locations, max_pixels: int, decode: bool) -> ScanResults:
+    """scan_records of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
+    arrays, not a tuple per record)."""
+    results = scan_records(locations, max_pixels, decode)
+    part = ScanResults(len(results), decode)
+    ok = [i for i, result in enumerate(results) if result[0] == "ok"]
+    part.bad = {i: result[1:] for i, result in enumerate(results) if result[0] == "bad"}
+    if ok:
+        _, keys, dhashes, exts, widths, heights, sizes = zip(*(results[i] for i in ok))
+        part.ok[ok] = True
+        part.sha[ok] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(ok), 32)
+        if decode:
+            part.dhash[ok] = [d or 0 for d in dhashes]
+        part.ext[ok] = [_EXT_CODE[e] for e in exts]
+        part.width[ok], part.height[ok], part.nbytes[ok] = widths, heights, sizes
+    return part
+
+
 def hash_records(locations) -> list[bytes | tuple]:
     """For each (url, offset, length): the sha256 of its bytes, or ("bad", "unreadable", reason)."""
     out = []
@@ -293,12 +320,11 @@ def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool 
              pool=None) -> ScanResults:
     """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more work)."""
     results = ScanResults(len(table), decode)
-    for start, part in _map_chunks(scan_records, table, range(len(table)), (max_pixels, decode), workers=workers,
+    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode), workers=workers,
                                    pool=pool):
-        for j, result in enumerate(part):
-            results.put(start + j, result)
+        results.put_part(start, part)
         if progress is not None:
-            progress(len(part))
+            progress(len(part.ok))
     return results
 
 
