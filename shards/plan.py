@@ -156,7 +156,11 @@ class ShardPlan:
 class ScanResults:
     """Per-record scan outcome in arrays; reasons only for the bad ones."""
 
-    def __init__(self, n: int, decode: bool = True):
+    def __init__(self, n: int, decode: bool = True, stats: bool = False):
+        # stats: each file's size and mtime as the scan found them (-1 where it could not open it), for
+        # the fingerprint of a listing made without them (sources.Listing.complete_fingerprint)
+        self.file_size = np.full(n, -1, dtype=np.int64) if stats else None
+        self.mtime = np.full(n, -1.0, dtype=np.float64) if stats else None
         self.ok = np.zeros(n, dtype=bool)
         self.sha = np.zeros((n, 32), dtype=np.uint8)
         self.dhash = np.zeros(n, dtype=np.uint64) if decode else None  # perceptual hashes need pixels
@@ -181,7 +185,7 @@ class ScanResults:
     def put_part(self, start: int, part: "ScanResults") -> None:
         """Take the results of rows start.. from `part` (a ScanResults of those rows)."""
         stop = start + len(part.ok)
-        for name in ("ok", "sha", "dhash", "ext", "width", "height", "nbytes"):
+        for name in ("ok", "sha", "dhash", "ext", "width", "height", "nbytes", "file_size", "mtime"):
             column = getattr(self, name)
             if column is not None:
                 column[start:stop] = getattr(part, name)
@@ -226,26 +230,43 @@ def _locations(table: RecordTable, rows) -> list[tuple[str, int, int]]:
     return [(table.url(i), table.offset[i], table.length[i]) for i in rows]
 
 
-def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple:
-    data = None
-    if not decode:  # read the ends: they settle most JPEGs and PNGs
-        ends = storage.read_ends(url, _HEAD_READ, _KEY_ENDS, None if offset < 0 else offset, None if offset < 0 else length)
-        if ends is not None:
-            head, tail, size = ends
-            if size == len(head):  # small: that is all of it
-                data = head
-            elif len(head) == _HEAD_READ and len(tail) == _KEY_ENDS:
-                p = header_probe_ends(head, tail, max_pixels=max_pixels)
-                if p is not None:
-                    return ("ok", _ends_key(size, head[:_KEY_ENDS], tail), None, p.ext, p.width, p.height, size)
+_WHOLE = 1 << 62  # read_ends head: all of it
+
+
+def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple[tuple, int, float]:
+    """(result, size, mtime): scan_records' result for one record, and the size and mtime of the
+    file as it was open (a local whole file; else -1, -1.0)."""
+    data, size, mtime = None, -1, -1.0
+    # a local record: its ends (header mode; they settle most JPEGs and PNGs) or all of it (decode)
+    ends = storage.read_ends(url, _WHOLE if decode else _HEAD_READ, 0 if decode else _KEY_ENDS,
+                             None if offset < 0 else offset, None if offset < 0 else length)
+    if ends is not None:
+        head, tail, size, stamp = ends
+        mtime = -1.0 if stamp is None else stamp
+        if size == len(head):  # small, or decode mode: that is all of it
+            data = head
+        elif len(head) == _HEAD_READ and len(tail) == _KEY_ENDS:
+            p = header_probe_ends(head, tail, max_pixels=max_pixels)
+            if p is not None:
+                return ("ok", _ends_key(size, head[:_KEY_ENDS], tail), None, p.ext, p.width, p.height, size), size, mtime
     if data is None:
         data = storage.read_record(url, offset, length)
     try:
         p = probe(data, max_pixels=max_pixels) if decode else header_probe(data, max_pixels=max_pixels)
     except BadImage as err:
-        return _bad_image(err)
+        return _bad_image(err), size, mtime
     key = hashlib.sha256(data).digest() if decode else content_key(data)
-    return ("ok", key, p.dhash, p.ext, p.width, p.height, len(data))
+    return ("ok", key, p.dhash, p.ext, p.width, p.height, len(data)), size, mtime
+
+
+def _scan_with_stats(locations, max_pixels: int, decode: bool) -> list[tuple[tuple, int, float]]:
+    out = []
+    for url, offset, length in locations:
+        try:
+            out.append(_scan_one(url, offset, length, max_pixels, decode))
+        except (storage.StorageError, OSError) as err:
+            out.append((_unreadable(err), -1, -1.0))
+    return out
 
 
 def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
@@ -254,20 +275,18 @@ def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]
     `decode`: decode every image (and compute the dHash); the key is the sha256 of the bytes. Else
     only headers and end markers are checked, reading just the ends of the record where they
     settle it, and the key is content_key (see _KEY_ENDS)."""
-    out = []
-    for url, offset, length in locations:
-        try:
-            out.append(_scan_one(url, offset, length, max_pixels, decode))
-        except (storage.StorageError, OSError) as err:
-            out.append(_unreadable(err))
-    return out
+    return [result for result, _, _ in _scan_with_stats(locations, max_pixels, decode)]
 
 
-def _scan_part(locations, max_pixels: int, decode: bool) -> ScanResults:
-    """scan_records of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
+def _scan_part(locations, max_pixels: int, decode: bool, stats: bool) -> ScanResults:
+    """The scan of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
     arrays, not a tuple per record)."""
-    results = scan_records(locations, max_pixels, decode)
-    part = ScanResults(len(results), decode)
+    scanned = _scan_with_stats(locations, max_pixels, decode)
+    results = [result for result, _, _ in scanned]
+    part = ScanResults(len(results), decode, stats)
+    if stats:
+        part.file_size[:] = [size for _, size, _ in scanned]
+        part.mtime[:] = [mtime for _, _, mtime in scanned]
     ok = [i for i, result in enumerate(results) if result[0] == "ok"]
     part.bad = {i: result[1:] for i, result in enumerate(results) if result[0] == "bad"}
     if ok:
@@ -317,10 +336,11 @@ def _call(job):
 
 
 def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
-             pool=None) -> ScanResults:
-    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more work)."""
-    results = ScanResults(len(table), decode)
-    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode), workers=workers,
+             pool=None, stats: bool = False) -> ScanResults:
+    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more
+    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime)."""
+    results = ScanResults(len(table), decode, stats)
+    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats), workers=workers,
                                    pool=pool):
         results.put_part(start, part)
         if progress is not None:
@@ -472,7 +492,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     cfg = ShardSettings(**settings)
     out_url = str(out_url) if storage.is_s3(str(out_url)) else os.path.abspath(storage._local(str(out_url)))
     try:
-        listing: Listing = list_source(source, format=cfg.format)
+        listing: Listing = list_source(source, format=cfg.format, defer_stats=True)
     except SourceError as err:
         raise ShardError(str(err)) from None
     except storage.StorageError as err:
@@ -487,10 +507,13 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     try:
         decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
         scan = scan_all(table, max_pixels=cfg.max_pixels, workers=workers, decode=decode, pool=pool,
-                        progress=bar.update if bar else None)
+                        progress=bar.update if bar else None, stats=listing.deferred_runs is not None)
     finally:
         if bar:
             bar.close()
+    if listing.deferred_runs is not None:
+        listing.complete_fingerprint(scan.file_size, scan.mtime)
+        scan.file_size = scan.mtime = None
     classes = load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
     class_ids = {name: i for i, name in enumerate(classes)}
     # label name id (table-local) -> class id, -1 when the class index does not have it

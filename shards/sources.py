@@ -57,6 +57,27 @@ class Listing:
     skipped: list[dict] = field(default_factory=list)  # refused at listing time: {"path", "reason"}
     fingerprint: str = ""
     class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
+    # a listing made without a stat per file (list_source(defer_stats=True)): the fingerprint is
+    # completed by complete_fingerprint from the records' sizes and mtimes, which the scan takes
+    # from the files it opens anyway. Runs in walk order: (folder, lo, hi) for record rows lo..hi-1,
+    # (folder, names, sizes, mtimes) for files that are not records (stated while listing)
+    deferred_runs: list[tuple] | None = None
+
+    def complete_fingerprint(self, sizes, mtimes) -> None:
+        """Set the fingerprint of a deferred listing from each record row's size and mtime (arrays
+        by row; size -1 where the scan could not open the file: then it is stated here)."""
+        digest = _Fingerprint(self.kind)
+        for run in self.deferred_runs:
+            if len(run) == 4:
+                digest.extend_files(*run)
+                continue
+            folder, lo, hi = run
+            names = self.records._names(lo, hi, folder) if hi > lo else []
+            run_sizes, run_mtimes = sizes[lo:hi].tolist(), mtimes[lo:hi].tolist()
+            for i in (i for i, size in enumerate(run_sizes) if size < 0):
+                run_sizes[i], run_mtimes[i] = _stat_or_missing(self.records.url(lo + i))
+            digest.extend_files(folder, names, run_sizes, run_mtimes)
+        self.fingerprint, self.deferred_runs = digest.hexdigest(), None
 
 
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps(ensure_ascii=False) escapes in a string
@@ -98,6 +119,26 @@ class _Fingerprint:
         return self._digest.hexdigest()
 
 
+def _stat_or_missing(path: str) -> tuple[int, float]:
+    """(size, mtime) of a local file as the fingerprint lists it; (-1, -1.0) for one that cannot be
+    stated (a broken link): it is listed, and skipped as unreadable when scanned."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1.0
+    return st.st_size, st.st_mtime
+
+
+def _check_utf8(folder: str, names: list[str]) -> None:
+    """Raise the UnicodeEncodeError the fingerprint raises on a name that is not UTF-8 (list_source
+    turns it into a SourceError naming the file)."""
+    try:
+        (folder + "".join(names)).encode("utf-8")
+    except UnicodeEncodeError:
+        for name in names:
+            f'"{folder}{name}"'.encode("utf-8")
+
+
 def detect_format(url: str) -> str:
     url = str(url)
     lower = url.lower().rstrip("/")
@@ -120,8 +161,12 @@ def detect_format(url: str) -> str:
                       "pass --format imagefolder|i21k-tars|jsonl|csv")
 
 
-def list_source(url: str, *, format: str | None = None) -> Listing:
-    """List a source; raises SourceError (missing, empty, unknown format, empty class folder...)."""
+def list_source(url: str, *, format: str | None = None, defer_stats: bool = False) -> Listing:
+    """List a source; raises SourceError (missing, empty, unknown format, empty class folder...).
+
+    `defer_stats`: a local imagefolder is listed by names alone (no stat per file, which is most of
+    the cost of listing, and far more on a network file system); its fingerprint is then completed
+    by Listing.complete_fingerprint once the records' sizes and mtimes are known."""
     url = str(url)
     if not storage.is_s3(url):
         url = os.path.abspath(storage._local(url))
@@ -135,8 +180,10 @@ def list_source(url: str, *, format: str | None = None) -> Listing:
     if kind not in FORMATS:
         raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
     try:
-        listing = {"imagefolder": _list_imagefolder, "i21k-tars": _list_tars, "jsonl": _list_manifest,
-                   "csv": _list_manifest}[kind](url, kind)
+        if kind == "imagefolder":
+            listing = _list_imagefolder(url, kind, defer_stats=defer_stats)
+        else:
+            listing = {"i21k-tars": _list_tars, "jsonl": _list_manifest, "csv": _list_manifest}[kind](url, kind)
     except UnicodeEncodeError as err:  # a name the OS gave as undecodable bytes (surrogate escapes)
         text = err.object if isinstance(err.object, str) else ""
         left, right = text.rfind('"', 0, err.start) + 1, text.find('"', err.end)
@@ -171,7 +218,7 @@ def _s3_folders(url: str, root: str):
         yield run
 
 
-def _local_folders(url: str, root: str):
+def _local_folders(url: str, root: str, *, stat: bool = True):
     """The same runs as _s3_folders gives for storage.iter_files(url) on a local tree (its os.walk order: folders
     top-down, subfolders and files sorted; unreadable folders and links to folders left out), from os.scandir
     with one stat per file (relative to the open folder) and no per-file dict or path join."""
@@ -186,14 +233,15 @@ def _local_folders(url: str, root: str):
         except OSError:  # as os.walk: a folder that cannot be read is left out
             continue
         try:
-            subfolders = yield from _local_folder(path, fd, root)
+            subfolders = yield from _local_folder(path, fd, root, stat)
         finally:
             os.close(fd)
         stack.extend(reversed(subfolders))
 
 
-def _local_folder(path: str, fd: int, root: str):
-    """The runs of one folder (`fd` open on it); returns its subfolders to walk, sorted."""
+def _local_folder(path: str, fd: int, root: str, stat: bool = True):
+    """The runs of one folder (`fd` open on it); returns its subfolders to walk, sorted. `stat`
+    False: the runs' sizes and mtimes are None."""
     try:
         with os.scandir(fd) as it:
             entries = list(it)
@@ -211,35 +259,44 @@ def _local_folder(path: str, fd: int, root: str):
     for lo in range(0, len(files), _FOLDER_CHUNK):
         chunk = files[lo:lo + _FOLDER_CHUNK]
         names = [entry.name for entry in chunk]
-        try:
-            stats = [entry.stat() for entry in chunk]
-        except OSError:  # e.g. a broken link: file by file, so the error comes where (and as) iter_files raises it
-            for name in names:
-                st = os.stat(os.path.join(path, name))
-                yield folder, [name], [st.st_size], [st.st_mtime]
+        if not stat:
+            yield folder, names, None, None
             continue
-        yield folder, names, [st.st_size for st in stats], [st.st_mtime for st in stats]
+        try:
+            stats = [(st.st_size, st.st_mtime) for st in (entry.stat() for entry in chunk)]
+        except OSError:  # e.g. a broken link: listed as (-1, -1.0), skipped as unreadable by the scan
+            stats = [_stat_or_missing(os.path.join(path, name)) for name in names]
+        yield folder, names, [size for size, _ in stats], [mtime for _, mtime in stats]
     subfolders = (os.path.join(path, name) for name in sorted(entry.name for entry in dirs))
     return [sub for sub in subfolders if not os.path.islink(sub)]
 
 
-def _list_imagefolder(url: str, kind: str) -> Listing:
+def _list_imagefolder(url: str, kind: str, *, defer_stats: bool = False) -> Listing:
     s3 = storage.is_s3(url)
     root = url.rstrip("/") if s3 else url.rstrip(os.sep)
-    folders = _s3_folders(url, root) if s3 else _local_folders(url, root)
+    defer = defer_stats and not s3  # an S3 listing has the sizes and mtimes anyway
+    folders = _s3_folders(url, root) if s3 else _local_folders(url, root, stat=not defer)
     records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
+    runs = [] if defer else None
     class_files: dict[str, int] = {}
     if not s3:  # empty class folders exist only locally (S3 has no empty prefixes)
         for name in storage.listdir(url):
             if not name.startswith(".") and os.path.isdir(os.path.join(url, name)):
                 class_files.setdefault(name, 0)
     for folder, names, sizes, mtimes in folders:
-        entries.extend_files(folder, names, sizes, mtimes)
+        cls = folder.split("/", 1)[0]
+        record = bool(folder) and not cls.startswith(".")
+        if runs is None:
+            entries.extend_files(folder, names, sizes, mtimes)
+        elif record:
+            _check_utf8(folder, names)
+            runs.append((folder, len(records), len(records) + len(names)))
+        else:  # not records: stated now, as the scan will not open them
+            stats = [_stat_or_missing(os.path.join(root, *folder.split("/"), name)) for name in names]
+            runs.append((folder, names, [size for size, _ in stats], [mtime for _, mtime in stats]))
         if not folder:
             skipped.extend({"path": name, "reason": "not inside a class folder"} for name in names)
-            continue
-        cls = folder.split("/", 1)[0]
-        if cls.startswith("."):
+        if not record:
             continue
         class_files[cls] = class_files.get(cls, 0) + len(names)
         records.extend_files(root=root, folder=folder, names=names, label=cls)  # keys derived from the paths
@@ -249,7 +306,8 @@ def _list_imagefolder(url: str, kind: str) -> Listing:
                           + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     if not class_files:
         raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
-    return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(class_files))
+    return Listing(kind, url, records, skipped, "" if runs is not None else entries.hexdigest(), sorted(class_files),
+                   deferred_runs=runs)
 
 
 # ----------------------------------------------------------------------------- i21k tars

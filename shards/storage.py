@@ -488,10 +488,10 @@ def _read_local(path: str, size: int | None = None) -> bytes:
 
 
 def read_ends(url: str | os.PathLike, head: int, tail: int, offset: int | None = None,
-              length: int | None = None) -> tuple[bytes, bytes, int] | None:
-    """(first `head` bytes, last `tail` bytes, size) of a local file, or of the `length` bytes at
-    `offset` in it (a tar member), without reading the middle. The tail is empty when the head
-    holds everything. None for an s3:// URL: one GET of the whole object is the cheaper request."""
+              length: int | None = None) -> tuple[bytes, bytes, int, float | None] | None:
+    """(first `head` bytes, last `tail` bytes, size, mtime) of a local file, or of the `length` bytes
+    at `offset` in it (a tar member; mtime None), without reading the middle. The tail is empty when
+    the head holds everything. None for an s3:// URL: one GET of the whole object is the cheaper request."""
     url = str(url)
     if is_s3(url):
         return None
@@ -501,10 +501,11 @@ def read_ends(url: str | os.PathLike, head: int, tail: int, offset: int | None =
         raise StorageNotFound(f"{url}: not found") from None
     try:
         base = offset or 0
-        size = os.fstat(fd).st_size - base if length is None else length
+        st = os.fstat(fd)
+        size = st.st_size - base if length is None else length
         first = os.pread(fd, min(head, max(size, 0)), base)
         last = os.pread(fd, tail, base + size - tail) if size > head and tail else b""
-        return first, last, size
+        return first, last, size, (st.st_mtime if length is None else None)
     finally:
         os.close(fd)
 

@@ -180,3 +180,32 @@ def test_a_file_name_that_is_not_utf8_is_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(ShardError, match=r"not valid UTF-8 \(b'cls/bad\\xff\.jpg'\); rename it"):
         shard_dataset(str(tmp_path / "src"), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_fingerprint_from_scan_stats_equals_the_listed_one_and_a_broken_link_is_a_counted_skip(tmp_path):
+    """plan_shards lists a local tree without a stat per file and takes sizes and mtimes from the
+    files the scan opens: the manifest's fingerprint must still be source_fingerprint's (flows compare
+    the two to skip finished work), with files that are not records (at the root, in a dot folder,
+    in a subfolder) and a broken link, which is skipped as unreadable instead of stopping the listing."""
+    from shards import source_fingerprint
+
+    crops = photo_crops(4, size=(32, 24), seed=9)
+    for i, rel in enumerate(["a/1.jpg", "a/sub/2.jpg", "b c/3.jpg", "b c/ü.jpg"]):
+        _write(tmp_path / "src" / rel, encode(crops[i], "JPEG"))
+        os.utime(tmp_path / "src" / rel, (1_700_000_000.5, 1_700_000_000.25 + i))
+    _write(tmp_path / "src" / "stray.jpg", encode(crops[0], "JPEG"))
+    _write(tmp_path / "src" / ".cache" / "x.bin", b"x" * 7)
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "src" / "b c" / "broken.jpg")
+    manifest = shard_dataset(str(tmp_path / "src"), str(tmp_path / "out"), shard_size=10)
+    assert plan.list_source(str(tmp_path / "src"), defer_stats=True).fingerprint == ""  # listed by names alone
+    assert manifest["source"]["fingerprint"] == source_fingerprint(str(tmp_path / "src"))
+    assert manifest["num_samples"] == 4
+    assert [(s["path"], s["kind"]) for s in manifest["skipped"] if s["kind"] == "unreadable"] == [("b c/broken.jpg", "unreadable")]
+    # and it follows the files: a touched file changes it
+    os.utime(tmp_path / "src" / "a" / "1.jpg", (1_700_000_000.5, 1_700_000_009.0))
+    assert source_fingerprint(str(tmp_path / "src")) != manifest["source"]["fingerprint"]
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)

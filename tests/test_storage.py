@@ -89,6 +89,7 @@ def test_read_with_an_expected_size_still_returns_the_whole_file(tmp_path):
     for expected in (300_000, 1000, 299_999, 300_001, 2_000_000, 0):
         assert storage.read_bytes(str(tmp_path / "f"), size=expected) == data
     assert storage.read_record(str(tmp_path / "f"), 1000, 24) == data[1000:1024]
-    assert storage.read_ends(str(tmp_path / "f"), 100, 10, 1000, 5000) == (data[1000:1100], data[5990:6000], 5000)
-    assert storage.read_ends(str(tmp_path / "f"), 100, 10) == (data[:100], data[-10:], 300_000)
-    assert storage.read_ends(str(tmp_path / "f"), 10**6, 10) == (data, b"", 300_000)
+    mtime = (tmp_path / "f").stat().st_mtime
+    assert storage.read_ends(str(tmp_path / "f"), 100, 10, 1000, 5000) == (data[1000:1100], data[5990:6000], 5000, None)
+    assert storage.read_ends(str(tmp_path / "f"), 100, 10) == (data[:100], data[-10:], 300_000, mtime)
+    assert storage.read_ends(str(tmp_path / "f"), 10**6, 10) == (data, b"", 300_000, mtime)
