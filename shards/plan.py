@@ -225,9 +225,7 @@ def _unreadable(err: Exception) -> tuple:
 
 def _locations(table: RecordTable, rows) -> list[tuple[str, int, int]]:
     """(url, offset, length) per row: where its bytes are (offset -1: the whole file)."""
-    if not table.offset:
-        return [(table.url(i), -1, -1) for i in rows]
-    return [(table.url(i), table.offset[i], table.length[i]) for i in rows]
+    return table.locations(rows)
 
 
 _WHOLE = 1 << 62  # read_ends head: all of it

@@ -118,11 +118,16 @@ class _Strings:
         self.off = array("Q", [0])
         self.off.frombytes(np.cumsum(sizes).astype(np.uint64).tobytes())
 
-    def take(self, indices) -> "_Strings":
+    def take(self, indices: np.ndarray) -> "_Strings":
+        """The strings of rows `indices` (an int64 array), gathered with array operations."""
         out = _Strings()
-        for i in indices:
-            out.buf += self.buf[self.off[i]:self.off[i + 1]]
-            out.off.append(len(out.buf))
+        off = np.frombuffer(self.off, dtype=np.uint64).astype(np.int64)
+        starts, sizes = off[indices], off[indices + 1] - off[indices]
+        new_off = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=new_off[1:])
+        source = np.repeat(starts - new_off[:-1], sizes) + np.arange(new_off[-1])
+        out.buf = bytearray(np.frombuffer(self.buf, dtype=np.uint8)[source].tobytes())
+        out.off = array("Q", new_off.astype(np.uint64).tobytes())
         return out
 
 
@@ -218,11 +223,12 @@ class RecordTable:
     def key(self, i: int) -> str:
         return (self.keys is not None and self.keys[i]) or make_key(self.paths[i])
 
-    def keys_of(self, rows) -> list[str]:
-        """[key(i) for i in rows], deriving the keys of all those rows at once."""
+    def keys_of(self, rows, paths: list[str] | None = None) -> list[str]:
+        """[key(i) for i in rows], deriving the keys of all those rows at once. `paths`: paths_of(rows)."""
+        paths = self.paths_of(rows) if paths is None else paths
         if self.keys is None:
-            return keys_of_paths([self.paths[i] for i in rows])
-        return [self.keys[i] or make_key(self.paths[i]) for i in rows]
+            return keys_of_paths(paths)
+        return [self.keys[i] or make_key(path) for i, path in zip(rows, paths)]
 
     def _store_keys(self) -> None:
         """From now on keep keys: the rows so far get empty (derived) ones."""
@@ -246,6 +252,32 @@ class RecordTable:
 
     def _offset(self, i: int) -> int:
         return self.offset[i] if self.offset else -1
+
+    def paths_of(self, rows) -> list[str]:
+        """[path(i) for i in rows]; a run of consecutive rows (a range) is decoded in one piece."""
+        buf, off = self.paths.buf, self.paths.off
+        if isinstance(rows, range) and rows.step == 1 and len(rows):
+            base, end = off[rows.start], off[rows.stop]
+            text = buf[base:end].decode("utf-8", "surrogatepass")
+            if len(text) == end - base:  # ASCII: byte offsets are character offsets
+                cuts = [o - base for o in off[rows.start:rows.stop + 1]]
+                return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        return [buf[off[i]:off[i + 1]].decode("utf-8", "surrogatepass") for i in rows]
+
+    def locations(self, rows, paths: list[str] | None = None) -> list[tuple[str, int, int]]:
+        """(url, offset, length) of each row: where its bytes are (offset -1: the whole file).
+        `paths`: paths_of(rows), when the caller has them."""
+        paths = self.paths_of(rows) if paths is None else paths
+        roots = self.roots
+        if not self.offset and len(roots) == 1 and roots[0] and not storage.is_s3(roots[0]) and os.sep == "/":
+            prefix = roots[0] + "/"  # one local root, whole files: what _url gives, without a call per row
+            return [(prefix + path, -1, -1) for path in paths]
+        root_idx = self.root_idx
+        if not self.offset:
+            return [(self._url(roots[root_idx[i]], path, -1), -1, -1) for i, path in zip(rows, paths)]
+        offset, length = self.offset, self.length
+        return [(self._url(roots[root_idx[i]], path, offset[i]), offset[i], length[i] if offset[i] >= 0 else -1)
+                for i, path in zip(rows, paths)]
 
     def url(self, i: int) -> str:
         return self._url(self.roots[self.root_idx[i]], self.paths[i], self._offset(i))
@@ -276,20 +308,24 @@ class RecordTable:
         out = RecordTable()
         out._key_hash, out._later = None, []
         out.roots, out._root_ids, out.label_names, out._label_ids = self.roots, self._root_ids, self.label_names, self._label_ids
-        indices = [int(i) for i in indices]
-        out.root_idx = array("I", (self.root_idx[i] for i in indices))
+        indices = np.asarray(indices, dtype=np.int64)
+
+        def gather(column: array) -> array:
+            return array(column.typecode, np.frombuffer(column, dtype=column.typecode)[indices].tobytes())
+
+        out.root_idx = gather(self.root_idx)
         out.keys = None if self.keys is None else self.keys.take(indices)
         out.paths = self.paths.take(indices)
-        if self.label_off:
-            out.label_off = array("Q", [0])
-            for i in indices:
-                out.labels.extend(self.labels[self.label_off[i]:self.label_off[i + 1]])
-                out.label_off.append(len(out.labels))
+        if self.label_off:  # the label lists are strings of uint32: gathered the same way
+            lists = _Strings()
+            lists.buf, lists.off = self.labels, array("Q", (np.frombuffer(self.label_off, dtype=np.uint64) * 4).tobytes())
+            taken = lists.take(indices)
+            out.labels = array("I", bytes(taken.buf))
+            out.label_off = array("Q", (np.frombuffer(taken.off, dtype=np.uint64) // 4).tobytes())
         else:
-            out.labels = array("I", (self.labels[i] for i in indices))
+            out.labels = gather(self.labels)
         if self.offset:
-            out.offset = array("q", (self.offset[i] for i in indices))
-            out.length = array("q", (self.length[i] for i in indices))
+            out.offset, out.length = gather(self.offset), gather(self.length)
         return out
 
     def __getstate__(self):

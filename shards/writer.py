@@ -197,21 +197,17 @@ def _chunks(task: ShardTask):
     exts, widths, heights, nbytes = column(task.ext), column(task.width), column(task.height), column(task.nbytes)
     ids = task.class_ids.tolist()
     off = None if task.class_off is None else task.class_off.tolist()
-    roots, root_idx, offsets, lengths = records.roots, records.root_idx, records.offset, records.length
     lo = 0
     while lo < len(row_list):
         hi, size = lo, 0
         while hi < len(row_list) and hi - lo < _CHUNK_SAMPLES and (size < _CHUNK_BYTES or hi == lo):
             size += nbytes[hi]
             hi += 1
-        chunk = row_list[lo:hi]
-        paths = [records.paths[r] for r in chunk]
-        locations = []
-        for r, path in zip(chunk, paths):
-            offset = offsets[r] if offsets else -1
-            locations.append((records._url(roots[root_idx[r]], path, offset), offset, lengths[r] if offset >= 0 else -1))
+        chunk = range(lo, hi) if rows is None else row_list[lo:hi]
+        paths = records.paths_of(chunk)
+        locations = records.locations(chunk, paths)
         labels = ([(i,) for i in ids[lo:hi]] if off is None else [tuple(ids[off[i]:off[i + 1]]) for i in range(lo, hi)])
-        yield (paths, locations, records.keys_of(chunk), [EXTS[e] for e in exts[lo:hi]], nbytes[lo:hi],
+        yield (paths, locations, records.keys_of(chunk, paths), [EXTS[e] for e in exts[lo:hi]], nbytes[lo:hi],
                widths[lo:hi], heights[lo:hi], labels)
         lo = hi
 
