@@ -1,6 +1,7 @@
 """`vitpipe shard SOURCE OUT_URL ...` and `vitpipe verify URL`."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -28,7 +29,8 @@ def register(subparsers) -> None:
                         "every image)")
     p.add_argument("--validate", choices=["header", "decode"], default="header",
                    help="pass-through check: header + end marker (fast, default) or decode every image")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"worker processes (default: every CPU core this process may use, {_usable_cores()} here)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping any bad record")
     p.set_defaults(func=run_shard)
@@ -37,6 +39,14 @@ def register(subparsers) -> None:
     v.add_argument("url", help="dataset folder / s3:// prefix (or its manifest.json)")
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
     v.set_defaults(func=run_verify)
+
+
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: what a Slurm allocation or a cpuset leaves)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def run_shard(args) -> int:
@@ -48,7 +58,7 @@ def run_shard(args) -> int:
                       shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
                       quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
                       dedup_within=args.dedup_within,
-                      workers=args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
+                      workers=_usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
                       progress=True)
     except (ShardError, StorageError, ValueError) as err:
         print(f"vitpipe shard: error: {err}", file=sys.stderr)

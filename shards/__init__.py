@@ -53,7 +53,8 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
         elapsed = time.monotonic() - start
         print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards "
               f"({manifest['total_bytes'] / 1e6:.1f} MB, {len(manifest['classes'])} classes) in {elapsed:.1f}s "
-              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s); skipped {len(manifest['skipped'])}"
+              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s with {workers} worker{'s' if workers > 1 else ''}); "
+              f"skipped {len(manifest['skipped'])}"
               + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
         print(f"manifest: {join(plan.out_url, 'manifest.json')}")
     return manifest

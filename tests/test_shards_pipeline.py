@@ -309,6 +309,8 @@ def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, 
 
     assert main(["shard", str(root), str(tmp_path / "exact")]) == 0
     assert load_manifest(str(tmp_path / "exact"))["num_samples"] == 7  # exact mode keeps it: the bytes differ
+    cores = len(os.sched_getaffinity(0))  # the default --workers: every usable core
+    assert f"img/s with {cores} worker{'s' if cores > 1 else ''})" in capsys.readouterr().out
 
     assert main(["shard", str(root), str(tmp_path / "near"), "--dedup-within", "near"]) == 0
     manifest = load_manifest(str(tmp_path / "near"))
