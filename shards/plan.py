@@ -309,7 +309,7 @@ def hash_records(locations) -> list[bytes | tuple]:
     return out
 
 
-_CHUNK = 64
+_CHUNK = 256
 
 
 def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int, pool=None):
