@@ -52,7 +52,7 @@ _SUM_SHIFTS = np.arange(15, -1, -3)  # the 6 of the checksum
 _MAX_USTAR_SIZE = 8 ** 11
 
 
-def ustar_headers(names: list[bytes], sizes: np.ndarray) -> np.ndarray:
+def ustar_headers(names: list[str] | list[bytes], sizes: np.ndarray) -> np.ndarray:
     """[m, 512] uint8: the ustar header of each regular file member, for ASCII `names` of at most
     100 bytes and sizes below 8 GiB (see tar_header), built for all members at once."""
     m = len(names)
@@ -85,7 +85,7 @@ def _header_blocks(names: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.
     blocks each one has (1 for ustar; more for PAX)."""
     joined = "".join(names)
     if joined.isascii() and max(map(len, names)) <= 100 and int(sizes.max()) < _MAX_USTAR_SIZE:
-        return ustar_headers([n.encode("ascii") for n in names], sizes), np.ones(len(names), dtype=np.int64)
+        return ustar_headers(names, sizes), np.ones(len(names), dtype=np.int64)
     headers = [tar_header(name, int(size)) for name, size in zip(names, sizes)]
     blocks = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(-1, 512)
     return blocks, np.array([len(h) // 512 for h in headers], dtype=np.int64)
@@ -138,14 +138,12 @@ class _TarOut:
         bytes and where each image goes in them."""
         per = len(small[0])
         suffixes = ("json",) if per == 1 else ("cls", "json")
-        names, member_sizes, payloads = [], [], []
-        for key, ext, size, members in zip(keys, exts, sizes, small):
-            names.append(f"{key}.{ext}")
-            names += [f"{key}.{s}" for s in suffixes]
-            member_sizes.append(size)
-            member_sizes += map(len, members)
-            payloads += members
-        member_sizes = np.array(member_sizes, dtype=np.int64)
+        names = [f"{key}.{suffix}" for key, ext in zip(keys, exts) for suffix in (ext, *suffixes)]
+        payloads = [payload for members in small for payload in members]
+        member_sizes = np.empty((len(keys), per + 1), dtype=np.int64)  # per sample: the image, then its payloads
+        member_sizes[:, 0] = sizes
+        member_sizes[:, 1:] = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads)).reshape(-1, per)
+        member_sizes = member_sizes.ravel()
         header_rows, header_count = _header_blocks(names, member_sizes)
         data_count = -(-member_sizes // 512)
         start = np.cumsum(header_count + data_count) - header_count - data_count  # each member's first block
