@@ -309,15 +309,19 @@ def hash_records(locations) -> list[bytes | tuple]:
     return out
 
 
-_CHUNK = 256
+def _chunk_rows(n: int, workers: int) -> int:
+    """Rows per chunk sent to a worker: about 8 chunks per worker (an even finish), 64 to 1024 rows
+    (few messages: each costs the parent a pickle and a wakeup)."""
+    return min(1024, max(64, n // (8 * max(workers, 1))))
 
 
 def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int, pool=None):
-    """Yields (position in rows, fn(locations, *args)) per chunk of _CHUNK rows, in order, in
-    `pool` or `workers` processes."""
-    starts = range(0, len(rows), _CHUNK)
-    chunks = ((_locations(table, rows[start:start + _CHUNK]), *args) for start in starts)
-    if workers <= 1 or len(rows) <= _CHUNK:
+    """Yields (position in rows, fn(locations, *args)) per chunk of rows, in order, in `pool` or
+    `workers` processes."""
+    size = _chunk_rows(len(rows), workers)
+    starts = range(0, len(rows), size)
+    chunks = ((_locations(table, rows[start:start + size]), *args) for start in starts)
+    if workers <= 1 or len(rows) <= size:
         yield from zip(starts, (fn(*chunk) for chunk in chunks))
         return
     from contextlib import nullcontext
@@ -325,7 +329,7 @@ def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int,
     from shards.workers import process_pool
 
     with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
-        yield from zip(starts, executor.map(_call, ((fn, chunk) for chunk in chunks), chunksize=4))
+        yield from zip(starts, executor.map(_call, ((fn, chunk) for chunk in chunks)))
 
 
 def _call(job):
