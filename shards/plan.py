@@ -223,11 +223,6 @@ def _unreadable(err: Exception) -> tuple:
     return ("bad", "unreadable", f"unreadable ({err.strerror or type(err).__name__})")
 
 
-def _locations(table: RecordTable, rows) -> list[tuple[str, int, int]]:
-    """(url, offset, length) per row: where its bytes are (offset -1: the whole file)."""
-    return table.locations(rows)
-
-
 _WHOLE = 1 << 62  # read_ends head: all of it
 
 
@@ -320,7 +315,7 @@ def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int,
     `workers` processes."""
     size = _chunk_rows(len(rows), workers)
     starts = range(0, len(rows), size)
-    chunks = ((_locations(table, rows[start:start + size]), *args) for start in starts)
+    chunks = ((table.locations(rows[start:start + size]), *args) for start in starts)
     if workers <= 1 or len(rows) <= size:
         yield from zip(starts, (fn(*chunk) for chunk in chunks))
         return

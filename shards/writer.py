@@ -93,7 +93,7 @@ def _header_blocks(names: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.
 
 def _blocks_of(payloads: list[bytes]) -> np.ndarray:
     """[b, 512] uint8: the payloads one after another, each zero-padded to whole blocks."""
-    if max(map(len, payloads)) > 512:  # rare (a long path or many labels): cut into blocks
+    if max(map(len, payloads)) > 512 or not all(payloads):  # rare (a long path, many labels): cut into blocks
         payloads = [p[i:i + 512] for p in payloads for i in range(0, len(p), 512)]
     return np.array(payloads, dtype="S512").view(np.uint8).reshape(-1, 512)
 
