@@ -105,18 +105,19 @@ class _Metadata:
     json's own string encoder."""
 
     def __init__(self, task: ShardTask):
-        self._classes, self.multi_label = task.classes, task.multi_label
+        self._classes, self._multi_label = task.classes, task.multi_label
         self._labels: dict[tuple[int, ...], tuple[str, str, bytes]] = {}
 
-    def __call__(self, labels: tuple[int, ...], path: str, width: int, height: int) -> tuple[bytes, bytes]:
-        """(cls payload, json payload) of one sample."""
+    def __call__(self, labels: tuple[int, ...], path: str, width: int, height: int) -> tuple[bytes, ...]:
+        """The payloads of one sample's small members: (cls, json), or (json,) when multi-label."""
         pieces = self._labels.get(labels)
         if pieces is None:
             head = '{"classes": [%s], "height": ' % ", ".join(encode_basestring(self._classes[i]) for i in labels)
             middle = ', "labels": [%s], "path": ' % ", ".join(str(i) for i in labels)
             pieces = self._labels[labels] = (head, middle, str(labels[0]).encode("ascii"))
         head, middle, cls = pieces
-        return cls, ('%s%d%s%s, "width": %d}' % (head, height, middle, encode_basestring(path), width)).encode("utf-8")
+        meta = ('%s%d%s%s, "width": %d}' % (head, height, middle, encode_basestring(path), width)).encode("utf-8")
+        return (meta,) if self._multi_label else (cls, meta)
 
 
 class _TarOut:
@@ -243,8 +244,6 @@ def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
                 exts, widths, heights = ([image[c] for image in images] for c in (1, 2, 3))
                 nbytes = [len(image[0]) for image in images]
             small = [metadata(*sample) for sample in zip(labels, paths, widths, heights)]
-            if metadata.multi_label:  # no cls member
-                small = [(meta,) for _, meta in small]
             chunk, where = tar.layout(keys, exts, nbytes, small)
             for i, (start, size) in enumerate(zip(where, nbytes)):
                 if images is not None:
