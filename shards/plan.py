@@ -239,7 +239,10 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
         if size == len(head):  # small, or decode mode: that is all of it
             data = head
         elif len(head) == _HEAD_READ and len(tail) == _KEY_ENDS:
-            p = header_probe_ends(head, tail, max_pixels=max_pixels)
+            try:
+                p = header_probe_ends(head, tail, max_pixels=max_pixels)
+            except BadImage as err:  # a header that declares too many pixels
+                return _bad_image(err), size, mtime
             if p is not None:
                 return ("ok", _ends_key(size, head[:_KEY_ENDS], tail), None, p.ext, p.width, p.height, size), size, mtime
     if data is None:

@@ -35,6 +35,9 @@ def _odd_records() -> dict[str, bytes]:
     middle = bytearray(jpeg)
     middle[len(jpeg) // 2] ^= 0xFF  # same size and ends, damaged middle (header mode accepts it, as before)
     png = encode(image.resize((300, 300)), "PNG")
+    bomb = bytearray(jpeg)
+    frame = bomb.index(b"\xff\xc0")  # baseline frame header: declare 60000 x 60000 pixels
+    bomb[frame + 5:frame + 9] = (60000).to_bytes(2, "big") * 2
     return {
         "plain.jpg": jpeg,
         "exif_app1.jpg": buffer.getvalue(),
@@ -47,6 +50,7 @@ def _odd_records() -> dict[str, bytes]:
         "image.webp": encode(image, "WEBP", quality=90),
         "text.jpg": b"not an image " * 3000,
         "small.jpg": encode(image.resize((40, 30)), "JPEG"),
+        "bomb.jpg": bytes(bomb),
     }
 
 
@@ -84,7 +88,7 @@ def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
     settled_by_ends = {n for n in records if str(root / n) not in whole_reads}
     # the usual case reads just the ends; the frame header past 16 KB, the end marker before the
     # tail, other formats and anything broken fall back to reading the whole record
-    assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png"} <= settled_by_ends
+    assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png", "bomb.jpg"} <= settled_by_ends
     assert not {"exif_app1.jpg", "trailing_zeros.jpg", "truncated.jpg", "cut.png", "image.webp"} & settled_by_ends
     assert plan.scan_records([(str(root / "small.jpg"), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False)[0][0] == "ok"
 
