@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shards import storage
+from shards import native, storage
 from shards.dedup import HashIndex, load_exclude
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
 from shards.sources import Listing, SourceError, list_source
@@ -276,17 +276,28 @@ def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]
 
 def _scan_part(locations, max_pixels: int, decode: bool, stats: bool) -> ScanResults:
     """The scan of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
-    arrays, not a tuple per record)."""
+    arrays, not a tuple per record). Pass-through scans of local JPEGs and PNGs go through the C
+    loop (native.loops.scan_ends) where it is built; what it leaves, and everything else, through
+    _scan_one."""
+    part = ScanResults(len(locations), decode, stats)
+    rest = range(len(locations))
+    if native.loops is not None and not decode:
+        native.loops.scan_ends(locations, max_pixels, _EXT_CODE["jpg"], _EXT_CODE["png"], part.ok, part.sha, part.ext,
+                               part.width, part.height, part.nbytes, part.file_size, part.mtime)
+        rest = np.flatnonzero(~part.ok)
+        if not len(rest):
+            return part
+        locations = [locations[i] for i in rest.tolist()]
     scanned = _scan_with_stats(locations, max_pixels, decode)
     results = [result for result, _, _ in scanned]
-    part = ScanResults(len(results), decode, stats)
     if stats:
-        part.file_size[:] = [size for _, size, _ in scanned]
-        part.mtime[:] = [mtime for _, _, mtime in scanned]
-    ok = [i for i, result in enumerate(results) if result[0] == "ok"]
-    part.bad = {i: result[1:] for i, result in enumerate(results) if result[0] == "bad"}
+        part.file_size[rest] = [size for _, size, _ in scanned]
+        part.mtime[rest] = [mtime for _, _, mtime in scanned]
+    ok = [rest[i] for i, result in enumerate(results) if result[0] == "ok"]
+    part.bad = {int(rest[i]): result[1:] for i, result in enumerate(results) if result[0] == "bad"}
+    results = [result for result in results if result[0] == "ok"]
     if ok:
-        _, keys, dhashes, exts, widths, heights, sizes = zip(*(results[i] for i in ok))
+        _, keys, dhashes, exts, widths, heights, sizes = zip(*results)
         part.ok[ok] = True
         part.sha[ok] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(ok), 32)
         if decode:

@@ -22,7 +22,7 @@ from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=
 
 import numpy as np
 
-from shards import storage
+from shards import native, storage
 from shards.imaging import resize_encode
 from shards.plan import EXTS, ShardError, ShardPlan, ShardTask
 
@@ -234,10 +234,29 @@ def _resized(task: ShardTask, paths, locations, nbytes) -> list[tuple[bytes, str
     return out
 
 
-def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
-    metadata = _Metadata(task)
-    with open(path, "wb", buffering=0) as f:
-        tar = _TarOut(f.fileno())
+def _read_images(task: ShardTask, chunk, where: list[int], nbytes: list[int], locations, paths) -> None:
+    """Read each image i of a chunk into chunk[where[i]:where[i] + nbytes[i]]: local whole files in the
+    C loop (native.loops.read_into) where it is built; the rest, and any it stops at, here."""
+    i = 0
+    while i < len(where):
+        if native.loops is not None:
+            i = native.loops.read_into(locations, where, nbytes, chunk, i)
+            if i == len(where):
+                return
+        (url, offset, length), start, size = locations[i], where[i], nbytes[i]
+        try:
+            got = storage.read_record_into(url, offset, length, chunk[start:start + size])
+        except (storage.StorageError, OSError) as err:
+            raise _unreadable(paths[i], task, err) from None
+        if got != size:
+            raise _changed(paths[i], size, got)
+        i += 1
+
+
+def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:
+    """Write the shard's tar to `fd` (an empty file, closed on return)."""
+    with os.fdopen(fd, "wb", buffering=0) as f:
+        metadata, tar = _Metadata(task), _TarOut(f.fileno())
         for paths, locations, keys, exts, nbytes, widths, heights, labels in _chunks(task):
             images = _resized(task, paths, locations, nbytes) if task.resize else None
             if images is not None:
@@ -245,17 +264,11 @@ def _write_tar(task: ShardTask, path: str) -> tuple[int, str]:
                 nbytes = [len(image[0]) for image in images]
             small = [metadata(*sample) for sample in zip(labels, paths, widths, heights)]
             chunk, where = tar.layout(keys, exts, nbytes, small)
-            for i, (start, size) in enumerate(zip(where, nbytes)):
-                if images is not None:
-                    chunk[start:start + size] = images[i][0]
-                    continue
-                url, offset, length = locations[i]
-                try:
-                    got = storage.read_record_into(url, offset, length, chunk[start:start + size])
-                except (storage.StorageError, OSError) as err:
-                    raise _unreadable(paths[i], task, err) from None
-                if got != size:
-                    raise _changed(paths[i], size, got)
+            if images is not None:
+                for (start, size), image in zip(zip(where, nbytes), images):
+                    chunk[start:start + size] = image[0]
+            else:
+                _read_images(task, chunk, where, nbytes, locations, paths)
             tar.write(chunk)
         tar.finish()
     return tar.bytes, tar.digest.hexdigest()
@@ -291,10 +304,11 @@ def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -
     staging_dir = task.out_url if local_out else None
     if local_out:
         os.makedirs(staging_dir, exist_ok=True)
+    # written through the descriptor mkstemp opens: reopening the file with O_TRUNC would make ext4
+    # (auto_da_alloc) write the whole shard out to disk when it is closed, in this process
     fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".partial", dir=staging_dir)
-    os.close(fd)
     try:
-        nbytes, digest = _write_tar(task, tmp)
+        nbytes, digest = _write_tar(task, fd)
         entry = {"name": task.name, "samples": len(task), "bytes": nbytes, "sha256": digest}
         if local_out:
             os.chmod(tmp, 0o644)

@@ -9,6 +9,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -91,6 +92,50 @@ def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
     assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png", "bomb.jpg"} <= settled_by_ends
     assert not {"exif_app1.jpg", "trailing_zeros.jpg", "truncated.jpg", "cut.png", "image.webp"} & settled_by_ends
     assert plan.scan_records([(str(root / "small.jpg"), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False)[0][0] == "ok"
+
+
+def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch, c_loops):
+    """plan._scan_part with the compiled loop (shards/_native.c) and without it: the same columns and
+    skip reasons for every record, and the C loop settles the usual JPEGs and PNGs itself (a frame
+    header behind a 30 KB EXIF segment included), with mtimes exactly as os.stat gives them."""
+    from shards import native
+
+    root, records = odd_files
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "empty.jpg").write_bytes(b"")
+    (extra / "marker_only.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+    (extra / "tiny.png").write_bytes(encode(photo_crops(1, size=(8, 6), seed=4)[0], "PNG"))
+    (extra / "a_folder.jpg").mkdir()
+    os.symlink(extra / "nowhere.jpg", extra / "broken.jpg")
+    files = sorted([root / name for name in records] + [p for p in extra.iterdir()])
+    for i, path in enumerate(p for p in files if p.is_file() and not p.is_symlink()):
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789 + i * 1_000_000_007))
+    with tarfile.open(root / "all.tar") as tar:
+        members = [(str(root / "all.tar"), m.offset_data, m.size) for m in tar]
+    locations = [(str(p), -1, -1) for p in files] + members + [("file://" + str(root / "plain.jpg"), -1, -1)]
+
+    monkeypatch.setattr(native, "loops", c_loops)
+    with_c = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
+    monkeypatch.setattr(native, "loops", None)
+    without = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
+    for column in ("ok", "sha", "ext", "width", "height", "nbytes", "file_size", "mtime"):
+        assert np.array_equal(getattr(with_c, column), getattr(without, column)), column
+    assert with_c.bad == without.bad
+    assert {kind for kind, _ in without.bad.values()} == {"decompression_bomb", "not_an_image", "empty_file",
+                                                          "unreadable", "corrupt_image"}
+
+    part = plan.ScanResults(len(locations), decode=False, stats=True)
+    settled = c_loops.scan_ends(locations, plan.DEFAULT_MAX_PIXELS, plan._EXT_CODE["jpg"], plan._EXT_CODE["png"],
+                                part.ok, part.sha, part.ext, part.width, part.height, part.nbytes, part.file_size,
+                                part.mtime)
+    names = [Path(url).name if offset < 0 else "tar member" for url, offset, _ in locations]
+    assert sorted(n for n, ok in zip(names, part.ok) if ok) == sorted(
+        ["damaged_middle.jpg", "exif_app1.jpg", "plain.jpg", "plain.jpg", "plain.png", "small.jpg", "tiny.png",
+         "trailing_crlf.jpg"]) and settled == 8
+    for (url, _, _), ok, mtime in zip(locations, part.ok, part.mtime):
+        if ok:
+            assert mtime == os.stat(url.removeprefix("file://")).st_mtime
 
 
 def test_exact_duplicates_are_confirmed_on_the_whole_content(tmp_path):

@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards import ShardError, plan_shards, shard_dataset, write_shard
+from shards import ShardError, native, plan_shards, shard_dataset, write_shard
 from shards.table import keys_of_paths, make_key
 from shards.testdata import encode, photo_crops
 from shards.writer import MTIME, tar_header, ustar_headers
@@ -78,13 +78,54 @@ def test_chunks_hold_images_larger_than_a_chunk_and_metadata_longer_than_a_block
     assert len(seen["src_img0.json"]) > 512
 
 
-def test_a_file_that_grew_after_planning_stops_its_shard(tmp_path):
+@pytest.fixture(params=["c", "python"])
+def reads(request, monkeypatch):
+    """Each test using it runs with the writer's reads in the compiled loop and in Python."""
+    monkeypatch.setattr(native, "loops", request.getfixturevalue("c_loops") if request.param == "c" else None)
+    return request.param
+
+
+def test_a_file_that_changed_after_planning_stops_its_shard(tmp_path, reads):
     for i, crop in enumerate(photo_crops(3, size=(40, 30), seed=2)):
         (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "c" / f"{i}.jpg").write_bytes(encode(crop, "JPEG"))
     plan = plan_shards(str(tmp_path / "src"), str(tmp_path / "out"), shard_size=10)
     path = tmp_path / "src" / "c" / "1.jpg"
-    size = path.stat().st_size
-    path.write_bytes(path.read_bytes() + b"\0" * 10)
-    with pytest.raises(ShardError, match=rf"^c/1\.jpg: changed since it was scanned \({size} -> {size + 10} bytes\)"):
+    data = path.read_bytes()
+    for changed, now in ((data + b"\0" * 10, len(data) + 10), (data[:-7], len(data) - 7)):
+        path.write_bytes(changed)
+        with pytest.raises(ShardError, match=rf"^c/1\.jpg: changed since it was scanned \({len(data)} -> {now} bytes\)"):
+            write_shard(plan, 0)
+    path.unlink()
+    with pytest.raises(ShardError, match=r"^c/1\.jpg: unreadable while writing data-000000\.tar \(.*not found"):
         write_shard(plan, 0)
+    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*"))
+
+
+def test_the_c_reads_write_the_shards_python_writes(tmp_path, monkeypatch, c_loops):
+    for i, crop in enumerate(photo_crops(9, size=(48, 40), seed=3)):
+        (tmp_path / "src" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"c{i % 2}" / f"{i}.{'png' if i % 3 else 'jpg'}").write_bytes(
+            encode(crop, "PNG" if i % 3 else "JPEG"))
+    shards = {}
+    for mode, loops in (("c", c_loops), ("python", None)):
+        monkeypatch.setattr(native, "loops", loops)
+        manifest = shard_dataset(str(tmp_path / "src"), str(tmp_path / mode), shard_size=4)
+        shards[mode] = [(s["name"], (tmp_path / mode / s["name"]).read_bytes()) for s in manifest["shards"]]
+    assert shards["c"] == shards["python"] and len(shards["c"]) == 3
+
+
+def test_the_c_read_loop_stops_at_what_it_leaves_to_python(tmp_path, c_loops):
+    """read_into returns the index of the first record that is not a local whole file of the size
+    given (a tar member here, then a file that is shorter): the writer reads that one in Python."""
+    files = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i + 1]) * (100 + i))
+    locations = [(str(files[0]), -1, -1), (str(files[1]), 0, 101), ("file://" + str(files[2]), -1, -1)]
+    buffer = bytearray(402)
+    assert c_loops.read_into(locations, [0, 100, 300], [100, 101, 102], buffer, 0) == 1
+    assert c_loops.read_into(locations, [0, 100, 300], [100, 101, 102], buffer, 2) == 3
+    assert buffer == bytes([1]) * 100 + bytes(200) + bytes([3]) * 102
+    assert c_loops.read_into(locations, [0, 100, 299], [100, 101, 103], buffer, 2) == 2  # shorter than said
+    with pytest.raises(ValueError, match="outside the buffer"):
+        c_loops.read_into(locations, [0, 100, 301], [100, 101, 102], buffer, 2)

@@ -1,0 +1,340 @@
+/* The per-image loops of pass-through sharding, in C: shards.native.loops (optional; without a C
+ * compiler at install time the same work is done by the Python code in plan.py and writer.py).
+ *
+ * scan_ends(locations, max_pixels, jpg_code, png_code, ok, key, ext, width, height, nbytes,
+ *           file_size, mtime) -> settled
+ *     The pass-through scan of plan._scan_one for the local whole files among `locations`
+ *     ((url, -1, -1) tuples), writing into the columns of a plan.ScanResults: for each JPEG or PNG
+ *     whose header and end marker settle it as a usable image, ok = 1, the content key
+ *     (hashlib.sha256 of the size as 8 little-endian bytes, the first 1 KB and the last 1 KB from
+ *     byte 1024 on), the extension code, width, height and size, and the file's size and mtime
+ *     (float seconds, as os.stat gives them). Every other record is left with ok = 0 for the Python
+ *     scan to decide, with its reason: not local, not opened, not JPEG/PNG, no end marker in the
+ *     last 1 KB, a header that does not parse, too many pixels. Returns how many it settled.
+ *
+ * read_into(locations, starts, sizes, buffer, begin) -> index
+ *     For i = begin, begin + 1, ...: reads the local whole file locations[i] into
+ *     buffer[starts[i]:starts[i] + sizes[i]], checking it has exactly sizes[i] bytes. Returns the
+ *     first i it could not do that for (not local, not opened, another size), or len(locations):
+ *     the caller reads that one in Python, which says what went wrong.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define KEY_ENDS 1024         /* plan._KEY_ENDS */
+#define FIRST_READ 4096       /* most JPEG headers end within it */
+#define HEAD_LIMIT (1 << 20)  /* read no further for a frame header: let Python decide */
+
+static PyObject *sha256;      /* hashlib.sha256 */
+static uint8_t *head_buf;     /* HEAD_LIMIT bytes, allocated at the first scan */
+
+/* The path of a local whole file location (url, -1, length), or NULL (a tar member, s3://, a name
+ * with a NUL or not encodable). */
+static const char *local_path(PyObject *location)
+{
+    if (!PyTuple_Check(location) || PyTuple_GET_SIZE(location) != 3)
+        return NULL;
+    PyObject *url = PyTuple_GET_ITEM(location, 0), *offset = PyTuple_GET_ITEM(location, 1);
+    if (!PyUnicode_Check(url) || !PyLong_Check(offset))
+        return NULL;
+    int overflow;
+    if (PyLong_AsLongAndOverflow(offset, &overflow) != -1 || overflow)
+        return NULL;
+    Py_ssize_t n;
+    const char *path = PyUnicode_AsUTF8AndSize(url, &n);
+    if (path == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if ((Py_ssize_t)strlen(path) != n || strncmp(path, "s3://", 5) == 0)
+        return NULL;
+    return strncmp(path, "file://", 7) == 0 ? path + 7 : path;
+}
+
+/* pread all of [offset, offset + n) or fail */
+static int read_exactly(int fd, uint8_t *out, size_t n, off_t offset)
+{
+    while (n) {
+        ssize_t got = pread(fd, out, n, offset);
+        if (got <= 0)
+            return -1;
+        out += got;
+        n -= (size_t)got;
+        offset += got;
+    }
+    return 0;
+}
+
+enum { WALK_FOUND, WALK_SHORT, WALK_FAILED };
+
+static int is_sof(uint8_t marker)
+{
+    return marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
+}
+
+/* imaging._jpeg_size: the marker walk to the frame header. WALK_SHORT: it needs more bytes than `n`. */
+static int jpeg_size(const uint8_t *d, size_t n, long *width, long *height)
+{
+    size_t i = 2;
+    while (i + 4 <= n) {
+        if (d[i] != 0xFF)
+            return WALK_FAILED;
+        uint8_t marker = d[i + 1];
+        if (marker == 0xFF) {
+            i += 1;
+            continue;
+        }
+        if (marker == 0xD8 || marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {
+            i += 2;
+            continue;
+        }
+        size_t length = ((size_t)d[i + 2] << 8) | d[i + 3];
+        if (is_sof(marker)) {
+            if (i + 9 > n)
+                return WALK_SHORT;
+            *height = ((long)d[i + 5] << 8) | d[i + 6];
+            *width = ((long)d[i + 7] << 8) | d[i + 8];
+            return WALK_FOUND;
+        }
+        if (marker == 0xDA || length < 2)
+            return WALK_FAILED;
+        i += 2 + length;
+    }
+    return WALK_SHORT;
+}
+
+/* Does `end` (the last bytes of the file) end in the JPEG end marker before trailing NUL, CR, LF
+ * and spaces? (imaging._quick_size; not when padding fills it: Python then reads the whole file.) */
+static int jpeg_ends(const uint8_t *end, size_t n)
+{
+    while (n && (end[n - 1] == 0 || end[n - 1] == '\r' || end[n - 1] == '\n' || end[n - 1] == ' '))
+        n--;
+    return n >= 2 && end[n - 2] == 0xFF && end[n - 1] == 0xD9;
+}
+
+static const uint8_t PNG_SIGNATURE[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+static const uint8_t PNG_END[12] = {0, 0, 0, 0, 'I', 'E', 'N', 'D', 0xAE, 'B', '`', 0x82};
+
+static uint32_t big_endian32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+typedef struct {
+    Py_buffer ok, key, ext, width, height, nbytes, file_size, mtime;
+} Columns;
+
+/* Scan one file into row i of the columns; 1 if settled, 0 if left to Python, -1 on a Python error. */
+static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jpg_code, int png_code,
+                    Columns *c)
+{
+    uint8_t tail[KEY_ENDS], material[8 + 2 * KEY_ENDS];
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    int settled = 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0)
+        goto done;
+    size_t size = (size_t)st.st_size, have = size < FIRST_READ ? size : FIRST_READ;
+    if (read_exactly(fd, head_buf, have, 0) != 0)
+        goto done;
+    const uint8_t *end;  /* the last bytes of the file: all of it when read whole, else its last 1 KB */
+    size_t end_len;
+    if (have == size) {
+        end = head_buf;
+        end_len = size;
+    } else {
+        if (read_exactly(fd, tail, KEY_ENDS, (off_t)(size - KEY_ENDS)) != 0)
+            goto done;
+        end = tail;
+        end_len = KEY_ENDS;
+    }
+    long width = 0, height = 0;
+    int code;
+    if (have >= 2 && head_buf[0] == 0xFF && head_buf[1] == 0xD8 && jpeg_ends(end, end_len)) {
+        int walk;
+        while ((walk = jpeg_size(head_buf, have, &width, &height)) == WALK_SHORT && have < size && have < HEAD_LIMIT) {
+            size_t more = have * 4 < HEAD_LIMIT ? have * 4 : HEAD_LIMIT;  /* a big APP segment (EXIF, ICC) */
+            more = more < size ? more : size;
+            if (read_exactly(fd, head_buf + have, more - have, (off_t)have) != 0)
+                goto done;
+            have = more;
+        }
+        if (walk != WALK_FOUND)
+            goto done;
+        code = jpg_code;
+    } else if (have >= 24 && memcmp(head_buf, PNG_SIGNATURE, 8) == 0 && memcmp(head_buf + 12, "IHDR", 4) == 0
+               && end_len >= 12 && memcmp(end + end_len - 12, PNG_END, 12) == 0) {
+        width = (long)big_endian32(head_buf + 16);
+        height = (long)big_endian32(head_buf + 20);
+        code = png_code;
+    } else {
+        goto done;
+    }
+    if (width <= 0 || height <= 0 || width > INT32_MAX || height > INT32_MAX
+        || (unsigned long long)width * (unsigned long long)height > (unsigned long long)max_pixels)
+        goto done;  /* Python gives the reason */
+
+    /* the content key: plan._ends_key(size, head[:1024], data[max(1024, size - 1024):]) */
+    size_t first = size < KEY_ENDS ? size : KEY_ENDS, last_from = size > 2 * KEY_ENDS ? size - KEY_ENDS : KEY_ENDS;
+    size_t last = size > last_from ? size - last_from : 0;
+    uint64_t le = (uint64_t)size;
+    for (int b = 0; b < 8; b++)
+        material[b] = (uint8_t)(le >> (8 * b));
+    memcpy(material + 8, head_buf, first);
+    memcpy(material + 8 + first, end + end_len - last, last);
+    PyObject *hash = PyObject_CallFunction(sha256, "y#", (const char *)material, (Py_ssize_t)(8 + first + last));
+    PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
+    Py_XDECREF(hash);
+    if (digest == NULL || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
+        Py_XDECREF(digest);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
+        settled = -1;
+        goto done;
+    }
+    memcpy((uint8_t *)c->key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
+    Py_DECREF(digest);
+    ((uint8_t *)c->ok.buf)[i] = 1;
+    ((uint8_t *)c->ext.buf)[i] = (uint8_t)code;
+    ((int32_t *)c->width.buf)[i] = (int32_t)width;
+    ((int32_t *)c->height.buf)[i] = (int32_t)height;
+    ((int64_t *)c->nbytes.buf)[i] = (int64_t)size;
+    if (c->file_size.buf)
+        ((int64_t *)c->file_size.buf)[i] = (int64_t)size;
+    if (c->mtime.buf)  /* as os.stat's st_mtime: seconds + nanoseconds * 1e-9, in double */
+        ((double *)c->mtime.buf)[i] = (double)st.st_mtim.tv_sec + (double)st.st_mtim.tv_nsec * 1e-9;
+    settled = 1;
+done:
+    close(fd);
+    return settled;
+}
+
+static int column(PyObject *obj, Py_buffer *view, Py_ssize_t n, Py_ssize_t itemsize, const char *name, int optional)
+{
+    memset(view, 0, sizeof *view);
+    if (optional && obj == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
+        return -1;
+    if (view->len != n * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, view->len, n * itemsize);
+        PyBuffer_Release(view);
+        memset(view, 0, sizeof *view);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Columns *c)
+{
+    Py_buffer *all[] = {&c->ok, &c->key, &c->ext, &c->width, &c->height, &c->nbytes, &c->file_size, &c->mtime};
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++)
+        if (all[k]->obj)
+            PyBuffer_Release(all[k]);
+}
+
+static PyObject *scan_ends(PyObject *self, PyObject *args)
+{
+    PyObject *locations, *ok, *key, *ext, *width, *height, *nbytes, *file_size, *mtime;
+    long long max_pixels;
+    int jpg_code, png_code;
+    if (!PyArg_ParseTuple(args, "O!LiiOOOOOOOO:scan_ends", &PyList_Type, &locations, &max_pixels, &jpg_code,
+                          &png_code, &ok, &key, &ext, &width, &height, &nbytes, &file_size, &mtime))
+        return NULL;
+    if (head_buf == NULL && (head_buf = PyMem_RawMalloc(HEAD_LIMIT)) == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t n = PyList_GET_SIZE(locations), settled = 0;
+    Columns c;
+    memset(&c, 0, sizeof c);
+    if (column(ok, &c.ok, n, 1, "ok", 0) || column(key, &c.key, n, 32, "key", 0) || column(ext, &c.ext, n, 1, "ext", 0)
+        || column(width, &c.width, n, 4, "width", 0) || column(height, &c.height, n, 4, "height", 0)
+        || column(nbytes, &c.nbytes, n, 8, "nbytes", 0) || column(file_size, &c.file_size, n, 8, "file_size", 1)
+        || column(mtime, &c.mtime, n, 8, "mtime", 1)) {
+        release(&c);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *path = local_path(PyList_GET_ITEM(locations, i));
+        int r = path ? scan_one(path, i, max_pixels, jpg_code, png_code, &c) : 0;
+        if (r < 0) {
+            release(&c);
+            return NULL;
+        }
+        settled += r;
+    }
+    release(&c);
+    return PyLong_FromSsize_t(settled);
+}
+
+static PyObject *read_into(PyObject *self, PyObject *args)
+{
+    PyObject *locations, *starts, *sizes;
+    Py_buffer out;
+    Py_ssize_t begin;
+    if (!PyArg_ParseTuple(args, "O!O!O!w*n:read_into", &PyList_Type, &locations, &PyList_Type, &starts,
+                          &PyList_Type, &sizes, &out, &begin))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(locations), i = begin < 0 ? 0 : begin;
+    if (PyList_GET_SIZE(starts) != n || PyList_GET_SIZE(sizes) != n) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "read_into: locations, starts and sizes differ in length");
+        return NULL;
+    }
+    uint8_t spare;
+    for (; i < n; i++) {
+        Py_ssize_t start = PyLong_AsSsize_t(PyList_GET_ITEM(starts, i));
+        Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(sizes, i));
+        if (PyErr_Occurred()) {
+            PyBuffer_Release(&out);
+            return NULL;
+        }
+        if (start < 0 || size < 0 || start > out.len || size > out.len - start) {
+            PyBuffer_Release(&out);
+            PyErr_Format(PyExc_ValueError, "read_into: record %zd (%zd bytes at %zd) is outside the buffer", i, size, start);
+            return NULL;
+        }
+        const char *path = local_path(PyList_GET_ITEM(locations, i));
+        if (path == NULL)
+            break;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            break;
+        /* one byte more than expected: a file that grew reads long */
+        struct iovec iov[2] = {{(uint8_t *)out.buf + start, (size_t)size}, {&spare, 1}};
+        ssize_t got = readv(fd, iov, 2);
+        close(fd);
+        if (got != size)
+            break;
+    }
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(i);
+}
+
+static PyMethodDef methods[] = {
+    {"scan_ends", scan_ends, METH_VARARGS, "The pass-through scan of local JPEG and PNG files (see the module source)."},
+    {"read_into", read_into, METH_VARARGS, "Read local whole files into a buffer (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "shards._native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    PyObject *hashlib = PyImport_ImportModule("hashlib");
+    if (hashlib == NULL)
+        return NULL;
+    sha256 = PyObject_GetAttrString(hashlib, "sha256");
+    Py_DECREF(hashlib);
+    if (sha256 == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}
