@@ -3,19 +3,21 @@
  *
  * scan_ends(locations, max_pixels, jpg_code, png_code, ok, key, ext, width, height, nbytes,
  *           file_size, mtime) -> settled
- *     The pass-through scan of plan._scan_one for the local whole files among `locations`
- *     ((url, -1, -1) tuples), writing into the columns of a plan.ScanResults: for each JPEG or PNG
+ *     The pass-through scan of plan._scan_one for the local records among `locations`: whole
+ *     files (url, -1, -1) and tar members (tar url, offset, length), writing into the columns of a
+ *     plan.ScanResults: for each JPEG or PNG
  *     whose header and end marker settle it as a usable image, ok = 1, the content key
  *     (hashlib.sha256 of the size as 8 little-endian bytes, the first 1 KB and the last 1 KB from
  *     byte 1024 on), the extension code, width, height and size, and the file's size and mtime
- *     (float seconds, as os.stat gives them). Every other record is left with ok = 0 for the Python
+ *     (float seconds, as os.stat gives them; a tar member: its length and -1.0). Consecutive members
+ *     of one tar share one open. Every other record is left with ok = 0 for the Python
  *     scan to decide, with its reason: not local, not opened, not JPEG/PNG, no end marker in the
  *     last 1 KB, a header that does not parse, too many pixels. Returns how many it settled.
  *
  * read_into(locations, starts, sizes, buffer, begin) -> index
- *     For i = begin, begin + 1, ...: reads the local whole file locations[i] into
- *     buffer[starts[i]:starts[i] + sizes[i]], checking it has exactly sizes[i] bytes. Returns the
- *     first i it could not do that for (not local, not opened, another size), or len(locations):
+ *     For i = begin, begin + 1, ...: reads the local record locations[i] (a whole file or a tar
+ *     member) into buffer[starts[i]:starts[i] + sizes[i]], checking it has exactly sizes[i] bytes.
+ *     Returns the first i it could not do that for (not local, not opened, another size), or len(locations):
  *     the caller reads that one in Python, which says what went wrong.
  */
 #define PY_SSIZE_T_CLEAN
@@ -35,27 +37,64 @@
 static PyObject *sha256;      /* hashlib.sha256 */
 static uint8_t *head_buf;     /* HEAD_LIMIT bytes, allocated at the first scan */
 
-/* The path of a local whole file location (url, -1, length), or NULL (a tar member, s3://, a name
- * with a NUL or not encodable). */
-static const char *local_path(PyObject *location)
+/* A local record: a whole file (offset -1) or `length` bytes at `offset` in a tar. */
+typedef struct {
+    const char *path;
+    long long offset, length;
+} Record;
+
+/* The record at a location (url, offset, length); 0 if it is not local (s3://, a name with a NUL
+ * or not encodable). */
+static int local_record(PyObject *location, Record *r)
 {
     if (!PyTuple_Check(location) || PyTuple_GET_SIZE(location) != 3)
-        return NULL;
-    PyObject *url = PyTuple_GET_ITEM(location, 0), *offset = PyTuple_GET_ITEM(location, 1);
-    if (!PyUnicode_Check(url) || !PyLong_Check(offset))
-        return NULL;
-    int overflow;
-    if (PyLong_AsLongAndOverflow(offset, &overflow) != -1 || overflow)
-        return NULL;
+        return 0;
+    PyObject *url = PyTuple_GET_ITEM(location, 0);
+    if (!PyUnicode_Check(url) || !PyLong_Check(PyTuple_GET_ITEM(location, 1)) || !PyLong_Check(PyTuple_GET_ITEM(location, 2)))
+        return 0;
+    r->offset = PyLong_AsLongLong(PyTuple_GET_ITEM(location, 1));
+    r->length = PyLong_AsLongLong(PyTuple_GET_ITEM(location, 2));
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (r->offset < -1 || (r->offset >= 0 && r->length < 0))
+        return 0;
     Py_ssize_t n;
     const char *path = PyUnicode_AsUTF8AndSize(url, &n);
     if (path == NULL) {
         PyErr_Clear();
-        return NULL;
+        return 0;
     }
     if ((Py_ssize_t)strlen(path) != n || strncmp(path, "s3://", 5) == 0)
-        return NULL;
-    return strncmp(path, "file://", 7) == 0 ? path + 7 : path;
+        return 0;
+    r->path = strncmp(path, "file://", 7) == 0 ? path + 7 : path;
+    return 1;
+}
+
+/* The open file of the last record, kept for the next one when it is in the same tar. */
+typedef struct {
+    const char *path;
+    int fd;
+} Opened;
+
+static int open_record(Opened *o, const Record *r)
+{
+    if (o->fd >= 0 && r->offset >= 0 && o->path && strcmp(o->path, r->path) == 0)
+        return o->fd;
+    if (o->fd >= 0)
+        close(o->fd);
+    o->path = r->path;
+    o->fd = open(r->path, O_RDONLY | O_CLOEXEC);
+    return o->fd;
+}
+
+static void close_record(Opened *o)
+{
+    if (o->fd >= 0)
+        close(o->fd);
+    o->fd = -1;
+    o->path = NULL;
 }
 
 /* pread all of [offset, offset + n) or fail */
@@ -132,28 +171,31 @@ typedef struct {
 } Columns;
 
 /* Scan one file into row i of the columns; 1 if settled, 0 if left to Python, -1 on a Python error. */
-static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jpg_code, int png_code,
+static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max_pixels, int jpg_code, int png_code,
                     Columns *c)
 {
     uint8_t tail[KEY_ENDS], material[8 + 2 * KEY_ENDS];
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open_record(opened, r);
     if (fd < 0)
         return 0;
     struct stat st;
-    int settled = 0;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0)
-        goto done;
-    size_t size = (size_t)st.st_size, have = size < FIRST_READ ? size : FIRST_READ;
-    if (read_exactly(fd, head_buf, have, 0) != 0)
-        goto done;
+    off_t base = r->offset < 0 ? 0 : (off_t)r->offset;
+    if (r->offset < 0 && (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)))
+        return 0;
+    long long whole = r->offset < 0 ? (long long)st.st_size : r->length;
+    if (whole <= 0)
+        return 0;
+    size_t size = (size_t)whole, have = size < FIRST_READ ? size : FIRST_READ;
+    if (read_exactly(fd, head_buf, have, base) != 0)
+        return 0;
     const uint8_t *end;  /* the last bytes of the file: all of it when read whole, else its last 1 KB */
     size_t end_len;
     if (have == size) {
         end = head_buf;
         end_len = size;
     } else {
-        if (read_exactly(fd, tail, KEY_ENDS, (off_t)(size - KEY_ENDS)) != 0)
-            goto done;
+        if (read_exactly(fd, tail, KEY_ENDS, base + (off_t)(size - KEY_ENDS)) != 0)
+            return 0;
         end = tail;
         end_len = KEY_ENDS;
     }
@@ -164,12 +206,12 @@ static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jp
         while ((walk = jpeg_size(head_buf, have, &width, &height)) == WALK_SHORT && have < size && have < HEAD_LIMIT) {
             size_t more = have * 4 < HEAD_LIMIT ? have * 4 : HEAD_LIMIT;  /* a big APP segment (EXIF, ICC) */
             more = more < size ? more : size;
-            if (read_exactly(fd, head_buf + have, more - have, (off_t)have) != 0)
-                goto done;
+            if (read_exactly(fd, head_buf + have, more - have, base + (off_t)have) != 0)
+                return 0;
             have = more;
         }
         if (walk != WALK_FOUND)
-            goto done;
+            return 0;
         code = jpg_code;
     } else if (have >= 24 && memcmp(head_buf, PNG_SIGNATURE, 8) == 0 && memcmp(head_buf + 12, "IHDR", 4) == 0
                && end_len >= 12 && memcmp(end + end_len - 12, PNG_END, 12) == 0) {
@@ -177,11 +219,11 @@ static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jp
         height = (long)big_endian32(head_buf + 20);
         code = png_code;
     } else {
-        goto done;
+        return 0;
     }
     if (width <= 0 || height <= 0 || width > INT32_MAX || height > INT32_MAX
         || (unsigned long long)width * (unsigned long long)height > (unsigned long long)max_pixels)
-        goto done;  /* Python gives the reason */
+        return 0;  /* Python gives the reason */
 
     /* the content key: plan._ends_key(size, head[:1024], data[max(1024, size - 1024):]) */
     size_t first = size < KEY_ENDS ? size : KEY_ENDS, last_from = size > 2 * KEY_ENDS ? size - KEY_ENDS : KEY_ENDS;
@@ -198,8 +240,7 @@ static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jp
         Py_XDECREF(digest);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
-        settled = -1;
-        goto done;
+        return -1;
     }
     memcpy((uint8_t *)c->key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
     Py_DECREF(digest);
@@ -211,11 +252,8 @@ static int scan_one(const char *path, Py_ssize_t i, long long max_pixels, int jp
     if (c->file_size.buf)
         ((int64_t *)c->file_size.buf)[i] = (int64_t)size;
     if (c->mtime.buf)  /* as os.stat's st_mtime: seconds + nanoseconds * 1e-9, in double */
-        ((double *)c->mtime.buf)[i] = (double)st.st_mtim.tv_sec + (double)st.st_mtim.tv_nsec * 1e-9;
-    settled = 1;
-done:
-    close(fd);
-    return settled;
+        ((double *)c->mtime.buf)[i] = r->offset >= 0 ? -1.0 : (double)st.st_mtim.tv_sec + (double)st.st_mtim.tv_nsec * 1e-9;
+    return 1;
 }
 
 static int column(PyObject *obj, Py_buffer *view, Py_ssize_t n, Py_ssize_t itemsize, const char *name, int optional)
@@ -262,15 +300,19 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
         release(&c);
         return NULL;
     }
+    Opened opened = {NULL, -1};
     for (Py_ssize_t i = 0; i < n; i++) {
-        const char *path = local_path(PyList_GET_ITEM(locations, i));
-        int r = path ? scan_one(path, i, max_pixels, jpg_code, png_code, &c) : 0;
+        Record record;
+        int r = local_record(PyList_GET_ITEM(locations, i), &record)
+                ? scan_one(&opened, &record, i, max_pixels, jpg_code, png_code, &c) : 0;
         if (r < 0) {
+            close_record(&opened);
             release(&c);
             return NULL;
         }
         settled += r;
     }
+    close_record(&opened);
     release(&c);
     return PyLong_FromSsize_t(settled);
 }
@@ -290,31 +332,38 @@ static PyObject *read_into(PyObject *self, PyObject *args)
         return NULL;
     }
     uint8_t spare;
+    Opened opened = {NULL, -1};
     for (; i < n; i++) {
         Py_ssize_t start = PyLong_AsSsize_t(PyList_GET_ITEM(starts, i));
         Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(sizes, i));
         if (PyErr_Occurred()) {
+            close_record(&opened);
             PyBuffer_Release(&out);
             return NULL;
         }
         if (start < 0 || size < 0 || start > out.len || size > out.len - start) {
+            close_record(&opened);
             PyBuffer_Release(&out);
             PyErr_Format(PyExc_ValueError, "read_into: record %zd (%zd bytes at %zd) is outside the buffer", i, size, start);
             return NULL;
         }
-        const char *path = local_path(PyList_GET_ITEM(locations, i));
-        if (path == NULL)
+        Record record;
+        if (!local_record(PyList_GET_ITEM(locations, i), &record) || (record.offset >= 0 && record.length != size))
             break;
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        int fd = open_record(&opened, &record);
         if (fd < 0)
             break;
-        /* one byte more than expected: a file that grew reads long */
-        struct iovec iov[2] = {{(uint8_t *)out.buf + start, (size_t)size}, {&spare, 1}};
-        ssize_t got = readv(fd, iov, 2);
-        close(fd);
+        ssize_t got;
+        if (record.offset >= 0) {
+            got = pread(fd, (uint8_t *)out.buf + start, (size_t)size, (off_t)record.offset);
+        } else {  /* one byte more than expected: a file that grew reads long */
+            struct iovec iov[2] = {{(uint8_t *)out.buf + start, (size_t)size}, {&spare, 1}};
+            got = readv(fd, iov, 2);
+        }
         if (got != size)
             break;
     }
+    close_record(&opened);
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(i);
 }

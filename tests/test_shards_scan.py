@@ -112,8 +112,9 @@ def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch,
     for i, path in enumerate(p for p in files if p.is_file() and not p.is_symlink()):
         os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789 + i * 1_000_000_007))
     with tarfile.open(root / "all.tar") as tar:
-        members = [(str(root / "all.tar"), m.offset_data, m.size) for m in tar]
-    locations = [(str(p), -1, -1) for p in files] + members + [("file://" + str(root / "plain.jpg"), -1, -1)]
+        members = {f"tar:{m.name}": (str(root / "all.tar"), m.offset_data, m.size) for m in tar}
+    locations = [(str(p), -1, -1) for p in files] + list(members.values()) + [("file://" + str(root / "plain.jpg"), -1, -1)]
+    names = [p.name for p in files] + list(members) + ["file://plain.jpg"]
 
     monkeypatch.setattr(native, "loops", c_loops)
     with_c = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
@@ -129,13 +130,12 @@ def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch,
     settled = c_loops.scan_ends(locations, plan.DEFAULT_MAX_PIXELS, plan._EXT_CODE["jpg"], plan._EXT_CODE["png"],
                                 part.ok, part.sha, part.ext, part.width, part.height, part.nbytes, part.file_size,
                                 part.mtime)
-    names = [Path(url).name if offset < 0 else "tar member" for url, offset, _ in locations]
+    usual = ["damaged_middle.jpg", "exif_app1.jpg", "plain.jpg", "plain.png", "small.jpg", "trailing_crlf.jpg"]
     assert sorted(n for n, ok in zip(names, part.ok) if ok) == sorted(
-        ["damaged_middle.jpg", "exif_app1.jpg", "plain.jpg", "plain.jpg", "plain.png", "small.jpg", "tiny.png",
-         "trailing_crlf.jpg"]) and settled == 8
-    for (url, _, _), ok, mtime in zip(locations, part.ok, part.mtime):
+        usual + [f"tar:{n}" for n in usual] + ["file://plain.jpg", "tiny.png"]) and settled == 14
+    for (url, offset, _), ok, mtime in zip(locations, part.ok, part.mtime):
         if ok:
-            assert mtime == os.stat(url.removeprefix("file://")).st_mtime
+            assert mtime == (os.stat(url.removeprefix("file://")).st_mtime if offset < 0 else -1.0)
 
 
 def test_exact_duplicates_are_confirmed_on_the_whole_content(tmp_path):

@@ -102,30 +102,48 @@ def test_a_file_that_changed_after_planning_stops_its_shard(tmp_path, reads):
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*"))
 
 
-def test_the_c_reads_write_the_shards_python_writes(tmp_path, monkeypatch, c_loops):
+def test_the_c_loops_write_the_shards_python_writes(tmp_path, monkeypatch, c_loops):
+    """The same shards and manifest from a class-folder tree and from per-synset tars (i21k-tars:
+    records are tar members), with the compiled scan and reads and with the Python ones."""
+    images = {}
     for i, crop in enumerate(photo_crops(9, size=(48, 40), seed=3)):
-        (tmp_path / "src" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / f"c{i % 2}" / f"{i}.{'png' if i % 3 else 'jpg'}").write_bytes(
-            encode(crop, "PNG" if i % 3 else "JPEG"))
-    shards = {}
-    for mode, loops in (("c", c_loops), ("python", None)):
-        monkeypatch.setattr(native, "loops", loops)
-        manifest = shard_dataset(str(tmp_path / "src"), str(tmp_path / mode), shard_size=4)
-        shards[mode] = [(s["name"], (tmp_path / mode / s["name"]).read_bytes()) for s in manifest["shards"]]
-    assert shards["c"] == shards["python"] and len(shards["c"]) == 3
+        ext = "png" if i % 3 else "jpg"
+        images[(f"n{i % 2}", f"{i}.{ext}")] = data = encode(crop, "PNG" if i % 3 else "JPEG")
+        (tmp_path / "tree" / f"n{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / f"n{i % 2}" / f"{i}.{ext}").write_bytes(data)
+    (tmp_path / "tars").mkdir()
+    for synset in ("n0", "n1"):
+        with tarfile.open(tmp_path / "tars" / f"{synset}.tar", "w") as tar:
+            for (cls, name), data in images.items():
+                if cls == synset:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    for source in ("tree", "tars"):
+        written = {}
+        for mode, loops in (("c", c_loops), ("python", None)):
+            monkeypatch.setattr(native, "loops", loops)
+            manifest = shard_dataset(str(tmp_path / source), str(tmp_path / f"{source}-{mode}"), shard_size=4)
+            shards = [(s["name"], (tmp_path / f"{source}-{mode}" / s["name"]).read_bytes()) for s in manifest["shards"]]
+            written[mode] = (shards, {k: v for k, v in manifest.items() if k != "created"})
+        assert written["c"] == written["python"] and len(written["c"][0]) == 3, source
 
 
 def test_the_c_read_loop_stops_at_what_it_leaves_to_python(tmp_path, c_loops):
-    """read_into returns the index of the first record that is not a local whole file of the size
-    given (a tar member here, then a file that is shorter): the writer reads that one in Python."""
+    """read_into reads local whole files and tar members and returns the index of the first record
+    it cannot read as given (an s3:// one, a file or member of another size): the writer reads that
+    one in Python, which says what is wrong."""
     files = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, path in enumerate(files):
         path.write_bytes(bytes([i + 1]) * (100 + i))
-    locations = [(str(files[0]), -1, -1), (str(files[1]), 0, 101), ("file://" + str(files[2]), -1, -1)]
-    buffer = bytearray(402)
-    assert c_loops.read_into(locations, [0, 100, 300], [100, 101, 102], buffer, 0) == 1
-    assert c_loops.read_into(locations, [0, 100, 300], [100, 101, 102], buffer, 2) == 3
-    assert buffer == bytes([1]) * 100 + bytes(200) + bytes([3]) * 102
-    assert c_loops.read_into(locations, [0, 100, 299], [100, 101, 103], buffer, 2) == 2  # shorter than said
+    locations = [(str(files[0]), -1, -1), ("s3://bucket/key.jpg", -1, -1), (str(files[2]), 10, 50),
+                 ("file://" + str(files[1]), -1, -1)]
+    starts, sizes = [0, 100, 200, 250], [100, 7, 50, 101]
+    buffer = bytearray(352)
+    assert c_loops.read_into(locations, starts, sizes, buffer, 0) == 1
+    assert c_loops.read_into(locations, starts, sizes, buffer, 2) == 4
+    assert buffer == bytes([1]) * 100 + bytes(100) + bytes([3]) * 50 + bytes([2]) * 101 + bytes(1)
+    assert c_loops.read_into(locations, starts, sizes[:3] + [102], buffer, 2) == 3  # the file is shorter than that
+    assert c_loops.read_into(locations, starts, sizes[:2] + [49, 101], buffer, 2) == 2  # the member's length differs
     with pytest.raises(ValueError, match="outside the buffer"):
-        c_loops.read_into(locations, [0, 100, 301], [100, 101, 102], buffer, 2)
+        c_loops.read_into(locations, starts[:3] + [252], sizes, buffer, 2)
