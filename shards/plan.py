@@ -503,7 +503,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     cfg = ShardSettings(**settings)
     out_url = str(out_url) if storage.is_s3(str(out_url)) else os.path.abspath(storage._local(str(out_url)))
     try:
-        listing: Listing = list_source(source, format=cfg.format, defer_stats=True)
+        listing: Listing = list_source(source, format=cfg.format, defer_stats=True, pool=pool)
     except SourceError as err:
         raise ShardError(str(err)) from None
     except storage.StorageError as err:

@@ -161,12 +161,13 @@ def detect_format(url: str) -> str:
                       "pass --format imagefolder|i21k-tars|jsonl|csv")
 
 
-def list_source(url: str, *, format: str | None = None, defer_stats: bool = False) -> Listing:
+def list_source(url: str, *, format: str | None = None, defer_stats: bool = False, pool=None) -> Listing:
     """List a source; raises SourceError (missing, empty, unknown format, empty class folder...).
 
     `defer_stats`: a local imagefolder is listed by names alone (no stat per file, which is most of
     the cost of listing, and far more on a network file system); its fingerprint is then completed
-    by Listing.complete_fingerprint once the records' sizes and mtimes are known."""
+    by Listing.complete_fingerprint once the records' sizes and mtimes are known. `pool`: an
+    executor whose processes index the tars of an i21k-tars folder (one tar each at a time)."""
     url = str(url)
     if not storage.is_s3(url):
         url = os.path.abspath(storage._local(url))
@@ -182,8 +183,10 @@ def list_source(url: str, *, format: str | None = None, defer_stats: bool = Fals
     try:
         if kind == "imagefolder":
             listing = _list_imagefolder(url, kind, defer_stats=defer_stats)
+        elif kind == "i21k-tars":
+            listing = _list_tars(url, kind, pool=pool)
         else:
-            listing = {"i21k-tars": _list_tars, "jsonl": _list_manifest, "csv": _list_manifest}[kind](url, kind)
+            listing = _list_manifest(url, kind)
     except UnicodeEncodeError as err:  # a name the OS gave as undecodable bytes (surrogate escapes)
         text = err.object if isinstance(err.object, str) else ""
         left, right = text.rfind('"', 0, err.start) + 1, text.find('"', err.end)
@@ -354,7 +357,7 @@ def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_pa
     return count
 
 
-def _list_tars(url: str, kind: str) -> Listing:
+def _list_tars(url: str, kind: str, *, pool=None) -> Listing:
     records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
     synsets = []
     if url.lower().endswith(".tar") and not storage.isdir(url):
@@ -378,23 +381,42 @@ def _list_tars(url: str, kind: str) -> Listing:
                 _index_tar(stream, tar_url=url, synset=synset, base_offset=inner.offset_data,
                            label_path=inner.name[:-4], records=records, skipped=skipped)
         return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
+    walk = []  # in listing order: a skip, or a tar to index (url, synset)
     for item in storage.iter_files(url):
         name = item["url"].rstrip("/").rsplit("/", 1)[-1]
         entries.append([name, item["size"], item["mtime"]])
-        if not name.lower().endswith(".tar"):
-            if not name.startswith("."):
-                skipped.append({"path": name, "reason": "not a per-synset tar"})
-            continue
-        synset = name[:-4]
-        synsets.append(synset)
-        with storage.open_read(item["url"]) as f:
-            n = _index_tar(f, tar_url=item["url"], synset=synset, base_offset=0, label_path=synset,
-                           records=records, skipped=skipped)
-        if n == 0:
-            raise SourceError(f"{item['url']}: class tar has no images; remove it or fix the tar")
-    if not synsets:
+        if name.lower().endswith(".tar"):
+            walk.append((item["url"], name[:-4]))
+        elif not name.startswith("."):
+            walk.append({"path": name, "reason": "not a per-synset tar"})
+    tars = [step for step in walk if isinstance(step, tuple)]
+    if not tars:
         raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
+    # each tar indexed on its own, in the worker processes when there are some (parsing the member
+    # headers is most of the listing's cost), and merged in listing order
+    parts = iter(pool.map(_index_tar_file, tars, chunksize=max(1, min(16, len(tars) // 64))) if pool is not None
+                 else map(_index_tar_file, tars))
+    for step in walk:
+        if isinstance(step, dict):
+            skipped.append(step)
+            continue
+        part, part_skipped = next(parts)
+        if not len(part):
+            raise SourceError(f"{step[0]}: class tar has no images; remove it or fix the tar")
+        records.extend(part)
+        skipped.extend(part_skipped)
+        synsets.append(step[1])
     return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
+
+
+def _index_tar_file(job: tuple[str, str]) -> tuple[RecordTable, list[dict]]:
+    """The records and skips of one per-synset tar (url, synset)."""
+    tar_url, synset = job
+    records, skipped = RecordTable(), []
+    with storage.open_read(tar_url) as f:
+        _index_tar(f, tar_url=tar_url, synset=synset, base_offset=0, label_path=synset, records=records,
+                   skipped=skipped)
+    return records, skipped
 
 
 # ----------------------------------------------------------------------------- jsonl / csv manifests

@@ -102,6 +102,12 @@ class _Strings:
     def __getitem__(self, i: int) -> str:
         return self.buf[self.off[i]:self.off[i + 1]].decode("utf-8", "surrogatepass")
 
+    def extend_strings(self, other: "_Strings") -> None:
+        """Append all of `other`'s strings."""
+        base = len(self.buf)
+        self.buf += other.buf
+        self.off += array("Q", (np.frombuffer(other.off, dtype=np.uint64)[1:] + np.uint64(base)).tobytes())
+
     def replace(self, texts: dict[int, str]) -> None:
         """Set the text of rows {i: text} (rare: key collisions), in one rebuild."""
         off = np.frombuffer(self.off, dtype=np.uint64).astype(np.int64)
@@ -176,6 +182,38 @@ class RecordTable:
         if self.offset or offset >= 0:
             self.offset.append(offset)
             self.length.append(length)
+
+    def extend(self, other: "RecordTable") -> None:
+        """Append every row of `other` (a part listed in another process), a column at a time."""
+        n, m = len(self), len(other)
+        if not m:
+            return
+        self._key_hash, self._later = None, []
+        roots = np.array([self._root_id(root) for root in other.roots], dtype=np.uint32)
+        self.root_idx += array("I", roots[np.frombuffer(other.root_idx, dtype=np.uint32)].tobytes())
+        if other.keys is not None and self.keys is None:
+            self._store_keys()
+        if self.keys is not None:  # rows whose key is derived from the path store it empty
+            keys = other.keys
+            if keys is None:
+                keys = _Strings()
+                keys.off = array("Q", [0]) * (m + 1)
+            self.keys.extend_strings(keys)
+        self.paths.extend_strings(other.paths)
+        before = len(self.labels)
+        names = np.array([self._label_id(name) for name in other.label_names] or [0], dtype=np.uint32)
+        self.labels += array("I", names[np.frombuffer(other.labels, dtype=np.uint32)].tobytes())
+        if self.label_off or other.label_off:
+            if not self.label_off:  # rows so far had one label each
+                self.label_off = array("Q", range(before + 1))
+            off = other.label_offsets()
+            off = np.arange(m + 1, dtype=np.uint64) if off is None else off
+            self.label_off += array("Q", (off[1:] + np.uint64(before)).tobytes())
+        if self.offset or other.offset:
+            if not self.offset:
+                self.offset, self.length = array("q", [-1]) * n, array("q", [-1]) * n
+            self.offset += other.offset or array("q", [-1]) * m
+            self.length += other.length or array("q", [-1]) * m
 
     def extend_files(self, *, root: str, folder: str, names: list[str], label: str) -> None:
         """append(key=None, root=root, path=folder + name, labels=(label,)) for each name, at a fraction of the cost

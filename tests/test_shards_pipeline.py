@@ -188,9 +188,14 @@ def test_i21k_tars_folder_and_tar_of_tars_refuse_unsafe_members(tmp_path):
     syn_b = _tar_bytes([_file(f"n0002_{i}.JPEG", encode(c, "JPEG")) for i, c in enumerate(crops[3:])])
     _write(tmp_path / "tars" / "n0001.tar", syn_a)
     _write(tmp_path / "tars" / "n0002.tar", syn_b)
-    manifest = shard_dataset(str(tmp_path / "tars"), str(tmp_path / "out"))
+    _write(tmp_path / "tars" / "n0001b.txt", b"notes")
+    manifest = shard_dataset(str(tmp_path / "tars"), str(tmp_path / "out"), format="i21k-tars")
     assert manifest["source"]["kind"] == "i21k-tars" and manifest["classes"] == ["n0001", "n0002"]
-    assert manifest["num_samples"] == 6 and manifest["dropped"] == {"unsafe_tar_member": 4}
+    assert manifest["num_samples"] == 6 and manifest["dropped"] == {"unsafe_tar_member": 4, "not_a_per-synset_tar": 1}
+    # indexed by 2 worker processes (a tar each) and merged in listing order: the same dataset
+    parallel = shard_dataset(str(tmp_path / "tars"), str(tmp_path / "out-2"), workers=2, format="i21k-tars")
+    assert [(s["path"], s["reason"]) for s in parallel["skipped"]] == [(s["path"], s["reason"]) for s in manifest["skipped"]]
+    assert parallel["shards"] == manifest["shards"]
     written = [m for url in shard_urls(str(tmp_path / "out")) for m in tarfile.open(url).getnames()]
     assert not any(".." in n or n.startswith("/") or "evil" in n or "dev" in n for n in written)
     outer = _tar_bytes([_file("n0001.tar", syn_a), _file("n0002.tar", syn_b)])

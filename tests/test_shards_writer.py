@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shards import ShardError, native, plan_shards, shard_dataset, write_shard
-from shards.table import keys_of_paths, make_key
+from shards.table import RecordTable, keys_of_paths, make_key
 from shards.testdata import encode, photo_crops
 from shards.writer import MTIME, tar_header, ustar_headers
 
@@ -44,6 +44,32 @@ def test_keys_of_paths_equals_make_key_per_path():
     for _ in range(2000):
         paths = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 6))]
         assert keys_of_paths(paths) == [make_key(p) for p in paths]
+
+
+def test_a_record_table_extended_by_another_equals_one_appended_row_by_row():
+    """RecordTable.extend (how parts listed in worker processes are merged) against append, over
+    random mixes of derived and stored keys, one and several labels, whole files and tar members."""
+    rng = random.Random(3)
+
+    def rows(n):
+        return [dict(key=rng.choice([None, f"k{rng.randint(0, 9)}"]), root=rng.choice(["/r", "/t/a.tar", "s3://b/x"]),
+                     path=rng.choice(["a/1.jpg", "é/2.png", "c d/3.jpg"]),
+                     labels=tuple(rng.sample(["x", "y", "zé"], rng.choice([1, 1, 2, 3]))),
+                     **rng.choice([{}, {"offset": rng.randint(0, 10 ** 6), "length": rng.randint(0, 999)}]))
+                for _ in range(n)]
+
+    def table(rows_):
+        out = RecordTable()
+        for row in rows_:
+            out.append(**row)
+        return out
+
+    for _ in range(300):
+        first, second = rows(rng.randint(0, 4)), rows(rng.randint(0, 4))
+        merged = table(first)
+        merged.extend(table(second))
+        expected = table(first + second)
+        assert [merged.ref(i) for i in range(len(merged))] == [expected.ref(i) for i in range(len(expected))]
 
 
 def test_chunks_hold_images_larger_than_a_chunk_and_metadata_longer_than_a_block(tmp_path, monkeypatch):
