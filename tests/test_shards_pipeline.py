@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards import ShardError, shard_dataset
+from shards import ShardError, native, shard_dataset
 from shards.reader import load_manifest, preflight, shard_urls
 from shards.testdata import bomb_png, encode, photo_crops
 from shards.verify import verify_dataset
@@ -302,7 +302,7 @@ def test_exclude_accepts_a_dataset_and_a_list_file(mixed_tree, mixed_out, tmp_pa
     assert manifest["num_samples"] == 23 and manifest["dropped"]["excluded_exact"] == 1
 
 
-def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, capsys):
+def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
 
     crops = photo_crops(6, size=(96, 72), seed=11)
@@ -315,14 +315,19 @@ def test_cli_dedup_within_near_drops_resized_copies_inside_the_source(tmp_path, 
     assert main(["shard", str(root), str(tmp_path / "exact")]) == 0
     assert load_manifest(str(tmp_path / "exact"))["num_samples"] == 7  # exact mode keeps it: the bytes differ
     cores = len(os.sched_getaffinity(0))  # the default --workers: every usable core
-    assert f"img/s with {cores} worker{'s' if cores > 1 else ''})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"img/s with {cores} worker{'s' if cores > 1 else ''})" in out
+    assert native.loops is None or "are not built" not in out
+
+    monkeypatch.setattr(native, "loops", None)  # as on a machine without a C compiler: the summary says so
+    monkeypatch.delenv("VITPIPE_NATIVE", raising=False)
 
     assert main(["shard", str(root), str(tmp_path / "near"), "--dedup-within", "near"]) == 0
     manifest = load_manifest(str(tmp_path / "near"))
     assert manifest["num_samples"] == 6 and manifest["dropped"] == {"duplicate_near": 1}
     (skip,) = manifest["skipped"]
     assert skip["path"] == "b/zz copy.jpg" and "near duplicate of b/img0.jpg" in skip["reason"]
-    capsys.readouterr()
+    assert "note: shards' C loops (shards/_native.c) are not built" in capsys.readouterr().out
 
 
 def test_resize_turns_exif_rotated_jpegs_upright(tmp_path):
