@@ -94,12 +94,25 @@ def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
     assert plan.scan_records([(str(root / "small.jpg"), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False)[0][0] == "ok"
 
 
+def _same_scan_in_c_and_python(locations, monkeypatch, c_loops) -> plan.ScanResults:
+    """plan._scan_part of `locations` with the compiled loop and with the Python one: asserts every
+    column and skip reason is the same; returns the Python one."""
+    from shards import native
+
+    monkeypatch.setattr(native, "loops", c_loops)
+    with_c = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
+    monkeypatch.setattr(native, "loops", None)
+    without = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
+    for column in ("ok", "sha", "ext", "width", "height", "nbytes", "file_size", "mtime"):
+        assert np.array_equal(getattr(with_c, column), getattr(without, column)), column
+    assert with_c.bad == without.bad
+    return without
+
+
 def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch, c_loops):
     """plan._scan_part with the compiled loop (shards/_native.c) and without it: the same columns and
     skip reasons for every record, and the C loop settles the usual JPEGs and PNGs itself (a frame
     header behind a 30 KB EXIF segment included), with mtimes exactly as os.stat gives them."""
-    from shards import native
-
     root, records = odd_files
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -116,13 +129,7 @@ def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch,
     locations = [(str(p), -1, -1) for p in files] + list(members.values()) + [("file://" + str(root / "plain.jpg"), -1, -1)]
     names = [p.name for p in files] + list(members) + ["file://plain.jpg"]
 
-    monkeypatch.setattr(native, "loops", c_loops)
-    with_c = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
-    monkeypatch.setattr(native, "loops", None)
-    without = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
-    for column in ("ok", "sha", "ext", "width", "height", "nbytes", "file_size", "mtime"):
-        assert np.array_equal(getattr(with_c, column), getattr(without, column)), column
-    assert with_c.bad == without.bad
+    without = _same_scan_in_c_and_python(locations, monkeypatch, c_loops)
     assert {kind for kind, _ in without.bad.values()} == {"decompression_bomb", "not_an_image", "empty_file",
                                                           "unreadable", "corrupt_image"}
 
@@ -143,8 +150,6 @@ def test_the_c_scan_answers_as_the_python_scan_on_mutated_files(tmp_path, monkey
     cut, bytes changed in the header or at the end, padding or garbage appended, marker lengths
     broken. The compiled scan must give exactly the Python scan's columns and reasons."""
     import random
-
-    from shards import native
 
     rng = random.Random(12)
     crops = photo_crops(4, size=(480, 360), seed=13)
@@ -175,13 +180,7 @@ def test_the_c_scan_answers_as_the_python_scan_on_mutated_files(tmp_path, monkey
         path = tmp_path / f"{i}.bin"
         path.write_bytes(mutate(rng.choice(seeds)))
         locations.append((str(path), -1, -1))
-    monkeypatch.setattr(native, "loops", c_loops)
-    with_c = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
-    monkeypatch.setattr(native, "loops", None)
-    without = plan._scan_part(locations, plan.DEFAULT_MAX_PIXELS, False, True)
-    for column in ("ok", "sha", "ext", "width", "height", "nbytes", "file_size", "mtime"):
-        assert np.array_equal(getattr(with_c, column), getattr(without, column)), column
-    assert with_c.bad == without.bad
+    without = _same_scan_in_c_and_python(locations, monkeypatch, c_loops)
     assert 50 < int(without.ok.sum()) < 350  # both kinds of outcome are well represented
 
 
