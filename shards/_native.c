@@ -1,17 +1,17 @@
 /* The per-image loops of pass-through sharding, in C: shards.native.loops (optional; without a C
  * compiler at install time the same work is done by the Python code in plan.py and writer.py).
  *
- * scan_ends(locations, max_pixels, jpg_code, png_code, ok, key, ext, width, height, nbytes,
- *           file_size, mtime) -> settled
+ * scan_ends(locations, max_pixels, (jpg_code, png_code, webp_code), ok, key, ext, width, height,
+ *           nbytes, file_size, mtime) -> settled
  *     The pass-through scan of plan._scan_one for the local records among `locations`: whole
  *     files (url, -1, -1) and tar members (tar url, offset, length), writing into the columns of a
- *     plan.ScanResults: for each JPEG or PNG
- *     whose header and end marker settle it as a usable image, ok = 1, the content key
+ *     plan.ScanResults: for each JPEG, PNG or WebP whose header and end (the JPEG or PNG end
+ *     marker; the WebP's RIFF size) settle it as a usable image, ok = 1, the content key
  *     (hashlib.sha256 of the size as 8 little-endian bytes, the first 1 KB and the last 1 KB from
  *     byte 1024 on), the extension code, width, height and size, and the file's size and mtime
  *     (float seconds, as os.stat gives them; a tar member: its length and -1.0). Consecutive members
  *     of one tar share one open. Every other record is left with ok = 0 for the Python
- *     scan to decide, with its reason: not local, not opened, not JPEG/PNG, no end marker in the
+ *     scan to decide, with its reason: not local, not opened, another format, no end marker in the
  *     last 1 KB, a header that does not parse, too many pixels. Returns how many it settled.
  *
  * read_into(locations, starts, sizes, buffer, begin) -> index
@@ -166,13 +166,42 @@ static uint32_t big_endian32(const uint8_t *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
+static uint32_t little_endian(const uint8_t *p, int bytes)
+{
+    uint32_t v = 0;
+    for (int b = bytes - 1; b >= 0; b--)
+        v = (v << 8) | p[b];
+    return v;
+}
+
+/* imaging._webp_size: the first chunk's frame header (lossy, lossless) or canvas (extended). */
+static int webp_size(const uint8_t *d, long *width, long *height)
+{
+    if (memcmp(d + 12, "VP8 ", 4) == 0 && d[23] == 0x9D && d[24] == 0x01 && d[25] == 0x2A) {
+        *width = (long)(little_endian(d + 26, 2) & 0x3FFF);
+        *height = (long)(little_endian(d + 28, 2) & 0x3FFF);
+        return 1;
+    }
+    if (memcmp(d + 12, "VP8L", 4) == 0 && d[20] == 0x2F) {
+        uint32_t bits = little_endian(d + 21, 4);
+        *width = (long)(bits & 0x3FFF) + 1;
+        *height = (long)((bits >> 14) & 0x3FFF) + 1;
+        return 1;
+    }
+    if (memcmp(d + 12, "VP8X", 4) == 0) {
+        *width = (long)little_endian(d + 24, 3) + 1;
+        *height = (long)little_endian(d + 27, 3) + 1;
+        return 1;
+    }
+    return 0;
+}
+
 typedef struct {
     Py_buffer ok, key, ext, width, height, nbytes, file_size, mtime;
 } Columns;
 
 /* Scan one file into row i of the columns; 1 if settled, 0 if left to Python, -1 on a Python error. */
-static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max_pixels, int jpg_code, int png_code,
-                    Columns *c)
+static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max_pixels, const int *codes, Columns *c)
 {
     uint8_t tail[KEY_ENDS], material[8 + 2 * KEY_ENDS];
     int fd = open_record(opened, r);
@@ -200,7 +229,7 @@ static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max
         end_len = KEY_ENDS;
     }
     long width = 0, height = 0;
-    int code;
+    int code, jpg_code = codes[0], png_code = codes[1], webp_code = codes[2];
     if (have >= 2 && head_buf[0] == 0xFF && head_buf[1] == 0xD8 && jpeg_ends(end, end_len)) {
         int walk;
         while ((walk = jpeg_size(head_buf, have, &width, &height)) == WALK_SHORT && have < size && have < HEAD_LIMIT) {
@@ -218,6 +247,11 @@ static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max
         width = (long)big_endian32(head_buf + 16);
         height = (long)big_endian32(head_buf + 20);
         code = png_code;
+    } else if (have >= 30 && memcmp(head_buf, "RIFF", 4) == 0 && memcmp(head_buf + 8, "WEBP", 4) == 0
+               && (unsigned long long)little_endian(head_buf + 4, 4) + 8 == (unsigned long long)size) {
+        if (!webp_size(head_buf, &width, &height))
+            return 0;
+        code = webp_code;
     } else {
         return 0;
     }
@@ -284,9 +318,9 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
 {
     PyObject *locations, *ok, *key, *ext, *width, *height, *nbytes, *file_size, *mtime;
     long long max_pixels;
-    int jpg_code, png_code;
-    if (!PyArg_ParseTuple(args, "O!LiiOOOOOOOO:scan_ends", &PyList_Type, &locations, &max_pixels, &jpg_code,
-                          &png_code, &ok, &key, &ext, &width, &height, &nbytes, &file_size, &mtime))
+    int codes[3];  /* the ext codes of jpg, png, webp */
+    if (!PyArg_ParseTuple(args, "O!L(iii)OOOOOOOO:scan_ends", &PyList_Type, &locations, &max_pixels, &codes[0],
+                          &codes[1], &codes[2], &ok, &key, &ext, &width, &height, &nbytes, &file_size, &mtime))
         return NULL;
     if (head_buf == NULL && (head_buf = PyMem_RawMalloc(HEAD_LIMIT)) == NULL)
         return PyErr_NoMemory();
@@ -304,7 +338,7 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++) {
         Record record;
         int r = local_record(PyList_GET_ITEM(locations, i), &record)
-                ? scan_one(&opened, &record, i, max_pixels, jpg_code, png_code, &c) : 0;
+                ? scan_one(&opened, &record, i, max_pixels, codes, &c) : 0;
         if (r < 0) {
             close_record(&opened);
             release(&c);

@@ -60,12 +60,31 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _quick_size(head: bytes, tail: bytes) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), ext) of a JPEG/PNG from its first bytes and its complete end, else (None, None)."""
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first chunk of a WebP: a lossy frame header, a lossless one, or the
+    extended format's canvas."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _quick_size(head: bytes, tail: bytes, size: int) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), ext) of a JPEG/PNG/WebP of `size` bytes from its first bytes and its complete
+    end, else (None, None). Complete: the JPEG or PNG end marker is there; the WebP's RIFF header
+    gives exactly `size`."""
     if head[:2] == b"\xff\xd8" and tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         return _jpeg_size(head), "jpg"
     if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and tail.endswith(_PNG_END):
         return (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")), "png"
+    if (len(head) >= 30 and head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+            and int.from_bytes(head[4:8], "little") + 8 == size):
+        return _webp_size(head), "webp"
     return None, None
 
 
@@ -76,27 +95,28 @@ def _header_checked(size: tuple[int, int], ext: str, max_pixels: int) -> Probe:
 
 
 def header_probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
-    """Cheap check for pass-through: JPEG/PNG headers parsed here, completeness by the end marker
-    (truncated files fail); anything unusual or another format falls back to a full decode."""
+    """Cheap check for pass-through: JPEG/PNG/WebP headers parsed here, completeness by the end
+    marker or the RIFF size (truncated files fail); anything unusual or another format falls back
+    to a full decode."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    size, ext = _quick_size(data, data)
+    size, ext = _quick_size(data, data, len(data))
     if size is None or size[0] <= 0 or size[1] <= 0:
         full = probe(data, max_pixels=max_pixels)
         return Probe(full.ext, full.width, full.height, None)
     return _header_checked(size, ext, max_pixels)
 
 
-def header_probe_ends(head: bytes, tail: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe | None:
-    """header_probe from a file's first bytes (`head`) and last bytes (`tail`, from a file longer than
-    `head`): the answer header_probe would give on the whole file, or None when these bytes do not
+def header_probe_ends(head: bytes, tail: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe | None:
+    """header_probe from a file's first bytes (`head`) and last bytes (`tail`, from a file of `size`
+    bytes, longer than `head`): the answer header_probe would give on the whole file, or None when these bytes do not
     settle it (then read the whole file and ask header_probe). The JPEG marker walk reads from the
     start, so it finds the same size in a prefix as in the whole file, or runs out (None); an end
     marker before the tail (trailing padding longer than it) also leaves this undecided."""
-    size, ext = _quick_size(head, tail)
-    if size is None or size[0] <= 0 or size[1] <= 0:
+    dims, ext = _quick_size(head, tail, size)
+    if dims is None or dims[0] <= 0 or dims[1] <= 0:
         return None
-    return _header_checked(size, ext, max_pixels)
+    return _header_checked(dims, ext, max_pixels)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

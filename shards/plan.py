@@ -68,6 +68,7 @@ class ShardSettings:
 
 EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
 _EXT_CODE = {e: i for i, e in enumerate(EXTS)}
+_NATIVE_EXTS = (_EXT_CODE["jpg"], _EXT_CODE["png"], _EXT_CODE["webp"])  # what native.loops.scan_ends settles
 
 
 @dataclass
@@ -240,7 +241,7 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
             data = head
         elif len(head) == _HEAD_READ and len(tail) == _KEY_ENDS:
             try:
-                p = header_probe_ends(head, tail, max_pixels=max_pixels)
+                p = header_probe_ends(head, tail, size, max_pixels=max_pixels)
             except BadImage as err:  # a header that declares too many pixels
                 return _bad_image(err), size, mtime
             if p is not None:
@@ -282,8 +283,8 @@ def _scan_part(locations, max_pixels: int, decode: bool, stats: bool) -> ScanRes
     part = ScanResults(len(locations), decode, stats)
     rest = range(len(locations))
     if native.loops is not None and not decode:
-        native.loops.scan_ends(locations, max_pixels, _EXT_CODE["jpg"], _EXT_CODE["png"], part.ok, part.sha, part.ext,
-                               part.width, part.height, part.nbytes, part.file_size, part.mtime)
+        native.loops.scan_ends(locations, max_pixels, _NATIVE_EXTS, part.ok, part.sha, part.ext, part.width,
+                               part.height, part.nbytes, part.file_size, part.mtime)
         rest = np.flatnonzero(~part.ok)
         if not len(rest):
             return part

@@ -49,6 +49,8 @@ def _odd_records() -> dict[str, bytes]:
         "plain.png": png,
         "cut.png": png[:-5],
         "image.webp": encode(image, "WEBP", quality=90),
+        "lossless.webp": encode(image.resize((240, 180)), "WEBP", lossless=True),
+        "cut.webp": encode(image, "WEBP", quality=90)[:-100],
         "text.jpg": b"not an image " * 3000,
         "small.jpg": encode(image.resize((40, 30)), "JPEG"),
         "bomb.jpg": bytes(bomb),
@@ -89,9 +91,32 @@ def test_ends_scan_answers_as_a_whole_file_scan(odd_files, monkeypatch):
     settled_by_ends = {n for n in records if str(root / n) not in whole_reads}
     # the usual case reads just the ends; the frame header past 16 KB, the end marker before the
     # tail, other formats and anything broken fall back to reading the whole record
-    assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png", "bomb.jpg"} <= settled_by_ends
-    assert not {"exif_app1.jpg", "trailing_zeros.jpg", "truncated.jpg", "cut.png", "image.webp"} & settled_by_ends
+    assert {"plain.jpg", "trailing_crlf.jpg", "damaged_middle.jpg", "plain.png", "bomb.jpg", "image.webp",
+            "lossless.webp"} <= settled_by_ends
+    assert not {"exif_app1.jpg", "trailing_zeros.jpg", "truncated.jpg", "cut.png", "cut.webp"} & settled_by_ends
     assert plan.scan_records([(str(root / "small.jpg"), -1, -1)], plan.DEFAULT_MAX_PIXELS, decode=False)[0][0] == "ok"
+
+
+def test_webp_headers_give_the_size_a_decode_gives():
+    """Pass-through takes a WebP's size from its first chunk (lossy, lossless, or the extended
+    format of images with alpha, EXIF or animation) and its completeness from the RIFF size."""
+    from shards.imaging import probe
+
+    image = photo_crops(1, size=(301, 173), seed=14)[0]
+    frames = [image, image.transpose(Image.FLIP_LEFT_RIGHT)]
+    variants = {
+        "lossy": encode(image, "WEBP", quality=80),
+        "lossless": encode(image, "WEBP", lossless=True),
+        "alpha": encode(image.convert("RGBA"), "WEBP", quality=80),
+        "exif": encode(image, "WEBP", exif=Image.Exif().tobytes()),
+        "animated": encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100),
+    }
+    for name, data in variants.items():
+        full = probe(data)
+        assert (header_probe(data).ext, header_probe(data).width, header_probe(data).height) == \
+            (full.ext, full.width, full.height) == ("webp", 301, 173), name
+    with pytest.raises(BadImage):  # cut: the RIFF size no longer matches, so it is decoded, and fails
+        header_probe(variants["lossy"][:-50])
 
 
 def _same_scan_in_c_and_python(locations, monkeypatch, c_loops) -> plan.ScanResults:
@@ -134,19 +159,19 @@ def test_the_c_scan_answers_as_the_python_scan(odd_files, tmp_path, monkeypatch,
                                                           "unreadable", "corrupt_image"}
 
     part = plan.ScanResults(len(locations), decode=False, stats=True)
-    settled = c_loops.scan_ends(locations, plan.DEFAULT_MAX_PIXELS, plan._EXT_CODE["jpg"], plan._EXT_CODE["png"],
-                                part.ok, part.sha, part.ext, part.width, part.height, part.nbytes, part.file_size,
-                                part.mtime)
-    usual = ["damaged_middle.jpg", "exif_app1.jpg", "plain.jpg", "plain.png", "small.jpg", "trailing_crlf.jpg"]
+    settled = c_loops.scan_ends(locations, plan.DEFAULT_MAX_PIXELS, plan._NATIVE_EXTS, part.ok, part.sha, part.ext,
+                                part.width, part.height, part.nbytes, part.file_size, part.mtime)
+    usual = ["damaged_middle.jpg", "exif_app1.jpg", "plain.jpg", "plain.png", "small.jpg", "trailing_crlf.jpg",
+             "image.webp", "lossless.webp"]
     assert sorted(n for n, ok in zip(names, part.ok) if ok) == sorted(
-        usual + [f"tar:{n}" for n in usual] + ["file://plain.jpg", "tiny.png"]) and settled == 14
+        usual + [f"tar:{n}" for n in usual] + ["file://plain.jpg", "tiny.png"]) and settled == 18
     for (url, offset, _), ok, mtime in zip(locations, part.ok, part.mtime):
         if ok:
             assert mtime == (os.stat(url.removeprefix("file://")).st_mtime if offset < 0 else -1.0)
 
 
 def test_the_c_scan_answers_as_the_python_scan_on_mutated_files(tmp_path, monkeypatch, c_loops):
-    """400 files made from JPEGs and PNGs (small and over 16 KB) by a seeded random mutation each:
+    """400 files made from JPEGs, PNGs and WebPs (small and over 16 KB) by a seeded random mutation each:
     cut, bytes changed in the header or at the end, padding or garbage appended, marker lengths
     broken. The compiled scan must give exactly the Python scan's columns and reasons."""
     import random
@@ -154,7 +179,9 @@ def test_the_c_scan_answers_as_the_python_scan_on_mutated_files(tmp_path, monkey
     rng = random.Random(12)
     crops = photo_crops(4, size=(480, 360), seed=13)
     seeds = [encode(crops[0], "JPEG", quality=95), encode(crops[1].resize((60, 40)), "JPEG"),
-             encode(crops[2].resize((200, 150)), "PNG"), encode(crops[3].resize((16, 12)), "PNG")]
+             encode(crops[2].resize((200, 150)), "PNG"), encode(crops[3].resize((16, 12)), "PNG"),
+             encode(crops[0], "WEBP", quality=90), encode(crops[1].resize((50, 30)), "WEBP", lossless=True),
+             encode(crops[2].resize((40, 30)).convert("RGBA"), "WEBP")]
 
     def mutate(data: bytes) -> bytes:
         data = bytearray(data)
