@@ -21,6 +21,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import NamedTuple
 
 from shards import storage
 from shards.table import RecordTable, make_key
@@ -357,66 +358,88 @@ def _index_tar(fileobj, *, tar_url: str, synset: str, base_offset: int, label_pa
     return count
 
 
-def _list_tars(url: str, kind: str, *, pool=None) -> Listing:
-    records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
-    synsets = []
-    if url.lower().endswith(".tar") and not storage.isdir(url):
-        # one tar of per-synset tars: inner tars are streamed, their members indexed by absolute offset
-        st = storage.stat(url)
-        entries.append([storage.basename(url), st["size"], st["mtime"]])
-        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(url) else "r:") as outer:
-            for inner in outer:
-                reason = unsafe_member_reason(inner)
-                if reason:
-                    skipped.append({"path": inner.name, "reason": reason})
-                    continue
-                if not inner.isfile():
-                    continue
-                if not inner.name.lower().endswith(".tar"):
-                    skipped.append({"path": inner.name, "reason": "not a per-synset tar"})
-                    continue
-                synset = inner.name.rsplit("/", 1)[-1][:-4]
-                synsets.append(synset)
-                stream = outer.extractfile(inner)
-                _index_tar(stream, tar_url=url, synset=synset, base_offset=inner.offset_data,
-                           label_path=inner.name[:-4], records=records, skipped=skipped)
-        return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
-    walk = []  # in listing order: a skip, or a tar to index (url, synset)
-    for item in storage.iter_files(url):
-        name = item["url"].rstrip("/").rsplit("/", 1)[-1]
-        entries.append([name, item["size"], item["mtime"]])
-        if name.lower().endswith(".tar"):
-            walk.append((item["url"], name[:-4]))
-        elif not name.startswith("."):
-            walk.append({"path": name, "reason": "not a per-synset tar"})
-    tars = [step for step in walk if isinstance(step, tuple)]
-    if not tars:
-        raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
-    # each tar indexed on its own, in the worker processes when there are some (parsing the member
-    # headers is most of the listing's cost), and merged in listing order
-    parts = iter(pool.map(_index_tar_file, tars, chunksize=max(1, min(16, len(tars) // 64))) if pool is not None
-                 else map(_index_tar_file, tars))
+class _TarJob(NamedTuple):
+    """One per-synset tar to index: a file (offset None) or `size` bytes at `offset` of a tar of tars."""
+    url: str
+    synset: str
+    label_path: str
+    offset: int | None = None
+    size: int | None = None
+
+
+def _index_tar_job(job: _TarJob) -> tuple[RecordTable, list[dict]]:
+    """The records and skips of one per-synset tar (run in a worker process when there is a pool)."""
+    records, skipped = RecordTable(), []
+    with storage.open_read(job.url) as f:
+        stream = f
+        if job.offset is not None:  # a member of a local tar of tars, read where it lies
+            inner = tarfile.TarInfo(job.label_path + ".tar")
+            inner.offset_data, inner.size = job.offset, job.size
+            stream = tarfile.open(fileobj=f, mode="r:").extractfile(inner)
+        _index_tar(stream, tar_url=job.url, synset=job.synset, base_offset=job.offset or 0,
+                   label_path=job.label_path, records=records, skipped=skipped)
+    return records, skipped
+
+
+def _index_tars(walk: list, pool, records: RecordTable, skipped: list, *, empty_is_error: bool) -> None:
+    """Index the _TarJobs of `walk` (in the worker processes when there is a pool: parsing member
+    headers is most of a listing's cost) and merge them, and its skips (dicts), in walk order."""
+    jobs = [step for step in walk if isinstance(step, _TarJob)]
+    parts = iter(pool.map(_index_tar_job, jobs, chunksize=max(1, min(16, len(jobs) // 64))) if pool is not None
+                 else map(_index_tar_job, jobs))
     for step in walk:
         if isinstance(step, dict):
             skipped.append(step)
             continue
         part, part_skipped = next(parts)
-        if not len(part):
-            raise SourceError(f"{step[0]}: class tar has no images; remove it or fix the tar")
+        if empty_is_error and not len(part):
+            raise SourceError(f"{step.url}: class tar has no images; remove it or fix the tar")
         records.extend(part)
         skipped.extend(part_skipped)
-        synsets.append(step[1])
-    return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(set(synsets)))
 
 
-def _index_tar_file(job: tuple[str, str]) -> tuple[RecordTable, list[dict]]:
-    """The records and skips of one per-synset tar (url, synset)."""
-    tar_url, synset = job
-    records, skipped = RecordTable(), []
-    with storage.open_read(tar_url) as f:
-        _index_tar(f, tar_url=tar_url, synset=synset, base_offset=0, label_path=synset, records=records,
-                   skipped=skipped)
-    return records, skipped
+def _list_tars(url: str, kind: str, *, pool=None) -> Listing:
+    records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
+    walk = []  # in listing order: skips (dicts) and tars to index (_TarJob)
+    if url.lower().endswith(".tar") and not storage.isdir(url):
+        # one tar of per-synset tars: inner tars are indexed where they lie in it (by workers, when a
+        # pool is given and the file is local), or streamed (S3); members get absolute offsets
+        st = storage.stat(url)
+        entries.append([storage.basename(url), st["size"], st["mtime"]])
+        stream_now, synsets = pool is None or storage.is_s3(url), set()
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|" if storage.is_s3(url) else "r:") as outer:
+            for inner in outer:
+                reason = unsafe_member_reason(inner)
+                if reason:
+                    step = {"path": inner.name, "reason": reason}
+                elif not inner.isfile():
+                    continue
+                elif not inner.name.lower().endswith(".tar"):
+                    step = {"path": inner.name, "reason": "not a per-synset tar"}
+                else:
+                    step = _TarJob(url, inner.name.rsplit("/", 1)[-1][:-4], inner.name[:-4], inner.offset_data, inner.size)
+                    synsets.add(step.synset)
+                if not stream_now:
+                    walk.append(step)
+                elif isinstance(step, dict):
+                    skipped.append(step)
+                else:
+                    _index_tar(outer.extractfile(inner), tar_url=url, synset=step.synset, base_offset=step.offset,
+                               label_path=step.label_path, records=records, skipped=skipped)
+        _index_tars(walk, pool, records, skipped, empty_is_error=False)
+        return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(synsets))
+    for item in storage.iter_files(url):
+        name = item["url"].rstrip("/").rsplit("/", 1)[-1]
+        entries.append([name, item["size"], item["mtime"]])
+        if name.lower().endswith(".tar"):
+            walk.append(_TarJob(item["url"], name[:-4], name[:-4]))
+        elif not name.startswith("."):
+            walk.append({"path": name, "reason": "not a per-synset tar"})
+    if not any(isinstance(step, _TarJob) for step in walk):
+        raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
+    _index_tars(walk, pool, records, skipped, empty_is_error=True)
+    return Listing(kind, url, records, skipped, entries.hexdigest(),
+                   sorted({step.synset for step in walk if isinstance(step, _TarJob)}))
 
 
 # ----------------------------------------------------------------------------- jsonl / csv manifests

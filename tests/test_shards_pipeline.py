@@ -198,10 +198,15 @@ def test_i21k_tars_folder_and_tar_of_tars_refuse_unsafe_members(tmp_path):
     assert parallel["shards"] == manifest["shards"]
     written = [m for url in shard_urls(str(tmp_path / "out")) for m in tarfile.open(url).getnames()]
     assert not any(".." in n or n.startswith("/") or "evil" in n or "dev" in n for n in written)
-    outer = _tar_bytes([_file("n0001.tar", syn_a), _file("n0002.tar", syn_b)])
+    outer = _tar_bytes([_file("n0001.tar", syn_a), _file("readme.txt", b"x"), _file("n0002.tar", syn_b)])
     _write(tmp_path / "winter21.tar", outer)
     nested = shard_dataset(str(tmp_path / "winter21.tar"), str(tmp_path / "out-nested"))
     assert [s["sha256"] for s in nested["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    # the inner tars indexed where they lie, by 2 worker processes: the same dataset
+    nested2 = shard_dataset(str(tmp_path / "winter21.tar"), str(tmp_path / "out-nested-2"), workers=2)
+    assert nested2["shards"] == nested["shards"] and nested2["skipped"] == nested["skipped"]
+    assert nested2["dropped"] == {"unsafe_tar_member": 4, "not_a_per-synset_tar": 1}
+    assert [s["path"] for s in nested2["skipped"]].index("readme.txt") == 4  # after n0001.tar's, before n0002.tar's
 
 
 def test_one_line_errors_for_bad_sources(tmp_path):
