@@ -1,7 +1,6 @@
 """`vitpipe shard SOURCE OUT_URL ...` and `vitpipe verify URL`."""
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -30,7 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--validate", choices=["header", "decode"], default="header",
                    help="pass-through check: header + end marker (fast, default) or decode every image")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"worker processes (default: every CPU core this process may use, {_usable_cores()} here)")
+                   help="worker processes (default: every CPU core this process may use)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
     p.add_argument("--strict", action="store_true", help="fail instead of skipping any bad record")
     p.set_defaults(func=run_shard)
@@ -41,16 +40,9 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_verify)
 
 
-def _usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity: what a Slurm allocation or a cpuset leaves)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def run_shard(args) -> int:
     from shards import ShardError, shard_dataset
+    from shards.workers import usable_cores
     from shards.storage import StorageError
 
     try:
@@ -58,7 +50,7 @@ def run_shard(args) -> int:
                       shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
                       quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
                       dedup_within=args.dedup_within,
-                      workers=_usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
+                      workers=usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
                       progress=True)
     except (ShardError, StorageError, ValueError) as err:
         print(f"vitpipe shard: error: {err}", file=sys.stderr)

@@ -40,7 +40,13 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
         raise ShardError(str(err)) from None
     from contextlib import ExitStack
 
+    from shards import writer
+    from shards.workers import usable_cores
+
     with ExitStack() as stack:
+        # writers hash in a thread when there is a core beside each of them (set before the pool forks)
+        stack.callback(setattr, writer, "HASH_IN_THREAD", writer.HASH_IN_THREAD)
+        writer.HASH_IN_THREAD = workers < usable_cores()
         pool = None
         if workers > 1:  # one pool for scanning and writing, forked while this process is still small
             from shards.workers import process_pool

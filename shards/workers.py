@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 from shards import storage
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: what a Slurm allocation or a cpuset leaves)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _init_worker(settings: dict) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for strings
 
 import numpy as np
@@ -120,17 +121,35 @@ class _Metadata:
         return (meta,) if self._multi_label else (cls, meta)
 
 
+# Hash each chunk in a thread, beside the reads of the next one: worth it only with a CPU core to
+# spare (pass-through, 2 cores: one writer process +22%, two writer processes -7%). shard_dataset
+# sets it for its run; a write_shard called on its own (e.g. by an orchestrator) hashes inline.
+HASH_IN_THREAD = False
+
+
 class _TarOut:
     """The shard's tar file, written a chunk of samples at a time. Each chunk is laid out in one
     buffer of 512-byte blocks: the headers and small members of all its samples are placed in a few
     array operations, each image is read (or copied) straight into its place; the buffer is then
-    fed to the shard's sha256 and written with one call."""
+    written with one call and fed to the shard's sha256. With HASH_IN_THREAD that runs in a thread
+    (hashlib lets go of the GIL) while the next chunk is laid out and read into the other of two
+    buffers. Use as a context manager (the thread ends with it)."""
 
     def __init__(self, fd: int):
         self._fd = fd
-        self._buffer = np.empty(0, dtype=np.uint8)
-        self.digest = hashlib.sha256()
+        self._buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self._turn = 0
+        self._digest = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256") if HASH_IN_THREAD else None
+        self._hashing = None  # the hash of the last chunk written, while it runs
         self.bytes = 0
+
+    def __enter__(self) -> "_TarOut":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
 
     def layout(self, keys: list[str], exts: list[str], sizes: list[int], small: list[tuple[bytes, ...]]
                ) -> tuple[memoryview, list[int]]:
@@ -149,9 +168,12 @@ class _TarOut:
         data_count = -(-member_sizes // 512)
         start = np.cumsum(header_count + data_count) - header_count - data_count  # each member's first block
         total = int(start[-1] + header_count[-1] + data_count[-1])
-        if len(self._buffer) < total * 512:
-            self._buffer = np.empty(max(total * 512, 2 * len(self._buffer)), dtype=np.uint8)
-        blocks = self._buffer[:total * 512].reshape(total, 512)
+        if self._hasher is not None:  # the buffer of the chunk before last, whose hash write() has waited for
+            self._turn ^= 1
+        buffer = self._buffers[self._turn]
+        if len(buffer) < total * 512:
+            buffer = self._buffers[self._turn] = np.empty(max(total * 512, 2 * len(buffer)), dtype=np.uint8)
+        blocks = buffer[:total * 512].reshape(total, 512)
         if len(header_rows) == len(names):
             blocks[start] = header_rows
         else:  # some PAX headers: several blocks for a member
@@ -167,17 +189,26 @@ class _TarOut:
         image_start, image_blocks = data_start[is_image], data_count[is_image]
         tails = image_start[image_blocks > 0] + image_blocks[image_blocks > 0] - 1
         blocks[tails] = 0  # an image's last block: zeros after its end
-        return memoryview(self._buffer)[:total * 512], (image_start * 512).tolist()
+        return memoryview(buffer)[:total * 512], (image_start * 512).tolist()
 
     def write(self, data) -> None:
-        self.digest.update(data)
+        if self._hashing is not None:
+            self._hashing.result()  # the chunks reach the sha256 in order
+        if self._hasher is None:
+            self._digest.update(data)
+        else:
+            self._hashing = self._hasher.submit(self._digest.update, data)
         view = memoryview(data)
         while view:  # write may write less than asked: go on from where it stopped
             view = view[os.write(self._fd, view):]
         self.bytes += len(data)
 
-    def finish(self) -> None:
+    def finish(self) -> str:
+        """Write the end of the archive; returns the shard's sha256 (hex)."""
         self.write(bytes(1024))  # end-of-archive: two zero blocks
+        if self._hashing is not None:
+            self._hashing.result()
+        return self._digest.hexdigest()
 
 
 _CHUNK_SAMPLES = 64
@@ -255,8 +286,8 @@ def _read_images(task: ShardTask, chunk, where: list[int], nbytes: list[int], lo
 
 def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:
     """Write the shard's tar to `fd` (an empty file, closed on return)."""
-    with os.fdopen(fd, "wb", buffering=0) as f:
-        metadata, tar = _Metadata(task), _TarOut(f.fileno())
+    with os.fdopen(fd, "wb", buffering=0) as f, _TarOut(f.fileno()) as tar:
+        metadata = _Metadata(task)
         for paths, locations, keys, exts, nbytes, widths, heights, labels in _chunks(task):
             images = _resized(task, paths, locations, nbytes) if task.resize else None
             if images is not None:
@@ -270,8 +301,8 @@ def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:
             else:
                 _read_images(task, chunk, where, nbytes, locations, paths)
             tar.write(chunk)
-        tar.finish()
-    return tar.bytes, tar.digest.hexdigest()
+        digest = tar.finish()
+    return tar.bytes, digest
 
 
 def progress_url(task: ShardTask) -> str:

@@ -2,10 +2,13 @@
 out in one buffer (images larger than a chunk, metadata longer than a block), files that grew."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+import shutil
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -153,6 +156,33 @@ def test_the_c_loops_write_the_shards_python_writes(tmp_path, monkeypatch, c_loo
             shards = [(s["name"], (tmp_path / f"{source}-{mode}" / s["name"]).read_bytes()) for s in manifest["shards"]]
             written[mode] = (shards, {k: v for k, v in manifest.items() if k != "created"})
         assert written["c"] == written["python"] and len(written["c"][0]) == 3, source
+
+
+def test_hashing_in_a_thread_writes_the_same_shard(tmp_path, monkeypatch):
+    """With HASH_IN_THREAD each chunk is hashed in a thread while the next one is read into the
+    other buffer: the same bytes and sha256 as hashing inline, over many small chunks; and a shard
+    stopped by an error leaves no thread and no file behind."""
+    from shards import writer
+
+    monkeypatch.setattr(writer, "_CHUNK_SAMPLES", 2)
+    for i, crop in enumerate(photo_crops(9, size=(48, 40), seed=8)):
+        (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "c" / f"{i}.jpg").write_bytes(encode(crop, "JPEG"))
+    written = {}
+    for threaded in (False, True):
+        monkeypatch.setattr(writer, "HASH_IN_THREAD", threaded)
+        plan = plan_shards(str(tmp_path / "src"), str(tmp_path / f"out{threaded}"), shard_size=20)
+        entry = write_shard(plan, 0)
+        data = (tmp_path / f"out{threaded}" / entry["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        written[threaded] = data
+    assert written[True] == written[False]
+    threads = threading.active_count()
+    shutil.rmtree(tmp_path / "outTrue")  # else the complete shard is kept
+    (tmp_path / "src" / "c" / "7.jpg").write_bytes(b"changed")
+    with pytest.raises(ShardError, match="changed since it was scanned"):
+        write_shard(plan, 0)
+    assert threading.active_count() == threads and not list((tmp_path / "outTrue").glob(".*.partial"))
 
 
 def test_the_c_read_loop_stops_at_what_it_leaves_to_python(tmp_path, c_loops):
