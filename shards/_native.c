@@ -19,6 +19,9 @@
  *     member) into buffer[starts[i]:starts[i] + sizes[i]], checking it has exactly sizes[i] bytes.
  *     Returns the first i it could not do that for (not local, not opened, another size), or len(locations):
  *     the caller reads that one in Python, which says what went wrong.
+ *
+ * Both do their file reads and checks with the GIL released, so threads of one process can scan
+ * or read side by side (plan.scan_all does, with one worker and a core to spare).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,11 +37,13 @@
 #define FIRST_READ 4096       /* most JPEG headers end within it */
 #define HEAD_LIMIT (1 << 20)  /* read no further for a frame header: let Python decide */
 
+#define MATERIAL (8 + 2 * KEY_ENDS)  /* what the content key hashes: size, first and last 1 KB */
+
 static PyObject *sha256;      /* hashlib.sha256 */
-static uint8_t *head_buf;     /* HEAD_LIMIT bytes, allocated at the first scan */
 
 /* A local record: a whole file (offset -1) or `length` bytes at `offset` in a tar. */
 typedef struct {
+    PyObject *url;  /* a reference held while the GIL is released */
     const char *path;
     long long offset, length;
 } Record;
@@ -69,7 +74,16 @@ static int local_record(PyObject *location, Record *r)
     if ((Py_ssize_t)strlen(path) != n || strncmp(path, "s3://", 5) == 0)
         return 0;
     r->path = strncmp(path, "file://", 7) == 0 ? path + 7 : path;
+    r->url = url;
+    Py_INCREF(url);
     return 1;
+}
+
+static void release_records(Record *records, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(records[i].url);
+    PyMem_Free(records);
 }
 
 /* The open file of the last record, kept for the next one when it is in the same tar. */
@@ -200,10 +214,13 @@ typedef struct {
     Py_buffer ok, key, ext, width, height, nbytes, file_size, mtime;
 } Columns;
 
-/* Scan one file into row i of the columns; 1 if settled, 0 if left to Python, -1 on a Python error. */
-static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max_pixels, const int *codes, Columns *c)
+/* Scan one record into row i of the columns (all but ok and key) and its key material into
+ * `material` (MATERIAL bytes; its length to *material_len); 1 if settled, 0 if left to Python.
+ * No Python calls: it runs with the GIL released. `head_buf`: HEAD_LIMIT bytes of scratch. */
+static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max_pixels, const int *codes, Columns *c,
+                    uint8_t *head_buf, uint8_t *material, size_t *material_len)
 {
-    uint8_t tail[KEY_ENDS], material[8 + 2 * KEY_ENDS];
+    uint8_t tail[KEY_ENDS];
     int fd = open_record(opened, r);
     if (fd < 0)
         return 0;
@@ -267,18 +284,7 @@ static int scan_one(Opened *opened, const Record *r, Py_ssize_t i, long long max
         material[b] = (uint8_t)(le >> (8 * b));
     memcpy(material + 8, head_buf, first);
     memcpy(material + 8 + first, end + end_len - last, last);
-    PyObject *hash = PyObject_CallFunction(sha256, "y#", (const char *)material, (Py_ssize_t)(8 + first + last));
-    PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
-    Py_XDECREF(hash);
-    if (digest == NULL || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
-        Py_XDECREF(digest);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
-        return -1;
-    }
-    memcpy((uint8_t *)c->key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
-    Py_DECREF(digest);
-    ((uint8_t *)c->ok.buf)[i] = 1;
+    *material_len = 8 + first + last;
     ((uint8_t *)c->ext.buf)[i] = (uint8_t)code;
     ((int32_t *)c->width.buf)[i] = (int32_t)width;
     ((int32_t *)c->height.buf)[i] = (int32_t)height;
@@ -322,8 +328,6 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!L(iii)OOOOOOOO:scan_ends", &PyList_Type, &locations, &max_pixels, &codes[0],
                           &codes[1], &codes[2], &ok, &key, &ext, &width, &height, &nbytes, &file_size, &mtime))
         return NULL;
-    if (head_buf == NULL && (head_buf = PyMem_RawMalloc(HEAD_LIMIT)) == NULL)
-        return PyErr_NoMemory();
     Py_ssize_t n = PyList_GET_SIZE(locations), settled = 0;
     Columns c;
     memset(&c, 0, sizeof c);
@@ -334,21 +338,52 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
         release(&c);
         return NULL;
     }
-    Opened opened = {NULL, -1};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Record record;
-        int r = local_record(PyList_GET_ITEM(locations, i), &record)
-                ? scan_one(&opened, &record, i, max_pixels, codes, &c) : 0;
-        if (r < 0) {
-            close_record(&opened);
-            release(&c);
-            return NULL;
-        }
-        settled += r;
+    Record *records = PyMem_Calloc(n ? n : 1, sizeof *records);
+    uint8_t *head_buf = PyMem_RawMalloc(HEAD_LIMIT), *materials = PyMem_RawMalloc((n ? n : 1) * MATERIAL);
+    size_t *lengths = PyMem_RawCalloc(n ? n : 1, sizeof *lengths);
+    PyObject *result = NULL;
+    if (records == NULL || head_buf == NULL || materials == NULL || lengths == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!local_record(PyList_GET_ITEM(locations, i), &records[i]))
+            records[i].path = NULL;
+    /* the reads and checks, with the GIL released: other threads (another scan) run meanwhile */
+    Py_BEGIN_ALLOW_THREADS
+    Opened opened = {NULL, -1};
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (records[i].path && !scan_one(&opened, &records[i], i, max_pixels, codes, &c, head_buf,
+                                         materials + i * MATERIAL, &lengths[i]))
+            lengths[i] = 0;
     close_record(&opened);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!records[i].path || !lengths[i])
+            continue;
+        PyObject *hash = PyObject_CallFunction(sha256, "y#", (const char *)(materials + i * MATERIAL), (Py_ssize_t)lengths[i]);
+        PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
+        Py_XDECREF(hash);
+        if (digest == NULL || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
+            Py_XDECREF(digest);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
+            goto done;
+        }
+        memcpy((uint8_t *)c.key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
+        Py_DECREF(digest);
+        ((uint8_t *)c.ok.buf)[i] = 1;
+        settled++;
+    }
+    result = PyLong_FromSsize_t(settled);
+done:
+    if (records)
+        release_records(records, n);
+    PyMem_RawFree(head_buf);
+    PyMem_RawFree(materials);
+    PyMem_RawFree(lengths);
     release(&c);
-    return PyLong_FromSsize_t(settled);
+    return result;
 }
 
 static PyObject *read_into(PyObject *self, PyObject *args)
@@ -359,37 +394,54 @@ static PyObject *read_into(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!O!w*n:read_into", &PyList_Type, &locations, &PyList_Type, &starts,
                           &PyList_Type, &sizes, &out, &begin))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(locations), i = begin < 0 ? 0 : begin;
-    if (PyList_GET_SIZE(starts) != n || PyList_GET_SIZE(sizes) != n) {
-        PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "read_into: locations, starts and sizes differ in length");
-        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(locations), stop = begin < 0 ? 0 : begin;
+    begin = stop;
+    Record *records = PyMem_Calloc(n ? n : 1, sizeof *records);
+    Py_ssize_t *where = PyMem_Calloc(2 * (n ? n : 1), sizeof *where);  /* start, size per record */
+    PyObject *result = NULL;
+    if (records == NULL || where == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
+    if (PyList_GET_SIZE(starts) != n || PyList_GET_SIZE(sizes) != n) {
+        PyErr_SetString(PyExc_ValueError, "read_into: locations, starts and sizes differ in length");
+        goto done;
+    }
+    /* the records up to the first one left to Python, checked with the GIL held */
+    for (; stop < n; stop++) {
+        Py_ssize_t start = PyLong_AsSsize_t(PyList_GET_ITEM(starts, stop));
+        Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(sizes, stop));
+        if (PyErr_Occurred())
+            goto done;
+        if (start < 0 || size < 0 || start > out.len || size > out.len - start) {
+            PyErr_Format(PyExc_ValueError, "read_into: record %zd (%zd bytes at %zd) is outside the buffer", stop, size,
+                         start);
+            goto done;
+        }
+        if (!local_record(PyList_GET_ITEM(locations, stop), &records[stop]))
+            break;
+        where[2 * stop] = start;
+        where[2 * stop + 1] = size;
+        if (records[stop].offset >= 0 && records[stop].length != size) {
+            stop++;  /* read by Python, which reports it */
+            break;
+        }
+    }
+    Py_ssize_t i = begin;
+    Py_BEGIN_ALLOW_THREADS
     uint8_t spare;
     Opened opened = {NULL, -1};
-    for (; i < n; i++) {
-        Py_ssize_t start = PyLong_AsSsize_t(PyList_GET_ITEM(starts, i));
-        Py_ssize_t size = PyLong_AsSsize_t(PyList_GET_ITEM(sizes, i));
-        if (PyErr_Occurred()) {
-            close_record(&opened);
-            PyBuffer_Release(&out);
-            return NULL;
-        }
-        if (start < 0 || size < 0 || start > out.len || size > out.len - start) {
-            close_record(&opened);
-            PyBuffer_Release(&out);
-            PyErr_Format(PyExc_ValueError, "read_into: record %zd (%zd bytes at %zd) is outside the buffer", i, size, start);
-            return NULL;
-        }
-        Record record;
-        if (!local_record(PyList_GET_ITEM(locations, i), &record) || (record.offset >= 0 && record.length != size))
+    for (; i < stop; i++) {
+        const Record *record = &records[i];
+        Py_ssize_t start = where[2 * i], size = where[2 * i + 1];
+        if (record->offset >= 0 && record->length != size)
             break;
-        int fd = open_record(&opened, &record);
+        int fd = open_record(&opened, record);
         if (fd < 0)
             break;
         ssize_t got;
-        if (record.offset >= 0) {
-            got = pread(fd, (uint8_t *)out.buf + start, (size_t)size, (off_t)record.offset);
+        if (record->offset >= 0) {
+            got = pread(fd, (uint8_t *)out.buf + start, (size_t)size, (off_t)record->offset);
         } else {  /* one byte more than expected: a file that grew reads long */
             struct iovec iov[2] = {{(uint8_t *)out.buf + start, (size_t)size}, {&spare, 1}};
             got = readv(fd, iov, 2);
@@ -398,13 +450,19 @@ static PyObject *read_into(PyObject *self, PyObject *args)
             break;
     }
     close_record(&opened);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(i);
+done:
+    if (records)
+        release_records(records, n);
+    PyMem_Free(where);
     PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(i);
+    return result;
 }
 
 static PyMethodDef methods[] = {
-    {"scan_ends", scan_ends, METH_VARARGS, "The pass-through scan of local JPEG and PNG files (see the module source)."},
-    {"read_into", read_into, METH_VARARGS, "Read local whole files into a buffer (see the module source)."},
+    {"scan_ends", scan_ends, METH_VARARGS, "The pass-through scan of local JPEG, PNG and WebP records (see the module source)."},
+    {"read_into", read_into, METH_VARARGS, "Read local files and tar members into a buffer (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

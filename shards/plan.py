@@ -350,13 +350,21 @@ def _call(job):
 def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
              pool=None, stats: bool = False) -> ScanResults:
     """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more
-    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime)."""
+    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime). One worker with
+    a core to spare scans in two threads when the C loop does the work (it lets go of the GIL)."""
+    from contextlib import nullcontext
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shards.workers import usable_cores
+
     results = ScanResults(len(table), decode, stats)
-    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats), workers=workers,
-                                   pool=pool):
-        results.put_part(start, part)
-        if progress is not None:
-            progress(len(part.ok))
+    threads = workers == 1 and pool is None and native.loops is not None and not decode and usable_cores() > 1
+    with ThreadPoolExecutor(2, thread_name_prefix="scan") if threads else nullcontext(pool) as executor:
+        for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats),
+                                       workers=2 if threads else workers, pool=executor):
+            results.put_part(start, part)
+            if progress is not None:
+                progress(len(part.ok))
     return results
 
 
