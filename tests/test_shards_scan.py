@@ -211,6 +211,34 @@ def test_the_c_scan_answers_as_the_python_scan_on_mutated_files(tmp_path, monkey
     assert 50 < int(without.ok.sum()) < 350  # both kinds of outcome are well represented
 
 
+def test_one_worker_scans_in_two_threads_as_in_one(tmp_path, monkeypatch, c_loops):
+    """With one worker and a core to spare, scan_all runs the C scan in two threads (it lets go of
+    the GIL): the same results as one thread, in row order."""
+    import threading
+
+    from shards import native, workers
+
+    crops = photo_crops(6, size=(64, 48), seed=15)
+    for i in range(300):
+        data = encode(crops[i % 6].rotate(i), "JPEG" if i % 3 else "PNG")
+        data = data if i % 7 else data[:len(data) // 2]
+        (tmp_path / "src" / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"c{i % 4}" / f"{i:03d}.img").write_bytes(data)
+    table = plan.list_source(str(tmp_path / "src"), defer_stats=True).records
+    monkeypatch.setattr(native, "loops", c_loops)
+    seen = set()
+    scan = c_loops.scan_ends
+    monkeypatch.setattr(c_loops, "scan_ends", lambda *a: seen.add(threading.current_thread().name) or scan(*a))
+    results = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(workers, "usable_cores", lambda cores=cores: cores)
+        results[cores] = plan.scan_all(table, max_pixels=plan.DEFAULT_MAX_PIXELS, workers=1, decode=False, stats=True)
+    assert any(name.startswith("scan") for name in seen) and threading.main_thread().name in seen
+    for column in ("ok", "sha", "ext", "width", "height", "nbytes", "file_size", "mtime"):
+        assert np.array_equal(getattr(results[1], column), getattr(results[2], column)), column
+    assert results[1].bad == results[2].bad and len(results[1].bad) == 43  # the files cut in half
+
+
 def test_exact_duplicates_are_confirmed_on_the_whole_content(tmp_path):
     jpeg = _big_jpeg(2)
     twin = bytearray(jpeg)
