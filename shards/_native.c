@@ -38,6 +38,7 @@
 #define HEAD_LIMIT (1 << 20)  /* read no further for a frame header: let Python decide */
 
 #define MATERIAL (8 + 2 * KEY_ENDS)  /* what the content key hashes: size, first and last 1 KB */
+#define BATCH 64                      /* records scanned between two holds of the GIL */
 
 static PyObject *sha256;      /* hashlib.sha256 */
 
@@ -339,49 +340,53 @@ static PyObject *scan_ends(PyObject *self, PyObject *args)
         return NULL;
     }
     Record *records = PyMem_Calloc(n ? n : 1, sizeof *records);
-    uint8_t *head_buf = PyMem_RawMalloc(HEAD_LIMIT), *materials = PyMem_RawMalloc((n ? n : 1) * MATERIAL);
-    size_t *lengths = PyMem_RawCalloc(n ? n : 1, sizeof *lengths);
+    uint8_t *head_buf = PyMem_RawMalloc(HEAD_LIMIT), *materials = PyMem_RawMalloc(BATCH * MATERIAL);
+    size_t lengths[BATCH];
     PyObject *result = NULL;
-    if (records == NULL || head_buf == NULL || materials == NULL || lengths == NULL) {
+    Opened opened = {NULL, -1};
+    if (records == NULL || head_buf == NULL || materials == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++)
         if (!local_record(PyList_GET_ITEM(locations, i), &records[i]))
             records[i].path = NULL;
-    /* the reads and checks, with the GIL released: other threads (another scan) run meanwhile */
-    Py_BEGIN_ALLOW_THREADS
-    Opened opened = {NULL, -1};
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (records[i].path && !scan_one(&opened, &records[i], i, max_pixels, codes, &c, head_buf,
-                                         materials + i * MATERIAL, &lengths[i]))
-            lengths[i] = 0;
-    close_record(&opened);
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!records[i].path || !lengths[i])
-            continue;
-        PyObject *hash = PyObject_CallFunction(sha256, "y#", (const char *)(materials + i * MATERIAL), (Py_ssize_t)lengths[i]);
-        PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
-        Py_XDECREF(hash);
-        if (digest == NULL || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
-            Py_XDECREF(digest);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
-            goto done;
+    for (Py_ssize_t lo = 0; lo < n; lo += BATCH) {
+        Py_ssize_t hi = lo + BATCH < n ? lo + BATCH : n;
+        /* the reads and checks of a batch with the GIL released (other threads run meanwhile), then
+           the content keys of those it settled */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = lo; i < hi; i++)
+            if (!records[i].path || !scan_one(&opened, &records[i], i, max_pixels, codes, &c, head_buf,
+                                              materials + (i - lo) * MATERIAL, &lengths[i - lo]))
+                lengths[i - lo] = 0;
+        Py_END_ALLOW_THREADS
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            if (!lengths[i - lo])
+                continue;
+            PyObject *hash = PyObject_CallFunction(sha256, "y#", (const char *)(materials + (i - lo) * MATERIAL),
+                                                   (Py_ssize_t)lengths[i - lo]);
+            PyObject *digest = hash ? PyObject_CallMethod(hash, "digest", NULL) : NULL;
+            Py_XDECREF(hash);
+            if (digest == NULL || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
+                Py_XDECREF(digest);
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "sha256 digest is not 32 bytes");
+                goto done;
+            }
+            memcpy((uint8_t *)c.key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
+            Py_DECREF(digest);
+            ((uint8_t *)c.ok.buf)[i] = 1;
+            settled++;
         }
-        memcpy((uint8_t *)c.key.buf + 32 * i, PyBytes_AS_STRING(digest), 32);
-        Py_DECREF(digest);
-        ((uint8_t *)c.ok.buf)[i] = 1;
-        settled++;
     }
     result = PyLong_FromSsize_t(settled);
 done:
+    close_record(&opened);
     if (records)
         release_records(records, n);
     PyMem_RawFree(head_buf);
     PyMem_RawFree(materials);
-    PyMem_RawFree(lengths);
     release(&c);
     return result;
 }

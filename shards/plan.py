@@ -336,10 +336,10 @@ def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int,
         return
     from contextlib import nullcontext
 
-    from shards.workers import process_pool
+    from shards.workers import ordered_map, process_pool
 
     with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
-        yield from zip(starts, executor.map(_call, ((fn, chunk) for chunk in chunks)))
+        yield from zip(starts, ordered_map(executor, _call, ((fn, chunk) for chunk in chunks), ahead=2 * workers))
 
 
 def _call(job):

@@ -18,6 +18,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def ordered_map(executor, fn, items, *, ahead: int):
+    """executor.map(fn, items), keeping at most `ahead` items submitted and not yet yielded.
+    (Executor.map submits every item at once: all their arguments and results in memory together,
+    gigabytes for the chunks of a 14M-image listing.)"""
+    from collections import deque
+
+    pending = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _init_worker(settings: dict) -> None:
     storage.configure(**settings)
 

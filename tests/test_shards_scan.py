@@ -239,6 +239,27 @@ def test_one_worker_scans_in_two_threads_as_in_one(tmp_path, monkeypatch, c_loop
     assert results[1].bad == results[2].bad and len(results[1].bad) == 43  # the files cut in half
 
 
+def test_ordered_map_keeps_few_chunks_in_memory():
+    """The scan's chunks go to the workers through ordered_map: results in order, and at most
+    `ahead` chunks drawn and not yet handed back (Executor.map would draw all of them at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shards.workers import ordered_map
+
+    drawn, out = [], []
+
+    def chunks():
+        for i in range(100):
+            drawn.append(i)
+            yield i
+
+    with ThreadPoolExecutor(2) as executor:
+        for value in ordered_map(executor, lambda x: x * x, chunks(), ahead=4):
+            assert len(drawn) - len(out) <= 4
+            out.append(value)
+    assert out == [i * i for i in range(100)]
+
+
 def test_exact_duplicates_are_confirmed_on_the_whole_content(tmp_path):
     jpeg = _big_jpeg(2)
     twin = bytearray(jpeg)
