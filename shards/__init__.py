@@ -26,7 +26,6 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     after a crash keeps complete shards and writes the rest. `on_shard_done(entry)` is called in
     this process after each shard is published.
     """
-    import os
     import time
 
     from shards import storage
@@ -66,7 +65,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
         print(f"manifest: {join(plan.out_url, 'manifest.json')}")
         from shards import native
 
-        if native.loops is None and os.environ.get("VITPIPE_NATIVE", "1") != "0":
+        if not native.BUILT:
             print("note: shards' C loops (shards/_native.c) are not built, so local pass-through ran in Python "
                   "(about 10-15% slower); install a C compiler and re-run `make install` (pip install -e .)")
     return manifest

@@ -12,5 +12,6 @@ try:
 except ImportError:  # installed without a C compiler
     loops = None
 
+BUILT = loops is not None  # (whether or not VITPIPE_NATIVE=0 turns them off)
 if os.environ.get("VITPIPE_NATIVE", "1") == "0":
     loops = None

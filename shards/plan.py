@@ -277,9 +277,9 @@ def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]
 
 def _scan_part(locations, max_pixels: int, decode: bool, stats: bool) -> ScanResults:
     """The scan of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
-    arrays, not a tuple per record). Pass-through scans of local JPEGs and PNGs go through the C
-    loop (native.loops.scan_ends) where it is built; what it leaves, and everything else, through
-    _scan_one."""
+    arrays, not a tuple per record). Pass-through scans of local records go through the C loop
+    (native.loops.scan_ends) where it is built; what it leaves (other formats, anything it does not
+    settle as a usable JPEG, PNG or WebP), and every decoding scan, through _scan_one."""
     part = ScanResults(len(locations), decode, stats)
     rest = range(len(locations))
     if native.loops is not None and not decode:
