@@ -100,17 +100,17 @@ def header_probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     to a full decode."""
     if not data:
         raise BadImage("empty file (0 bytes)")
-    size, ext = _quick_size(data, data, len(data))
-    if size is None or size[0] <= 0 or size[1] <= 0:
+    dims, ext = _quick_size(data, data, len(data))
+    if dims is None or dims[0] <= 0 or dims[1] <= 0:
         full = probe(data, max_pixels=max_pixels)
         return Probe(full.ext, full.width, full.height, None)
-    return _header_checked(size, ext, max_pixels)
+    return _header_checked(dims, ext, max_pixels)
 
 
 def header_probe_ends(head: bytes, tail: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe | None:
     """header_probe from a file's first bytes (`head`) and last bytes (`tail`, from a file of `size`
-    bytes, longer than `head`): the answer header_probe would give on the whole file, or None when these bytes do not
-    settle it (then read the whole file and ask header_probe). The JPEG marker walk reads from the
+    bytes, longer than `head`): the answer header_probe would give on the whole file, or None when
+    these bytes do not settle it (then read the whole file and ask header_probe). The JPEG marker walk reads from the
     start, so it finds the same size in a prefix as in the whole file, or runs out (None); an end
     marker before the tail (trailing padding longer than it) also leaves this undecided."""
     dims, ext = _quick_size(head, tail, size)
