@@ -1,13 +1,12 @@
 # The two commands a newcomer types: `make demo` and `make test`.
-# Both install into .venv first (idempotent: re-installs only when pyproject.toml, setup.py or
-# the C source shards/_native.c change).
+# Both install into .venv first (idempotent: re-installs only when pyproject.toml changes).
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench clean
 
-$(STAMP): pyproject.toml setup.py shards/_native.c
+$(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
@@ -27,4 +26,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) .vitpipe build *.egg-info shards/*.so
+	rm -rf $(VENV) .vitpipe build *.egg-info

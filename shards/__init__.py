@@ -9,12 +9,12 @@ parallel) -> finish_dataset (manifest.json written last).
 from __future__ import annotations
 
 from shards.manifest import finish_dataset
-from shards.plan import ShardError, ShardPlan, ShardSettings, ShardTask, plan_shards
+from shards.plan import ShardError, ShardPlan, ShardSettings, ShardSettingsError, ShardTask, plan_shards
 from shards.sources import SourceError, source_fingerprint
 from shards.writer import write_shard
 
 __all__ = ["shard_dataset", "plan_shards", "write_shard", "finish_dataset", "source_fingerprint",
-           "ShardError", "SourceError", "ShardPlan", "ShardSettings", "ShardTask"]
+           "ShardError", "ShardSettingsError", "SourceError", "ShardPlan", "ShardSettings", "ShardTask"]
 
 
 def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, on_shard_done=None,
@@ -31,7 +31,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     from shards import storage
 
     if workers < 1:
-        raise ValueError(f"workers={workers}: must be >= 1")
+        raise ShardSettingsError(f"workers={workers}: must be >= 1")
     start = time.monotonic()
     try:
         storage.check_writable(out_url)
@@ -63,11 +63,6 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
               f"skipped {len(manifest['skipped'])}"
               + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
         print(f"manifest: {join(plan.out_url, 'manifest.json')}")
-        from shards import native
-
-        if not native.BUILT:
-            print("note: shards' C loops (shards/_native.c) are not built, so local pass-through ran in Python "
-                  "(about 10-15% slower); install a C compiler and re-run `make install` (pip install -e .)")
     return manifest
 
 

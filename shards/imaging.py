@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shards.errors import VitpipeError
+
 # PIL format -> the extension a sample carries in the tar (webdataset decodes by extension)
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
               "PPM": "ppm"}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bound; above it an image counts as a decompression bomb
 
 
-class BadImage(ValueError):
+class BadImage(VitpipeError, ValueError):
     """This record is not a usable image; the message is the skip reason."""
 
 

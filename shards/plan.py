@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shards import native, storage
+from shards import storage
 from shards.dedup import HashIndex, load_exclude
+from shards.errors import VitpipeError
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
 from shards.sources import Listing, SourceError, list_source
 from shards.table import RecordTable
@@ -21,8 +22,12 @@ from shards.table import RecordTable
 _TAR_BLOCK = 512
 
 
-class ShardError(RuntimeError):
+class ShardError(VitpipeError, RuntimeError):
     """Sharding cannot go on; the one-line message says what to fix."""
+
+
+class ShardSettingsError(ShardError, ValueError):
+    """A shard setting is out of range; the message names it and the values it takes."""
 
 
 @dataclass
@@ -49,26 +54,25 @@ class ShardSettings:
             self.exclude = [str(self.exclude)]
         self.exclude = [str(e) for e in (self.exclude or [])]
         if not self.name or any(c in self.name for c in "./\\ {}"):
-            raise ValueError(f"name={self.name!r}: use a plain name without dots, slashes, spaces or braces (e.g. 'train')")
+            raise ShardSettingsError(f"name={self.name!r}: use a plain name without dots, slashes, spaces or braces (e.g. 'train')")
         if self.shard_size < 1:
-            raise ValueError(f"shard_size={self.shard_size}: must be >= 1 sample per shard")
+            raise ShardSettingsError(f"shard_size={self.shard_size}: must be >= 1 sample per shard")
         if self.max_shard_bytes < 64 * 1024:
-            raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 65536")
+            raise ShardSettingsError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 65536")
         if self.resize is not None and self.resize < 8:
-            raise ValueError(f"resize={self.resize}: shorter side must be >= 8 px (or None for pass-through)")
+            raise ShardSettingsError(f"resize={self.resize}: shorter side must be >= 8 px (or None for pass-through)")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality={self.quality}: use 1..100")
+            raise ShardSettingsError(f"quality={self.quality}: use 1..100")
         if self.validate not in ("header", "decode"):
-            raise ValueError(f"validate={self.validate!r}: use 'header' (fast; end markers) or 'decode' (every pixel)")
+            raise ShardSettingsError(f"validate={self.validate!r}: use 'header' (fast; end markers) or 'decode' (every pixel)")
         if self.dedup_within not in ("exact", "near"):
-            raise ValueError(f"dedup_within={self.dedup_within!r}: use 'exact' or 'near'")
+            raise ShardSettingsError(f"dedup_within={self.dedup_within!r}: use 'exact' or 'near'")
         if not 0 <= self.near_dup_threshold < 32:
-            raise ValueError(f"near_dup_threshold={self.near_dup_threshold}: use 0..31 bits")
+            raise ShardSettingsError(f"near_dup_threshold={self.near_dup_threshold}: use 0..31 bits")
 
 
 EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
 _EXT_CODE = {e: i for i, e in enumerate(EXTS)}
-_NATIVE_EXTS = (_EXT_CODE["jpg"], _EXT_CODE["png"], _EXT_CODE["webp"])  # what native.loops.scan_ends settles
 
 
 @dataclass
@@ -277,25 +281,15 @@ def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]
 
 def _scan_part(locations, max_pixels: int, decode: bool, stats: bool) -> ScanResults:
     """The scan of a chunk, as the arrays of a ScanResults (what a worker sends back: a few
-    arrays, not a tuple per record). Pass-through scans of local records go through the C loop
-    (native.loops.scan_ends) where it is built; what it leaves (other formats, anything it does not
-    settle as a usable JPEG, PNG or WebP), and every decoding scan, through _scan_one."""
+    arrays, not a tuple per record), through _scan_one."""
     part = ScanResults(len(locations), decode, stats)
-    rest = range(len(locations))
-    if native.loops is not None and not decode:
-        native.loops.scan_ends(locations, max_pixels, _NATIVE_EXTS, part.ok, part.sha, part.ext, part.width,
-                               part.height, part.nbytes, part.file_size, part.mtime)
-        rest = np.flatnonzero(~part.ok)
-        if not len(rest):
-            return part
-        locations = [locations[i] for i in rest.tolist()]
     scanned = _scan_with_stats(locations, max_pixels, decode)
     results = [result for result, _, _ in scanned]
     if stats:
-        part.file_size[rest] = [size for _, size, _ in scanned]
-        part.mtime[rest] = [mtime for _, _, mtime in scanned]
-    ok = [rest[i] for i, result in enumerate(results) if result[0] == "ok"]
-    part.bad = {int(rest[i]): result[1:] for i, result in enumerate(results) if result[0] == "bad"}
+        part.file_size[:] = [size for _, size, _ in scanned]
+        part.mtime[:] = [mtime for _, _, mtime in scanned]
+    ok = [i for i, result in enumerate(results) if result[0] == "ok"]
+    part.bad = {i: result[1:] for i, result in enumerate(results) if result[0] == "bad"}
     results = [result for result in results if result[0] == "ok"]
     if ok:
         _, keys, dhashes, exts, widths, heights, sizes = zip(*results)
@@ -350,21 +344,13 @@ def _call(job):
 def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
              pool=None, stats: bool = False) -> ScanResults:
     """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more
-    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime). One worker with
-    a core to spare scans in two threads when the C loop does the work (it lets go of the GIL)."""
-    from contextlib import nullcontext
-    from concurrent.futures import ThreadPoolExecutor
-
-    from shards.workers import usable_cores
-
+    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime)."""
     results = ScanResults(len(table), decode, stats)
-    threads = workers == 1 and pool is None and native.loops is not None and not decode and usable_cores() > 1
-    with ThreadPoolExecutor(2, thread_name_prefix="scan") if threads else nullcontext(pool) as executor:
-        for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats),
-                                       workers=2 if threads else workers, pool=executor):
-            results.put_part(start, part)
-            if progress is not None:
-                progress(len(part.ok))
+    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats),
+                                   workers=workers, pool=pool):
+        results.put_part(start, part)
+        if progress is not None:
+            progress(len(part.ok))
     return results
 
 

@@ -24,12 +24,13 @@ from operator import attrgetter
 from typing import NamedTuple
 
 from shards import storage
+from shards.errors import VitpipeError
 from shards.table import RecordTable, make_key
 
 FORMATS = ("imagefolder", "i21k-tars", "jsonl", "csv")
 
 
-class SourceError(ValueError):
+class SourceError(VitpipeError, ValueError):
     """The source cannot be read as asked; the one-line message says what to fix."""
 
 

@@ -23,7 +23,7 @@ from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=
 
 import numpy as np
 
-from shards import native, storage
+from shards import storage
 from shards.imaging import resize_encode
 from shards.plan import EXTS, ShardError, ShardPlan, ShardTask
 
@@ -266,22 +266,14 @@ def _resized(task: ShardTask, paths, locations, nbytes) -> list[tuple[bytes, str
 
 
 def _read_images(task: ShardTask, chunk, where: list[int], nbytes: list[int], locations, paths) -> None:
-    """Read each image i of a chunk into chunk[where[i]:where[i] + nbytes[i]]: local whole files in the
-    C loop (native.loops.read_into) where it is built; the rest, and any it stops at, here."""
-    i = 0
-    while i < len(where):
-        if native.loops is not None:
-            i = native.loops.read_into(locations, where, nbytes, chunk, i)
-            if i == len(where):
-                return
-        (url, offset, length), start, size = locations[i], where[i], nbytes[i]
+    """Read each image i of a chunk straight into chunk[where[i]:where[i] + nbytes[i]]."""
+    for (url, offset, length), start, size, path in zip(locations, where, nbytes, paths):
         try:
             got = storage.read_record_into(url, offset, length, chunk[start:start + size])
         except (storage.StorageError, OSError) as err:
-            raise _unreadable(paths[i], task, err) from None
+            raise _unreadable(path, task, err) from None
         if got != size:
-            raise _changed(paths[i], size, got)
-        i += 1
+            raise _changed(path, size, got)
 
 
 def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:

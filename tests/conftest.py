@@ -84,18 +84,3 @@ def digits_shards(digits_tree, tmp_path_factory) -> str:
     shard_dataset(str(digits_tree), str(out), name="digits", shard_size=200, seed=0)
     return str(out)
 
-
-@pytest.fixture
-def c_loops():
-    """shards' compiled loops (shards/_native.c). Built by `pip install -e .` wherever a C compiler
-    is: missing there is a failure, not a skip; skipped only on a machine that has none."""
-    import importlib
-    import shutil
-    import sysconfig
-
-    try:
-        return importlib.import_module("shards._native")
-    except ImportError as err:
-        if shutil.which(sysconfig.get_config_var("CC").split()[0] or "cc") or shutil.which("cc"):
-            pytest.fail(f"shards._native did not build although a C compiler is here ({err}); run make install")
-        pytest.skip("no C compiler on this machine: shards runs its Python loops")

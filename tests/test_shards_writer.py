@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from shards import ShardError, native, plan_shards, shard_dataset, write_shard
+from shards import ShardError, plan_shards, shard_dataset, write_shard
 from shards.table import RecordTable, keys_of_paths, make_key
 from shards.testdata import encode, photo_crops
 from shards.writer import MTIME, tar_header, ustar_headers
@@ -107,14 +107,7 @@ def test_chunks_hold_images_larger_than_a_chunk_and_metadata_longer_than_a_block
     assert len(seen["src_img0.json"]) > 512
 
 
-@pytest.fixture(params=["c", "python"])
-def reads(request, monkeypatch):
-    """Each test using it runs with the writer's reads in the compiled loop and in Python."""
-    monkeypatch.setattr(native, "loops", request.getfixturevalue("c_loops") if request.param == "c" else None)
-    return request.param
-
-
-def test_a_file_that_changed_after_planning_stops_its_shard(tmp_path, reads):
+def test_a_file_that_changed_after_planning_stops_its_shard(tmp_path):
     for i, crop in enumerate(photo_crops(3, size=(40, 30), seed=2)):
         (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "c" / f"{i}.jpg").write_bytes(encode(crop, "JPEG"))
@@ -129,33 +122,6 @@ def test_a_file_that_changed_after_planning_stops_its_shard(tmp_path, reads):
     with pytest.raises(ShardError, match=r"^c/1\.jpg: unreadable while writing data-000000\.tar \(.*not found"):
         write_shard(plan, 0)
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*"))
-
-
-def test_the_c_loops_write_the_shards_python_writes(tmp_path, monkeypatch, c_loops):
-    """The same shards and manifest from a class-folder tree and from per-synset tars (i21k-tars:
-    records are tar members), with the compiled scan and reads and with the Python ones."""
-    images = {}
-    for i, crop in enumerate(photo_crops(9, size=(48, 40), seed=3)):
-        ext = "png" if i % 3 else "jpg"
-        images[(f"n{i % 2}", f"{i}.{ext}")] = data = encode(crop, "PNG" if i % 3 else "JPEG")
-        (tmp_path / "tree" / f"n{i % 2}").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "tree" / f"n{i % 2}" / f"{i}.{ext}").write_bytes(data)
-    (tmp_path / "tars").mkdir()
-    for synset in ("n0", "n1"):
-        with tarfile.open(tmp_path / "tars" / f"{synset}.tar", "w") as tar:
-            for (cls, name), data in images.items():
-                if cls == synset:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    for source in ("tree", "tars"):
-        written = {}
-        for mode, loops in (("c", c_loops), ("python", None)):
-            monkeypatch.setattr(native, "loops", loops)
-            manifest = shard_dataset(str(tmp_path / source), str(tmp_path / f"{source}-{mode}"), shard_size=4)
-            shards = [(s["name"], (tmp_path / f"{source}-{mode}" / s["name"]).read_bytes()) for s in manifest["shards"]]
-            written[mode] = (shards, {k: v for k, v in manifest.items() if k != "created"})
-        assert written["c"] == written["python"] and len(written["c"][0]) == 3, source
 
 
 def test_hashing_in_a_thread_writes_the_same_shard(tmp_path, monkeypatch):
@@ -183,23 +149,3 @@ def test_hashing_in_a_thread_writes_the_same_shard(tmp_path, monkeypatch):
     with pytest.raises(ShardError, match="changed since it was scanned"):
         write_shard(plan, 0)
     assert threading.active_count() == threads and not list((tmp_path / "outTrue").glob(".*.partial"))
-
-
-def test_the_c_read_loop_stops_at_what_it_leaves_to_python(tmp_path, c_loops):
-    """read_into reads local whole files and tar members and returns the index of the first record
-    it cannot read as given (an s3:// one, a file or member of another size): the writer reads that
-    one in Python, which says what is wrong."""
-    files = [tmp_path / f"{i}.bin" for i in range(3)]
-    for i, path in enumerate(files):
-        path.write_bytes(bytes([i + 1]) * (100 + i))
-    locations = [(str(files[0]), -1, -1), ("s3://bucket/key.jpg", -1, -1), (str(files[2]), 10, 50),
-                 ("file://" + str(files[1]), -1, -1)]
-    starts, sizes = [0, 100, 200, 250], [100, 7, 50, 101]
-    buffer = bytearray(352)
-    assert c_loops.read_into(locations, starts, sizes, buffer, 0) == 1
-    assert c_loops.read_into(locations, starts, sizes, buffer, 2) == 4
-    assert buffer == bytes([1]) * 100 + bytes(100) + bytes([3]) * 50 + bytes([2]) * 101 + bytes(1)
-    assert c_loops.read_into(locations, starts, sizes[:3] + [102], buffer, 2) == 3  # the file is shorter than that
-    assert c_loops.read_into(locations, starts, sizes[:2] + [49, 101], buffer, 2) == 2  # the member's length differs
-    with pytest.raises(ValueError, match="outside the buffer"):
-        c_loops.read_into(locations, starts[:3] + [252], sizes, buffer, 2)
