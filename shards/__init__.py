@@ -70,12 +70,7 @@ def _write_all(plan: ShardPlan, pool, *, progress: bool, on_shard_done) -> dict:
     """Write every shard (in `pool` when given), then publish the manifest; returns it."""
     from shards import storage
 
-    if not storage.is_s3(plan.out_url):  # staging files of a writer killed earlier (this run owns the folder)
-        import glob
-        import os
-
-        for stale in glob.glob(os.path.join(glob.escape(plan.out_url), ".*.partial")):
-            os.unlink(stale)
+    storage.remove_stale_staging(plan.out_url)  # left by writers of this dataset that were killed
     bar = None
     if progress:
         from tqdm import tqdm

@@ -496,7 +496,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     """List + scan + dedup + shuffle + split. Returns the plan; writes nothing. `pool`: an executor
     to scan in (else one of `workers` processes is made for the scan)."""
     cfg = ShardSettings(**settings)
-    out_url = str(out_url) if storage.is_s3(str(out_url)) else os.path.abspath(storage._local(str(out_url)))
+    out_url = storage.normalize(out_url)
     try:
         listing: Listing = list_source(source, format=cfg.format, defer_stats=True, pool=pool)
     except SourceError as err:

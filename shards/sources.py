@@ -170,10 +170,8 @@ def list_source(url: str, *, format: str | None = None, defer_stats: bool = Fals
     the cost of listing, and far more on a network file system); its fingerprint is then completed
     by Listing.complete_fingerprint once the records' sizes and mtimes are known. `pool`: an
     executor whose processes index the tars of an i21k-tars folder (one tar each at a time)."""
-    url = str(url)
-    if not storage.is_s3(url):
-        url = os.path.abspath(storage._local(url))
     try:
+        url = storage.normalize(url)
         present = storage.exists(url)
     except storage.StorageError as err:
         raise SourceError(str(err)) from None
@@ -227,7 +225,7 @@ def _local_folders(url: str, root: str, *, stat: bool = True):
     """The same runs as _s3_folders gives for storage.iter_files(url) on a local tree (its os.walk order: folders
     top-down, subfolders and files sorted; unreadable folders and links to folders left out), from os.scandir
     with one stat per file (relative to the open folder) and no per-file dict or path join."""
-    top = storage._local(url)
+    top = storage.as_local_path(url)
     if not os.path.isdir(top):
         raise storage.StorageNotFound(f"{url}: not found or not a folder")
     stack = [top]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for strings
 
@@ -323,24 +322,13 @@ def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -
     done = completed_entry(task)
     if done is not None:
         return done
-    local_out = not storage.is_s3(task.url)
-    staging_dir = task.out_url if local_out else None
-    if local_out:
-        os.makedirs(staging_dir, exist_ok=True)
-    # written through the descriptor mkstemp opens: reopening the file with O_TRUNC would make ext4
-    # (auto_da_alloc) write the whole shard out to disk when it is closed, in this process
-    fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".partial", dir=staging_dir)
-    try:
-        nbytes, digest = _write_tar(task, fd)
-        entry = {"name": task.name, "samples": len(task), "bytes": nbytes, "sha256": digest}
-        if local_out:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, task.url)
-        else:
-            storage.upload_file(tmp, task.url)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    storage.remove_stale_staging(task.out_url, task.name)  # what a writer of this shard left when it was killed
+    # the staging file is written through the descriptor mkstemp opened: reopening it with O_TRUNC would
+    # make ext4 (auto_da_alloc) write the whole shard out to disk when it is closed, in this process
+    with storage.staged(task.url) as staging:
+        nbytes, digest = _write_tar(task, staging.fd)
+        staging.publish()
+    entry = {"name": task.name, "samples": len(task), "bytes": nbytes, "sha256": digest}
     # not fsynced: a record is trusted only if the shard's size and sha256 still match it
     storage.write_json(progress_url(task), {**entry, "task_digest": task.digest}, durable=False)
     return entry

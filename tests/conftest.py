@@ -5,9 +5,11 @@ with AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_
 the session so boto3, subprocesses and `shards.storage` all reach it.
 `digits_tree`: scikit-learn's digits as an ImageNet-style class-folder tree.
 `digits_shards`: that tree sharded to a local folder (manifest + tars).
+`small_disk`: a real 256 KiB file system (tmpfs), for disk-full and read-only outputs.
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,3 +86,17 @@ def digits_shards(digits_tree, tmp_path_factory) -> str:
     shard_dataset(str(digits_tree), str(out), name="digits", shard_size=200, seed=0)
     return str(out)
 
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs; needs root, which these machines give)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the disk-full tests need one")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

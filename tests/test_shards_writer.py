@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 import threading
@@ -149,3 +150,29 @@ def test_hashing_in_a_thread_writes_the_same_shard(tmp_path, monkeypatch):
     with pytest.raises(ShardError, match="changed since it was scanned"):
         write_shard(plan, 0)
     assert threading.active_count() == threads and not list((tmp_path / "outTrue").glob(".*.partial"))
+
+
+def test_a_full_disk_stops_the_shard_command_with_one_line_and_nothing_half_written(tmp_path, small_disk):
+    """Used to be an `OSError: [Errno 28]` traceback raised in a worker."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for i, crop in enumerate(photo_crops(40, size=(160, 120), seed=21)):  # ~400 KB of JPEGs for a 256 KiB disk
+        (tmp_path / "src" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"c{i % 2}" / f"{i}.jpg").write_bytes(encode(crop, "JPEG", quality=95))
+    out = small_disk / "out"
+    proc = subprocess.run([str(Path(sys.executable).parent / "vitpipe"), "shard", str(tmp_path / "src"), str(out),
+                           "--shard-size", "5", "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("vitpipe")]
+    # the shard being written, or the completion record of one just published
+    assert re.fullmatch(rf"vitpipe shard: error: {out}/(data-0000\d\d\.tar|_progress/data-0000\d\d\.json): "
+                        "cannot write: no space left on the device; free space or write elsewhere", line), line
+    left = sorted(p.name for p in out.iterdir())
+    assert "manifest.json" not in left and not [name for name in left if name.endswith(".partial")], left
+    assert [name for name in left if name.endswith(".tar")]
+    for name in left:  # every shard published is whole
+        if name.endswith(".tar"):
+            with tarfile.open(out / name) as tar:
+                assert len(tar.getnames()) == 3 * 5

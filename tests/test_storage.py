@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from shards import storage
+from shards.errors import VitpipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+VITPIPE = Path(sys.executable).parent / "vitpipe"
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -93,3 +100,96 @@ def test_read_with_an_expected_size_still_returns_the_whole_file(tmp_path):
     assert storage.read_ends(str(tmp_path / "f"), 100, 10, 1000, 5000) == (data[1000:1100], data[5990:6000], 5000, None)
     assert storage.read_ends(str(tmp_path / "f"), 100, 10) == (data[:100], data[-10:], 300_000, mtime)
     assert storage.read_ends(str(tmp_path / "f"), 10**6, 10) == (data, b"", 300_000, mtime)
+
+
+BAD_URLS = {  # what is refused, and what the message says to write instead
+    "gs://bucket/data": "'gs://' URLs are not supported; write a local path or s3://BUCKET/PREFIX",
+    "http://example.com/data": "'http://' URLs are not supported; write a local path or s3://BUCKET/PREFIX",
+    "s3:/bucket/x": "malformed S3 URL; write s3://BUCKET/PREFIX",
+    "S3://bucket/x": "malformed S3 URL; write s3://BUCKET/PREFIX",
+    "s3://": "missing bucket name; write s3://BUCKET/PREFIX",
+    "s3:///key": "missing bucket name; write s3://BUCKET/PREFIX",
+}
+
+
+def test_urls_other_than_local_paths_and_s3_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Until now `s3:/bucket/x` and `gs://x` were taken for local paths: folders named `s3:` and `gs:`
+    appeared in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for url, message in BAD_URLS.items():
+        for call in (lambda: storage.write_bytes(storage.join(url, "a.bin"), b"x"), lambda: storage.makedirs(url),
+                     lambda: storage.check_writable(url), lambda: storage.exists(url),
+                     lambda: storage.upload_file(__file__, url), lambda: storage.is_s3(url)):
+            with pytest.raises(storage.StorageError) as err:
+                call()
+            assert str(err.value).startswith(url.rstrip("/")) and message in str(err.value), (url, str(err.value))
+            assert isinstance(err.value, VitpipeError) and err.value.exit_code == 2 and not err.value.transient
+    assert list(tmp_path.iterdir()) == []
+    # what is accepted: local paths (also with a colon in a name, or file://) and s3://BUCKET[/KEY]
+    assert storage.backend("data:2024/x")[1] == "data:2024/x" and storage.backend("file:///a/b")[1] == "/a/b"
+    assert storage.is_s3("s3://bucket") and storage.split("s3://bucket/a/b") == ("bucket", "a/b")
+
+
+def test_cli_shard_to_a_malformed_s3_url_exits_2_and_writes_nothing(tmp_path, digits_tree):
+    """`vitpipe shard SRC s3:/bucket/x` used to shard into a local folder named `./s3:`."""
+    proc = subprocess.run([str(VITPIPE), "shard", str(digits_tree), "s3:/bucket/x"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "vitpipe shard: error: s3:/bucket/x: malformed S3 URL; write s3://BUCKET/PREFIX (lower-case 's3', two slashes)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_store_is_a_transient_error_and_a_missing_file_is_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage.configure(endpoint_url="http://127.0.0.1:9", max_attempts=1)  # nothing listens on port 9
+    try:
+        with pytest.raises(storage.StorageUnavailable, match="cannot reach S3 endpoint http://127.0.0.1:9") as err:
+            storage.read_bytes("s3://bucket/x")
+    finally:
+        storage.configure(endpoint_url="", max_attempts=5)
+    assert err.value.transient and isinstance(err.value, VitpipeError)
+    with pytest.raises(storage.StorageNotFound) as err:
+        storage.read_bytes(tmp_path / "missing")
+    assert not err.value.transient and isinstance(err.value, FileNotFoundError)
+
+
+def test_disk_full_and_read_only_outputs_are_one_line_errors_naming_the_path(small_disk):
+    target = small_disk / "out" / "big.bin"
+    with pytest.raises(storage.StorageError) as err:
+        storage.write_bytes(target, os.urandom(400 * 1024))
+    assert str(err.value) == f"{target}: cannot write: no space left on the device; free space or write elsewhere"
+    assert list((small_disk / "out").iterdir()) == []  # the temporary file is gone
+    storage.write_bytes(small_disk / "small.bin", b"kept")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(storage.StorageError, match=f"^{small_disk}/small.bin: cannot write: read-only file system"):
+        storage.write_bytes(small_disk / "small.bin", b"new")
+    with pytest.raises(storage.StorageError, match=f"^{small_disk}/new: cannot write: read-only file system"):
+        storage.check_writable(small_disk / "new")
+    with pytest.raises(storage.StorageError, match=f"^{small_disk}: output folder is not writable"):
+        storage.check_writable(small_disk)
+    assert (small_disk / "small.bin").read_bytes() == b"kept"
+
+
+_WRITE_JSON = """
+import sys
+from shards import storage
+try:
+    storage.write_json(sys.argv[1], {"a": 1})
+except storage.StorageError as err:
+    print(err)
+"""
+
+
+def test_permission_denied_is_a_one_line_error_naming_the_path(tmp_path):
+    """A folder of another user, written by root without the capability to override file permissions
+    (`setpriv` drops it; root may write anywhere otherwise)."""
+    folder = tmp_path / "not-mine"
+    folder.mkdir(mode=0o755)
+    os.chown(folder, 65534, 65534)
+    proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                           _WRITE_JSON, str(folder / "m.json")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout == f"{folder}/m.json: cannot write: permission denied; fix the permissions or write elsewhere\n", \
+        proc.stderr
+    assert list(folder.iterdir()) == []
