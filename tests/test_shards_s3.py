@@ -138,3 +138,85 @@ def test_one_line_errors_for_bucket_credentials_and_endpoint(s3, small_tree, mon
             shard_dataset(s3.url("sources/none"), str(tmp_path / "never-written"))
     finally:
         storage.configure(max_attempts=5)
+
+
+def _staging_files(tmpdir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*.partial"))
+
+
+_STORE_DIES_SCRIPT = """
+import os, signal, sys
+import boto3.s3.inject
+from shards import shard_dataset, storage
+upload, calls = boto3.s3.inject.upload_file, []
+def upload_file(self, *args, **kwargs):  # the store is killed while the 3rd shard goes up
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(int(sys.argv[3]), signal.SIGKILL)
+    return upload(self, *args, **kwargs)
+boto3.s3.inject.upload_file = upload_file
+storage.configure(max_attempts=2)
+try:
+    shard_dataset(sys.argv[1], sys.argv[2], name="d", shard_size=150, seed=9, workers=int(sys.argv[4]))
+except storage.StorageError as err:
+    print(f"{type(err).__name__} transient={err.transient}: {err}")
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_store_killed_mid_upload_leaves_no_staging_files(digits_tree, tmp_path, workers):
+    """A store of its own (this one is killed), written from 1 and from 2 worker processes: the upload
+    that fails and the ones after it remove their staging files; the error is one transient line."""
+    from pipeline.objectstore import pid_alive, start_seaweedfs
+
+    store = start_seaweedfs(tmp_path / "store", access_key="kill-access", secret_key="kill-secret", buckets=("dying",))
+    try:
+        tmpdir = tmp_path / "tmp"
+        tmpdir.mkdir()
+        env = dict(os.environ, TMPDIR=str(tmpdir), AWS_ENDPOINT_URL=store.endpoint, AWS_ACCESS_KEY_ID="kill-access",
+                   AWS_SECRET_ACCESS_KEY="kill-secret")
+        proc = subprocess.run([sys.executable, "-c", _STORE_DIES_SCRIPT, str(digits_tree), "s3://dying/d", str(store.pid),
+                               str(workers)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+        assert not pid_alive(store.pid)
+    finally:
+        store.stop()
+    assert proc.returncode == 0 and proc.stdout.startswith("StorageUnavailable transient=True: s3://dying/d/"), \
+        proc.stdout + proc.stderr
+    assert "cannot reach S3 endpoint" in proc.stdout and proc.stdout.count("\n") == 1
+    assert _staging_files(tmpdir) == []
+
+
+_WRITER_DIES_SCRIPT = """
+import os, signal, sys
+import boto3.s3.inject
+def upload_file(self, *args, **kwargs):  # killed while the first shard goes up
+    os.kill(os.getpid(), signal.SIGKILL)
+boto3.s3.inject.upload_file = upload_file
+from shards import shard_dataset
+shard_dataset(sys.argv[1], sys.argv[2], name="d", shard_size=300, seed=9)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_a_rerun_removes_the_staging_file_of_a_writer_killed_mid_upload(s3, digits_tree, tmp_path):
+    """The staging file of a killed writer stays in TMPDIR (nothing can remove it then); the re-run,
+    in the same TMPDIR, removes it and finishes the dataset."""
+    url = s3.url("datasets/killed-upload")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, **s3.env, TMPDIR=str(tmpdir))
+    proc = subprocess.run([sys.executable, "-c", _WRITER_DIES_SCRIPT, str(digits_tree), url], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    (left,) = _staging_files(tmpdir)
+    assert ".d-000000.tar." in left and (tmpdir / left).stat().st_size > 0
+    rerun = "import sys; from shards import shard_dataset; shard_dataset(sys.argv[1], sys.argv[2], name='d', " \
+            "shard_size=300, seed=9, workers=2)"
+    proc = subprocess.run([sys.executable, "-c", rerun, str(digits_tree), url], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _staging_files(tmpdir) == []
+    assert load_manifest(url)["num_samples"] == 1797
