@@ -7,7 +7,7 @@
 2. vit.data.TrainStream images/s vs a bare loop (read tar, PIL decode, resize, to tensor) over the
    same shards, from a local folder and from S3 (SeaweedFS started here) (target >= 0.9x). The
    loops run interleaved, one after the other in each of ``--rounds`` rounds; medians. A second
-   bare loop reads the tars with vit.data's own lean reader instead of ``tarfile``: the gap
+   bare loop reads the tars with shards.format's lean reader instead of ``tarfile``: the gap
    between the two bare loops is what the tar parsing costs, and TrainStream against the lean
    one is what the pipeline's own bookkeeping (lanes, shuffle window, labels, seeding) costs.
 3. GPU projection (not a measurement): FLOPs/image x 3 / (A100 bf16 312 TFLOP/s x assumed MFU).
@@ -94,9 +94,9 @@ def bench_engine(*, batch: int, img: int, steps: int) -> list[tuple[str, float]]
 
 
 def _tar_members(f, *, lean: bool):
-    """``(name, read)`` of each member: the stdlib's tarfile, or vit.data's lean reader (``lean``)."""
+    """``(name, read)`` of each member: the stdlib's tarfile, or shards.format's lean reader (``lean``)."""
     if lean:
-        from vit.data import TarMembers
+        from shards.format import TarMembers
 
         members = TarMembers(f)
         for name, _ in members:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 from dataclasses import dataclass, field
 
 from shards import storage
+from shards.format import IMAGE_EXTS, TarMembers, split_name
 from shards.imaging import BadImage, probe
 
 
@@ -81,17 +81,15 @@ class ExcludeSet:
         return None
 
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm")
-
-
 def _iter_dataset_images(url: str):
     from shards.reader import shard_urls
 
     for shard in shard_urls(url):
-        with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in _IMAGE_EXTS:
-                    yield member.name, tar.extractfile(member).read()
+        with storage.open_read(shard) as f:
+            members = TarMembers(f)
+            for name, _ in members:
+                if split_name(name)[1] in IMAGE_EXTS:
+                    yield name, members.read()
 
 
 def _iter_list_images(url: str):

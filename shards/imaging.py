@@ -14,10 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shards.errors import VitpipeError
+from shards.format import IMAGE_FORMATS
 
-# PIL format -> the extension a sample carries in the tar (webdataset decodes by extension)
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
-              "PPM": "ppm"}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bound; above it an image counts as a decompression bomb
 
 
@@ -134,7 +132,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as err:  # PIL raises many types on garbage headers
         raise BadImage(f"corrupt image header ({type(err).__name__})") from None
-    if image.format not in EXTENSIONS:
+    if image.format not in IMAGE_FORMATS:
         raise BadImage(f"unsupported image format {image.format}")
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -154,7 +152,7 @@ def dhash(image: Image.Image) -> int:
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     """Validate by decoding; raises BadImage with the skip reason."""
     image = _open(data, max_pixels)
-    ext, (width, height) = EXTENSIONS[image.format], image.size
+    ext, (width, height) = IMAGE_FORMATS[image.format], image.size
     try:
         if image.format == "JPEG":
             image.draft("L", (min(width, max(72, width // 8)), min(height, max(64, height // 8))))
@@ -187,7 +185,7 @@ def resize_encode(data: bytes, *, shorter: int, quality: int, max_pixels: int = 
     fmt = image.format
     target = resized_size(*image.size, shorter)
     if target == image.size:
-        return data, EXTENSIONS[fmt], image.size[0], image.size[1]
+        return data, IMAGE_FORMATS[fmt], image.size[0], image.size[1]
     if fmt == "JPEG":
         image.draft("RGB", target)  # DCT-domain downscale to >= target, then a proper filter
     if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn the pixels upright (else no copy)
@@ -209,7 +207,7 @@ def resize_encode(data: bytes, *, shorter: int, quality: int, max_pixels: int = 
         image.save(buffer, "WEBP", quality=quality, method=4)
     else:
         image.save(buffer, "PNG", compress_level=6)
-    return buffer.getvalue(), EXTENSIONS[out_fmt], image.size[0], image.size[1]
+    return buffer.getvalue(), IMAGE_FORMATS[out_fmt], image.size[0], image.size[1]
 
 
 def decode_check(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

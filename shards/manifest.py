@@ -4,10 +4,8 @@ from __future__ import annotations
 import datetime as dt
 
 from shards import storage
+from shards.format import FORMAT, FORMAT_VERSION, MANIFEST
 from shards.plan import ShardError, ShardPlan
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 
 def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
@@ -21,7 +19,7 @@ def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
             raise ShardError(f"{task.url}: holds {entry['samples']} samples, plan says {len(task)}; re-run")
         shards.append({"name": task.name, "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"]})
     return {
-        "format": "vitpipe-webdataset",
+        "format": FORMAT,
         "version": FORMAT_VERSION,
         "name": plan.name,
         "shards": shards,

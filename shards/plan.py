@@ -15,6 +15,7 @@ import numpy as np
 from shards import storage
 from shards.dedup import HashIndex, load_exclude
 from shards.errors import VitpipeError
+from shards.format import IMAGE_EXTS
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
 from shards.sources import Listing, SourceError, list_source
 from shards.table import RecordTable
@@ -71,8 +72,7 @@ class ShardSettings:
             raise ShardSettingsError(f"near_dup_threshold={self.near_dup_threshold}: use 0..31 bits")
 
 
-EXTS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "ppm")
-_EXT_CODE = {e: i for i, e in enumerate(EXTS)}
+_EXT_CODE = {e: i for i, e in enumerate(IMAGE_EXTS)}
 
 
 @dataclass
@@ -90,7 +90,7 @@ class ShardTask:
     records: RecordTable
     class_ids: np.ndarray  # int32, flattened label ids per row (see class_off)
     class_off: np.ndarray | None  # int64 [n+1]; None when every row has exactly one label
-    ext: np.ndarray  # uint8 codes into EXTS; these five columns are indexed like `records`
+    ext: np.ndarray  # uint8 codes into shards.format.IMAGE_EXTS; these five columns are indexed like `records`
     width: np.ndarray
     height: np.ndarray
     nbytes: np.ndarray

@@ -10,12 +10,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from shards import storage
-
-MANIFEST = "manifest.json"
-
-
-class DatasetError(RuntimeError):
-    """The dataset cannot be read; the one-line message says what to fix."""
+from shards.format import MANIFEST, DatasetError, validate_manifest
 
 
 def manifest_url(dataset_url: str) -> str:
@@ -29,15 +24,13 @@ def dataset_root(dataset_url: str) -> str:
 
 
 def load_manifest(dataset_url: str) -> dict:
-    """The dataset's manifest; a dataset without a manifest does not exist."""
+    """The dataset's manifest, its fields checked (shards.format.validate_manifest); a dataset
+    without a manifest does not exist."""
     url = manifest_url(dataset_url)
     if not storage.exists(url):
         raise DatasetError(f"{url}: no manifest.json; a dataset without a manifest does not exist "
                            "(shard it with `vitpipe shard`, or finish an interrupted run by re-running it)")
-    manifest = storage.read_json(url)
-    if not isinstance(manifest, dict) or "shards" not in manifest:
-        raise DatasetError(f"{url}: not a vitpipe manifest (no 'shards' list)")
-    return manifest
+    return validate_manifest(storage.read_json(url), url)
 
 
 def shard_urls(dataset_url: str, manifest: dict | None = None) -> list[str]:

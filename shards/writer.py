@@ -6,7 +6,7 @@ completion record `_progress/<shard>.json` (task digest, samples, bytes, sha256)
 re-run that finds a record whose digest matches the task and a shard whose sha256 matches the
 record keeps that shard and does no work.
 
-The samples are written a chunk at a time (_TarOut.layout): the tar headers and the small
+The samples are written a chunk at a time (shards.format.TarWriter.layout): the tar headers and the small
 members (`cls`, `json`) of the whole chunk are built with a few array operations, each image is
 read straight into its place in the chunk's buffer, and the chunk is hashed and written in one
 call each. In pass-through mode what is left per image is the open, the read and its share of
@@ -14,200 +14,20 @@ the sha256 and the write.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
-from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for strings
-
-import numpy as np
 
 from shards import storage
+from shards.format import IMAGE_EXTS, SampleMetadata, TarWriter
 from shards.imaging import resize_encode
-from shards.plan import EXTS, ShardError, ShardPlan, ShardTask
+from shards.plan import ShardError, ShardPlan, ShardTask
 
-MTIME = 946684800  # 2000-01-01: every member gets the same timestamp, so shards are byte-identical
 PROGRESS_DIR = "_progress"
-
-
-def _ustar_template() -> tuple[np.ndarray, int]:
-    """A ustar header of a regular file (mode 0444, owner 0/0, mtime MTIME) with the name, size and
-    checksum fields empty, and the byte sum of its fixed fields with the checksum counted as spaces."""
-    header = bytearray(512)
-    header[100:108] = b"0000444\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[136:148] = b"%011o\0" % MTIME
-    header[148:156] = b"        "
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    total = sum(header)
-    header[148:156] = bytes(8)
-    return np.frombuffer(bytes(header), dtype=np.uint8), total
-
-
-_USTAR, _USTAR_SUM = _ustar_template()
-_SIZE_SHIFTS = np.arange(30, -1, -3)  # the 11 octal digits of the size field
-_SUM_SHIFTS = np.arange(15, -1, -3)  # the 6 of the checksum
-_MAX_USTAR_SIZE = 8 ** 11
-
-
-def ustar_headers(names: list[str] | list[bytes], sizes: np.ndarray) -> np.ndarray:
-    """[m, 512] uint8: the ustar header of each regular file member, for ASCII `names` of at most
-    100 bytes and sizes below 8 GiB (see tar_header), built for all members at once."""
-    m = len(names)
-    out = np.empty((m, 512), dtype=np.uint8)
-    out[:] = _USTAR
-    out[:, :100] = np.array(names, dtype="S100").view(np.uint8).reshape(m, 100)
-    size_digits = ((np.asarray(sizes, dtype=np.int64)[:, None] >> _SIZE_SHIFTS) & 7) + 48
-    out[:, 124:135] = size_digits
-    checksum = _USTAR_SUM + out[:, :100].sum(axis=1, dtype=np.int64) + size_digits.sum(axis=1)
-    out[:, 148:154] = ((checksum[:, None] >> _SUM_SHIFTS) & 7) + 48
-    out[:, 155] = 32  # "%06o\0 "
-    return out
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """The header block(s) of a regular file member: fixed mode 0444, owner 0/0, mtime MTIME.
-
-    Plain ASCII names up to 100 bytes get a ustar header; other names go through tarfile's PAX
-    encoder, which is deterministic for the same fields."""
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100 or not name.isascii() or size >= _MAX_USTAR_SIZE:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, MTIME, 0o444, 0, 0, "", ""
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    return ustar_headers([encoded], np.array([size])).tobytes()
-
-
-def _header_blocks(names: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The header blocks of members `names` of `sizes`, in order ([r, 512] uint8), and how many
-    blocks each one has (1 for ustar; more for PAX)."""
-    joined = "".join(names)
-    if joined.isascii() and max(map(len, names)) <= 100 and int(sizes.max()) < _MAX_USTAR_SIZE:
-        return ustar_headers(names, sizes), np.ones(len(names), dtype=np.int64)
-    headers = [tar_header(name, int(size)) for name, size in zip(names, sizes)]
-    blocks = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(-1, 512)
-    return blocks, np.array([len(h) // 512 for h in headers], dtype=np.int64)
-
-
-def _blocks_of(payloads: list[bytes]) -> np.ndarray:
-    """[b, 512] uint8: the payloads one after another, each zero-padded to whole blocks."""
-    if max(map(len, payloads)) > 512 or not all(payloads):  # rare (a long path, many labels): cut into blocks
-        payloads = [p[i:i + 512] for p in payloads for i in range(0, len(p), 512)]
-    return np.array(payloads, dtype="S512").view(np.uint8).reshape(-1, 512)
-
-
-class _Metadata:
-    """The small members of each sample: `cls` (single-label: the class id) and `json`, which is byte
-    for byte json.dumps({"labels", "classes", "path", "width", "height"}, sort_keys=True,
-    ensure_ascii=False); its label part is built once per distinct label set, the path goes through
-    json's own string encoder."""
-
-    def __init__(self, task: ShardTask):
-        self._classes, self._multi_label = task.classes, task.multi_label
-        self._labels: dict[tuple[int, ...], tuple[str, str, bytes]] = {}
-
-    def __call__(self, labels: tuple[int, ...], path: str, width: int, height: int) -> tuple[bytes, ...]:
-        """The payloads of one sample's small members: (cls, json), or (json,) when multi-label."""
-        pieces = self._labels.get(labels)
-        if pieces is None:
-            head = '{"classes": [%s], "height": ' % ", ".join(encode_basestring(self._classes[i]) for i in labels)
-            middle = ', "labels": [%s], "path": ' % ", ".join(str(i) for i in labels)
-            pieces = self._labels[labels] = (head, middle, str(labels[0]).encode("ascii"))
-        head, middle, cls = pieces
-        meta = ('%s%d%s%s, "width": %d}' % (head, height, middle, encode_basestring(path), width)).encode("utf-8")
-        return (meta,) if self._multi_label else (cls, meta)
 
 
 # Hash each chunk in a thread, beside the reads of the next one: worth it only with a CPU core to
 # spare (pass-through, 2 cores: one writer process +22%, two writer processes -7%). shard_dataset
 # sets it for its run; a write_shard called on its own (e.g. by an orchestrator) hashes inline.
 HASH_IN_THREAD = False
-
-
-class _TarOut:
-    """The shard's tar file, written a chunk of samples at a time. Each chunk is laid out in one
-    buffer of 512-byte blocks: the headers and small members of all its samples are placed in a few
-    array operations, each image is read (or copied) straight into its place; the buffer is then
-    written with one call and fed to the shard's sha256. With HASH_IN_THREAD that runs in a thread
-    (hashlib lets go of the GIL) while the next chunk is laid out and read into the other of two
-    buffers. Use as a context manager (the thread ends with it)."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
-        self._turn = 0
-        self._digest = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256") if HASH_IN_THREAD else None
-        self._hashing = None  # the hash of the last chunk written, while it runs
-        self.bytes = 0
-
-    def __enter__(self) -> "_TarOut":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True)
-
-    def layout(self, keys: list[str], exts: list[str], sizes: list[int], small: list[tuple[bytes, ...]]
-               ) -> tuple[memoryview, list[int]]:
-        """Lay out samples: `keys[i].exts[i]` (an image of sizes[i] bytes, left to the caller) then
-        one member per payload in small[i] (named cls, json; or json alone). Returns the chunk's
-        bytes and where each image goes in them."""
-        per = len(small[0])
-        suffixes = ("json",) if per == 1 else ("cls", "json")
-        names = [f"{key}.{suffix}" for key, ext in zip(keys, exts) for suffix in (ext, *suffixes)]
-        payloads = [payload for members in small for payload in members]
-        member_sizes = np.empty((len(keys), per + 1), dtype=np.int64)  # per sample: the image, then its payloads
-        member_sizes[:, 0] = sizes
-        member_sizes[:, 1:] = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads)).reshape(-1, per)
-        member_sizes = member_sizes.ravel()
-        header_rows, header_count = _header_blocks(names, member_sizes)
-        data_count = -(-member_sizes // 512)
-        start = np.cumsum(header_count + data_count) - header_count - data_count  # each member's first block
-        total = int(start[-1] + header_count[-1] + data_count[-1])
-        if self._hasher is not None:  # the buffer of the chunk before last, whose hash write() has waited for
-            self._turn ^= 1
-        buffer = self._buffers[self._turn]
-        if len(buffer) < total * 512:
-            buffer = self._buffers[self._turn] = np.empty(max(total * 512, 2 * len(buffer)), dtype=np.uint8)
-        blocks = buffer[:total * 512].reshape(total, 512)
-        if len(header_rows) == len(names):
-            blocks[start] = header_rows
-        else:  # some PAX headers: several blocks for a member
-            first = np.repeat(start - np.cumsum(header_count) + header_count, header_count)
-            blocks[first + np.arange(len(header_rows))] = header_rows
-        data_start = start + header_count
-        is_image = np.zeros(len(names), dtype=bool)
-        is_image[::per + 1] = True
-        small_rows = _blocks_of(payloads)
-        small_first = np.repeat(data_start[~is_image] - np.cumsum(data_count[~is_image]) + data_count[~is_image],
-                                data_count[~is_image])
-        blocks[small_first + np.arange(len(small_rows))] = small_rows
-        image_start, image_blocks = data_start[is_image], data_count[is_image]
-        tails = image_start[image_blocks > 0] + image_blocks[image_blocks > 0] - 1
-        blocks[tails] = 0  # an image's last block: zeros after its end
-        return memoryview(buffer)[:total * 512], (image_start * 512).tolist()
-
-    def write(self, data) -> None:
-        if self._hashing is not None:
-            self._hashing.result()  # the chunks reach the sha256 in order
-        if self._hasher is None:
-            self._digest.update(data)
-        else:
-            self._hashing = self._hasher.submit(self._digest.update, data)
-        view = memoryview(data)
-        while view:  # write may write less than asked: go on from where it stopped
-            view = view[os.write(self._fd, view):]
-        self.bytes += len(data)
-
-    def finish(self) -> str:
-        """Write the end of the archive; returns the shard's sha256 (hex)."""
-        self.write(bytes(1024))  # end-of-archive: two zero blocks
-        if self._hashing is not None:
-            self._hashing.result()
-        return self._digest.hexdigest()
 
 
 _CHUNK_SAMPLES = 64
@@ -236,7 +56,7 @@ def _chunks(task: ShardTask):
         paths = records.paths_of(chunk)
         locations = records.locations(chunk, paths)
         labels = ([(i,) for i in ids[lo:hi]] if off is None else [tuple(ids[off[i]:off[i + 1]]) for i in range(lo, hi)])
-        yield (paths, locations, records.keys_of(chunk, paths), [EXTS[e] for e in exts[lo:hi]], nbytes[lo:hi],
+        yield (paths, locations, records.keys_of(chunk, paths), [IMAGE_EXTS[e] for e in exts[lo:hi]], nbytes[lo:hi],
                widths[lo:hi], heights[lo:hi], labels)
         lo = hi
 
@@ -277,8 +97,8 @@ def _read_images(task: ShardTask, chunk, where: list[int], nbytes: list[int], lo
 
 def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:
     """Write the shard's tar to `fd` (an empty file, closed on return)."""
-    with os.fdopen(fd, "wb", buffering=0) as f, _TarOut(f.fileno()) as tar:
-        metadata = _Metadata(task)
+    with os.fdopen(fd, "wb", buffering=0) as f, TarWriter(f.fileno(), hash_in_thread=HASH_IN_THREAD) as tar:
+        metadata = SampleMetadata(task.classes, task.multi_label)
         for paths, locations, keys, exts, nbytes, widths, heights, labels in _chunks(task):
             images = _resized(task, paths, locations, nbytes) if task.resize else None
             if images is not None:

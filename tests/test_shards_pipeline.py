@@ -361,7 +361,7 @@ def test_writer_json_and_headers_for_awkward_names_and_files_changed_after_plann
     names (quotes, backslashes, control characters, emoji, names over 100 bytes); a file rewritten or
     removed between planning and writing stops its shard, naming the file, with nothing published."""
     from shards import plan_shards, write_shard
-    from shards.writer import MTIME
+    from shards.format import MTIME
 
     crops = photo_crops(6, size=(48, 40), seed=13)
     files = ['q"uo\\te/ctl\x01 ü.jpg', "🐟 fish/" + "long" * 30 + ".png", "plain/a b.jpg", "plain/tab\there.jpg",

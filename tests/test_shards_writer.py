@@ -1,4 +1,4 @@
-"""The shard writer's own parts: tar headers built for many members at once, chunks of samples laid
+"""The shard writer's own parts: chunks of samples laid
 out in one buffer (images larger than a chunk, metadata longer than a block), files that grew."""
 from __future__ import annotations
 
@@ -17,29 +17,6 @@ import pytest
 from shards import ShardError, plan_shards, shard_dataset, write_shard
 from shards.table import RecordTable, keys_of_paths, make_key
 from shards.testdata import encode, photo_crops
-from shards.writer import MTIME, tar_header, ustar_headers
-
-
-def _stdlib_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, MTIME, 0o444, 0, 0, "", ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-
-
-def test_bulk_ustar_headers_equal_the_stdlib_ones():
-    rng = random.Random(0)
-    chars = "abcXYZ019_-.~!()"
-    names = ["".join(rng.choice(chars) for _ in range(rng.randint(1, 100))) for _ in range(300)]
-    sizes = [rng.choice([0, 1, 511, 512, 513, 8 ** 11 - 1, rng.randint(0, 10 ** 9)]) for _ in names]
-    headers = ustar_headers([n.encode("ascii") for n in names], np.array(sizes))
-    for name, size, header in zip(names, sizes, headers):
-        assert header.tobytes() == _stdlib_header(name, size) == tar_header(name, size)
-    # too long, not ASCII or too big for ustar: PAX, which tarfile reads back as given
-    for name, size in (("x" * 101, 3), ("é.json", 5)):
-        data = tar_header(name, size) + b"12345"[:size] + bytes(-size % 512 + 1024)
-        member = tarfile.open(fileobj=io.BytesIO(data), mode="r:").next()
-        assert (member.name, member.size, member.mtime, member.mode) == (name, size, MTIME, 0o444)
-    assert b" size=%d\n" % 8 ** 11 in tar_header("big.png", 8 ** 11)
 
 
 def test_keys_of_paths_equals_make_key_per_path():

@@ -22,7 +22,7 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   shuffle like WebDataset's buffer (a sample moves < ``shuffle_buffer`` places), but computed
   on indices, so it does not depend on what was read. Raw samples are kept as tar bytes until
   their turn; images are decoded only when emitted. The first steps of an epoch therefore read
-  up to ``shuffle_buffer`` samples ahead per lane; tars are parsed with ``TarMembers``, a lean
+  up to ``shuffle_buffer`` samples ahead per lane; tars are parsed with ``shards.format.TarMembers``, a lean
   header reader: a member costs ~7 us here against ~40 us through ``tarfile`` (measured on
   the digits shards, three members per sample: a quarter of the time per small image).
 * **Global position.** Position p of the epoch is lane ``p % C``, index ``p // C`` in that lane;
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -69,11 +68,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.format import TarMembers, image_ext, split_name
 from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, open_image, stack_chw
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
 
 # Tags that keep the random streams of the different uses of one (seed, epoch) apart.
 _SHARD_ORDER, _WINDOW, _AUGMENT = 0x5A1D, 0x3E77, 0xA06E
@@ -119,34 +117,20 @@ class DatasetInfo:
 
 
 def load_dataset_info(dataset_url: str) -> DatasetInfo:
-    """Read the manifest of ``dataset_url`` (local folder or ``s3://`` prefix) and check its fields."""
+    """Read the manifest of ``dataset_url`` (local folder or ``s3://`` prefix); its fields are checked
+    by ``shards.format.validate_manifest`` (a DatasetError names the file and field)."""
     from shards.reader import load_manifest, shard_urls
 
     manifest = load_manifest(dataset_url)
-    where = f"{dataset_url}/manifest.json"
-    for key in ("shards", "classes"):
-        if key not in manifest:
-            raise ValueError(f"{where}: field {key!r} is missing; re-shard the dataset with `vitpipe shard`")
-    urls = shard_urls(dataset_url, manifest)
-    if len(urls) != len(manifest["shards"]):
-        raise ValueError(f"{where}: shard_urls gave {len(urls)} urls for {len(manifest['shards'])} shards")
-    shards = []
-    for url, entry in zip(urls, manifest["shards"]):
-        samples = entry.get("samples")
-        if not isinstance(samples, int) or samples < 0:
-            raise ValueError(f"{where}: shard {entry.get('name')!r} has no valid 'samples' count")
-        if samples:
-            shards.append(ShardInfo(url=url, samples=samples))
+    shards = tuple(ShardInfo(url=url, samples=entry["samples"])
+                   for url, entry in zip(shard_urls(dataset_url, manifest), manifest["shards"]) if entry["samples"])
     classes = tuple(str(c) for c in manifest["classes"])
-    histogram = tuple(int(c) for c in manifest.get("label_histogram") or [0] * len(classes))
-    if len(histogram) != len(classes):
-        raise ValueError(f"{where}: label_histogram has {len(histogram)} entries for {len(classes)} classes")
     return DatasetInfo(
         url=str(dataset_url),
-        shards=tuple(shards),
+        shards=shards,
         classes=classes,
-        label_histogram=histogram,
-        multi_label=bool(manifest.get("multi_label", False)),
+        label_histogram=tuple(int(c) for c in manifest.get("label_histogram") or [0] * len(classes)),
+        multi_label=manifest.get("multi_label", False),
     )
 
 
@@ -179,13 +163,6 @@ def slice_stream(shards: Sequence[ShardInfo], start: int, stop: int) -> list[Seg
         if offset >= stop:
             break
     return out
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset's convention: the key is the path up to the first dot of the file name."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
@@ -237,7 +214,7 @@ def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterat
         members = TarMembers(stream)
         index, key, sample = -1, None, None
         for name, _ in members:
-            member_key, ext = _split_name(name)
+            member_key, ext = split_name(name)
             if member_key != key:  # the sample at `index` is complete
                 if sample is not None:
                     yield index - first, sample
@@ -252,155 +229,6 @@ def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterat
         if sample is not None:
             yield index - first, sample
         progress[0] = max(progress[0], index - first + 1)
-
-
-_BLOCK = 512
-_FILE_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
-_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directory, fifo: no data follows
-_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
-
-
-def _tar_number(field: bytes) -> int:
-    """A numeric header field: NUL/space-terminated octal, or GNU base-256 for big values."""
-    if field[:1] in (b"\x80", b"\xff"):
-        n = int.from_bytes(field[1:], "big")
-        return n - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else n
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-class TarMembers:
-    """The regular-file members of a tar stream, as ``(name, size)``; ``read()`` gives the current one's bytes.
-
-    A lean header parser for what shards hold (ustar, pax ``path``/``size`` records, GNU long
-    names), several times cheaper per member than ``tarfile``, whose member objects the
-    pipeline never needed. It ends and fails where ``tarfile`` does: an empty or invalid
-    first header raises ``tarfile.ReadError``; a zero block, a short or invalid header later
-    ends the archive (unless it follows a long-name/pax header); data cut short (read or
-    skipped) raises ``tarfile.ReadError``. ``tests/test_data.py`` checks this against
-    ``tarfile`` on every format and cut. Not read: sparse and multi-volume members (skipped).
-    Members that are not read are seeked over on a seekable stream and read past otherwise.
-    """
-
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self._seekable = stream.seekable()
-        self._unread = 0  # bytes of the current member (data + padding) not consumed yet
-        self._size = -1  # size of the current member while its data is unread, else -1
-        self._headers = 0
-        self._global_pax: dict[str, str] = {}
-
-    def __iter__(self) -> TarMembers:
-        return self
-
-    def read(self) -> bytes:
-        """The current member's data (once)."""
-        if self._size < 0:
-            raise ValueError("TarMembers.read(): no current member, or its data was read already")
-        data = self._stream.read(self._size)
-        if len(data) != self._size:
-            raise tarfile.ReadError("unexpected end of data")
-        self._unread -= self._size
-        self._size = -1
-        return data
-
-    def _skip(self, n: int) -> None:
-        if n <= 0:
-            return
-        if self._seekable:  # like tarfile: the last byte skipped over must exist
-            self._stream.seek(n - 1, 1)
-            ok = len(self._stream.read(1)) == 1
-        else:
-            ok = True
-            while n and ok:
-                got = len(self._stream.read(min(n, 1 << 20)))
-                ok, n = got > 0, n - got
-            ok = ok and n == 0
-        if not ok:
-            raise tarfile.ReadError("unexpected end of data")
-
-    def _header(self) -> bytes | None:
-        """The next header block, or None at the end of the archive."""
-        block = self._stream.read(_BLOCK)
-        first = self._headers == 0
-        self._headers += 1
-        if len(block) < _BLOCK or block.count(0) == _BLOCK:
-            if first and len(block) < _BLOCK:
-                raise tarfile.ReadError("empty file" if not block else "truncated header")
-            return None
-        try:
-            stored = _tar_number(block[148:156])
-        except ValueError:
-            stored = -1
-        unsigned = 256 + sum(block) - sum(block[148:156])  # the checksum field counts as 8 spaces
-        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
-            # (the second form: old tars summed signed bytes)
-            if first:
-                raise tarfile.ReadError("bad checksum")
-            return None
-        return block
-
-    def __next__(self) -> tuple[str, int]:
-        self._skip(self._unread)
-        self._unread, self._size = 0, -1
-        overrides: dict[str, str] = {}
-        extended = False  # a GNU long name / pax header was read: the member header must follow
-        while True:
-            block = self._header()
-            if block is None:
-                if extended:
-                    raise tarfile.ReadError("no valid member header after an extended header")
-                raise StopIteration
-            kind = block[156:157]
-            try:
-                size = _tar_number(block[124:136])
-            except ValueError:
-                if self._headers == 1 or extended:
-                    raise tarfile.ReadError("invalid header") from None
-                raise StopIteration from None
-            padded = -(-size // _BLOCK) * _BLOCK
-            extended = kind in (b"L", b"K", b"x", b"g")
-            if kind in (b"L", b"x", b"g"):  # GNU long name, pax extended / global header: data is metadata
-                data = self._stream.read(padded)
-                if len(data) != padded:
-                    raise tarfile.ReadError("unexpected end of data")
-                if kind == b"L":
-                    overrides["path"] = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                else:
-                    records = self._global_pax if kind == b"g" else overrides
-                    records.update(_pax_records(data[:size]))
-                continue
-            if kind == b"K":  # GNU long link name: irrelevant for regular files
-                self._skip(padded)
-                continue
-            fields = self._global_pax | overrides
-            if "size" in fields:
-                size = int(fields["size"])
-                padded = -(-size // _BLOCK) * _BLOCK
-            name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = block[345:500].split(b"\0", 1)[0]
-            if prefix and kind != b"S":
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            name = fields.get("path", name)
-            if kind in _FILE_TYPES and not (kind == b"\0" and name.endswith("/")):
-                self._unread, self._size = padded, size
-                return name, size
-            self._unread = 0 if kind in _NO_DATA_TYPES else padded  # like tarfile: unknown types carry data
-            self._skip(self._unread)
-            self._unread = 0
-            overrides, extended = {}, False
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"%d key=value\\n"`` records of a pax header."""
-    out, pos = {}, 0
-    while match := _PAX_RECORD.match(data, pos):
-        length = int(match.group(1))
-        if length <= 0:
-            raise tarfile.ReadError("invalid pax header")
-        value = data[match.end(2) + 1 : match.start(1) + length - 1]
-        out[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
 
 
 def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
@@ -484,7 +312,7 @@ def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[np.
     """Raw tar sample -> (uint8 image [S,S,3], label ids). Raises CorruptSample."""
     if "__error__" in sample:
         raise CorruptSample(sample["__error__"])
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    ext = image_ext(sample)
     if ext is None:
         raise CorruptSample(f"no image member (has {sorted(k for k in sample if k != '__key__')})")
     labels = parse_labels(sample, spec)

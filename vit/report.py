@@ -26,13 +26,14 @@ from einops import rearrange
 from PIL import Image
 
 from shards import storage
+from shards.format import IMAGE_EXTS
 from vit import figures as F
 from vit.augment import INCEPTION_MEAN, INCEPTION_STD, normalize
 from vit.runs import RunFolder
 
 REPORT_HTML = "report.html"
 DEFAULT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 MAX_IMAGES = 8
 _SKIP_COLUMNS = {"step", "epoch", "time", "timestamp", "wall", "wall_time", "elapsed"}
 _MAX_CURVES = 9
