@@ -158,7 +158,7 @@ def test_resume_on_fewer_ranks_continues_the_epoch(dataset):
 
 
 def test_resume_skips_without_decoding(dataset, monkeypatch):
-    import vit.data as data
+    import vit.data.streams as data
 
     root, _ = dataset
     decoded = []

@@ -1,47 +1,5 @@
-"""The training input pipeline: deterministic, elastic streaming over WebDataset tar shards.
-
-Plain WebDataset splits shards by node and worker, so the order of samples depends on how
-many ranks and workers read them, and a resumed run cannot continue an epoch on a different
-number of ranks. Here the order is a function of (seed, epoch, position) alone:
-
-* **Epoch stream.** Each epoch the shard list is permuted with ``rng(seed, epoch)`` and
-  concatenated into one virtual stream of N samples (sample counts come from the manifest).
-* **Lanes.** The stream is cut into ``lanes`` (C, default 8) contiguous ranges of equal
-  length ``L = steps_per_epoch * G / C``; a lane may begin or end inside a shard (the lane
-  skips the head of its first shard's tar members without decoding them). Every lane has
-  exactly the same length in every epoch, so ``steps_per_epoch = (N // C) * C // G`` is a
-  constant and every rank takes the same number of steps, however uneven the shards are.
-  The last ``N - steps_per_epoch * G`` samples of the permuted stream are left out of that
-  epoch (``dropped_per_epoch``; different samples each epoch). Cutting the stream, rather
-  than dealing whole shards to lanes, is what keeps ``steps_per_epoch`` the same in every
-  epoch (the trainer's schedule and checkpoint arithmetic rely on it); a lane that starts
-  inside a shard reads past that shard's head once per epoch. Fewer shards than lanes is
-  refused (lanes would re-read the same tars): re-shard smaller or lower ``lanes``.
-* **Shuffle window.** Inside a lane, output position j takes raw sample ``order[j]`` where
-  ``order = argsort(i + U(0, shuffle_buffer))`` with ``rng(seed, epoch, lane)``: a sliding-window
-  shuffle like WebDataset's buffer (a sample moves < ``shuffle_buffer`` places), but computed
-  on indices, so it does not depend on what was read. Raw samples are kept as tar bytes until
-  their turn; images are decoded only when emitted. The first steps of an epoch therefore read
-  up to ``shuffle_buffer`` samples ahead per lane; tars are parsed with ``shards.format.TarMembers``, a lean
-  header reader: a member costs ~7 us here against ~40 us through ``tarfile`` (measured on
-  the digits shards, three members per sample: a quarter of the time per small image).
-* **Global position.** Position p of the epoch is lane ``p % C``, index ``p // C`` in that lane;
-  global step s is positions ``[s*G, (s+1)*G)``. Rank r owns the lanes ``c % world_size == r``,
-  and its DataLoader workers split those lanes among them (so ``lanes`` must be a multiple
-  of ``world_size``; ``num_workers`` is capped at ``lanes // world_size``). Each worker yields
-  one chunk per step; the rank assembles its local batch from its workers' chunks and orders
-  it by p, so the batch does not depend on the number of workers either.
-* **Resume.** ``batches(epoch, start_step=s)`` starts every lane at index ``s * G / C``. Shards
-  whose samples were all emitted before that are not opened; inside a shard, already-emitted
-  samples are skipped as tar members (read past, never decoded). The data position in a
-  checkpoint is ``{"epoch", "step"}`` plus ``seed``, ``lanes`` and ``shuffle_buffer``, which
-  must not change (``TrainStream.state`` / ``check_resume``); world size and workers may.
-* **Augmentation** randomness is seeded by (seed, epoch, p) for the same reason.
-* **Sizing lanes.** A lane is read by one DataLoader worker, so a rank decodes with at most
-  ``lanes // world_size`` processes. ``lanes=8`` suits the CPU runs here; on GPUs pick a
-  multiple of (largest world size you will resume on) x (workers per rank), e.g. 256 for up
-  to 32 GPUs x 8 workers, and shard so that there are at least that many shards. Memory per
-  worker is about ``lanes_per_worker * shuffle_buffer / 2`` encoded samples.
+"""The training and evaluation streams: ``TrainStream`` (this rank's batches in the order of
+``vit.data.order``) and ``EvalStream``.
 
 Corrupt samples (undecodable image, missing/invalid label, a tar that breaks mid-stream)
 are never fatal: the sample's slot is filled with the previous good sample of the same lane
@@ -57,24 +15,21 @@ all-reduces sums, not per-batch values.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import tarfile
-import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import TarMembers, image_ext, split_name
-from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, open_image, stack_chw
+from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, stack_chw
+from vit.data.dataset import _label_mode, _label_prior, _open_shard, load_dataset_info
+from vit.data.order import _AUGMENT, LanePlan, slice_stream
+from vit.data.reading import iter_lane, read_segment
+from vit.data.samples import CorruptSample, LabelSpec, decode_sample, targets_tensor
 
 log = logging.getLogger(__name__)
-
-# Tags that keep the random streams of the different uses of one (seed, epoch) apart.
-_SHARD_ORDER, _WINDOW, _AUGMENT = 0x5A1D, 0x3E77, 0xA06E
 
 
 class Batch(NamedTuple):
@@ -82,296 +37,6 @@ class Batch(NamedTuple):
     targets: torch.Tensor  # Long[B] (softmax) or Float[B, K] multi-hot (sigmoid)
     keys: list[str]
     step: int
-
-
-class CorruptSample(ValueError):
-    """A sample that cannot be used (bad image bytes, missing or invalid label)."""
-
-
-# ----------------------------------------------------------------------------- the dataset
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    url: str
-    samples: int
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the pipeline needs from ``manifest.json``."""
-
-    url: str
-    shards: tuple[ShardInfo, ...]
-    classes: tuple[str, ...]
-    label_histogram: tuple[int, ...]
-    multi_label: bool
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def load_dataset_info(dataset_url: str) -> DatasetInfo:
-    """Read the manifest of ``dataset_url`` (local folder or ``s3://`` prefix); its fields are checked
-    by ``shards.format.validate_manifest`` (a DatasetError names the file and field)."""
-    from shards.reader import load_manifest, shard_urls
-
-    manifest = load_manifest(dataset_url)
-    shards = tuple(ShardInfo(url=url, samples=entry["samples"])
-                   for url, entry in zip(shard_urls(dataset_url, manifest), manifest["shards"]) if entry["samples"])
-    classes = tuple(str(c) for c in manifest["classes"])
-    return DatasetInfo(
-        url=str(dataset_url),
-        shards=shards,
-        classes=classes,
-        label_histogram=tuple(int(c) for c in manifest.get("label_histogram") or [0] * len(classes)),
-        multi_label=manifest.get("multi_label", False),
-    )
-
-
-def _open_shard(url: str) -> BinaryIO:
-    from shards.reader import open_shard
-
-    return open_shard(url)
-
-
-# ----------------------------------------------------------------------------- reading tars
-
-
-@dataclass(frozen=True)
-class Segment:
-    """``count`` consecutive samples of one shard, starting at sample ``first``."""
-
-    url: str
-    first: int
-    count: int
-
-
-def slice_stream(shards: Sequence[ShardInfo], start: int, stop: int) -> list[Segment]:
-    """The samples ``[start, stop)`` of the concatenation of ``shards`` as per-shard segments."""
-    out, offset = [], 0
-    for shard in shards:
-        lo, hi = max(start, offset), min(stop, offset + shard.samples)
-        if lo < hi:
-            out.append(Segment(shard.url, lo - offset, hi - lo))
-        offset += shard.samples
-        if offset >= stop:
-            break
-    return out
-
-
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
-_REOPENS = 3  # a shard stream that fails mid-way (network) is re-opened this often before the error is fatal
-
-
-def read_segment(
-    segment: Segment, *, keep: Callable[[int], bool], open_fn: Callable[[str], BinaryIO]
-) -> Iterator[tuple[int, dict]]:
-    """``(i, sample)`` for each kept sample i of the segment (0-based, ascending).
-
-    A sample is ``{"__key__": key, ext: bytes, ...}``; samples not kept are read past as tar
-    members without extracting them. A storage error mid-stream (``StorageError``, e.g. a
-    dropped connection) re-opens the shard and continues at the same sample, up to
-    ``_REOPENS`` times; then it is fatal, as is a shard that cannot be opened. When the tar
-    itself ends early or is broken, every kept index is still yielded exactly once, as
-    ``{"__key__": "<shard>#<index>", "__error__": reason}`` (``decode_sample`` rejects it).
-    """
-    from shards.storage import StorageError, StorageNotFound
-
-    progress = [0]  # segment indices below this were yielded or not wanted
-    reason = "the tar ends before this sample (the manifest counts more samples than the shard holds)"
-    for attempt in range(_REOPENS + 1):
-        try:
-            yield from _scan_tar(segment, progress, keep=keep, open_fn=open_fn)
-            break
-        except StorageNotFound:
-            raise
-        except StorageError as err:
-            if attempt == _REOPENS:
-                raise
-            log.warning("%s: stream failed at sample %d (%s); re-opening", segment.url,
-                        segment.first + progress[0], err)
-        except _TAR_ERRORS as err:
-            reason = f"the tar is broken before this sample ({type(err).__name__}: {err})"
-            log.warning("%s: tar broken at sample %d (%s); the rest of the shard counts as corrupt", segment.url,
-                        segment.first + progress[0], err)
-            break
-    name = segment.url.rstrip("/").rsplit("/", 1)[-1]
-    for i in range(progress[0], segment.count):
-        if keep(i):
-            yield i, {"__key__": f"{name}#{segment.first + i}", "__error__": reason}
-
-
-def _scan_tar(segment: Segment, progress: list[int], *, keep, open_fn) -> Iterator[tuple[int, dict]]:
-    """One pass over the shard from its start, yielding kept samples at segment index >= progress[0]."""
-    first, skip_to = segment.first, segment.first + progress[0]
-    with contextlib.closing(open_fn(segment.url)) as stream:
-        members = TarMembers(stream)
-        index, key, sample = -1, None, None
-        for name, _ in members:
-            member_key, ext = split_name(name)
-            if member_key != key:  # the sample at `index` is complete
-                if sample is not None:
-                    yield index - first, sample
-                progress[0] = max(progress[0], index - first + 1)
-                index, key, sample = index + 1, member_key, None
-                if index - first >= segment.count:
-                    return
-                if index >= skip_to and keep(index - first):
-                    sample = {"__key__": member_key}
-            if sample is not None:
-                sample[ext] = members.read()
-        if sample is not None:
-            yield index - first, sample
-        progress[0] = max(progress[0], index - first + 1)
-
-
-def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
-    """A permutation of ``range(n)`` in which an item moves fewer than ``window`` places."""
-    if window <= 1 or n <= 1:
-        return np.arange(n)
-    return np.argsort(np.arange(n) + rng.random(n) * window, kind="stable")
-
-
-def iter_lane(
-    segments: Sequence[Segment], order: np.ndarray, start: int, stop: int, *, open_fn: Callable[[str], BinaryIO]
-) -> Iterator[tuple[int, dict]]:
-    """``(j, sample)`` for lane output positions ``start <= j < stop``; sample = raw index ``order[j]``.
-
-    Raw samples emitted before ``start`` are never kept; shards that hold only such samples
-    are never opened. Memory: the samples read but not yet emitted (about the window size).
-    """
-    if start >= stop:
-        return
-    wanted = np.zeros(len(order), dtype=bool)
-    wanted[order[start:stop]] = True
-    raw = _iter_raw(segments, wanted, open_fn=open_fn)
-    held: dict[int, dict] = {}
-    for j in range(start, stop):
-        r = int(order[j])
-        while r not in held:
-            idx, sample = next(raw)
-            held[idx] = sample
-        yield j, held.pop(r)
-
-
-def _iter_raw(segments, wanted: np.ndarray, *, open_fn) -> Iterator[tuple[int, dict]]:
-    offset = 0
-    for segment in segments:
-        base = offset
-        offset += segment.count
-        if not wanted[base : base + segment.count].any():
-            continue
-        for i, sample in read_segment(segment, keep=lambda i, base=base: bool(wanted[base + i]), open_fn=open_fn):
-            yield base + i, sample
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    num_classes: int
-    multi_label: bool  # the targets' form: multi-hot (sigmoid) or class index (softmax)
-
-
-def parse_labels(sample: dict, spec: LabelSpec) -> list[int]:
-    """The sample's label ids from ``.cls`` (ascii int) or ``.json`` ``labels``; checked against the class count."""
-    if "json" in sample:
-        import json
-
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError as err:
-            raise CorruptSample(f"invalid .json ({err})") from None
-        labels = meta.get("labels") if isinstance(meta, dict) else None
-        if labels is None and "cls" not in sample:
-            raise CorruptSample(".json has no 'labels'")
-    else:
-        labels = None
-    if labels is None:
-        if "cls" not in sample:
-            raise CorruptSample("no .cls or .json label")
-        try:
-            labels = [int(sample["cls"].strip())]
-        except ValueError:
-            raise CorruptSample(f"invalid .cls {sample['cls'][:20]!r}") from None
-    if not isinstance(labels, list) or not all(isinstance(x, int) and 0 <= x < spec.num_classes for x in labels):
-        raise CorruptSample(f"labels {str(labels)[:60]} not ids in [0, {spec.num_classes})")
-    if not spec.multi_label and len(labels) != 1:
-        raise CorruptSample(f"{len(labels)} labels on a single-label (softmax) dataset")
-    return labels
-
-
-def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[np.ndarray, list[int]]:
-    """Raw tar sample -> (uint8 image [S,S,3], label ids). Raises CorruptSample."""
-    if "__error__" in sample:
-        raise CorruptSample(sample["__error__"])
-    ext = image_ext(sample)
-    if ext is None:
-        raise CorruptSample(f"no image member (has {sorted(k for k in sample if k != '__key__')})")
-    labels = parse_labels(sample, spec)
-    try:
-        image = transform(open_image(sample[ext]), rng)
-    except Exception as err:  # PIL raises many kinds on broken bytes
-        raise CorruptSample(f"undecodable .{ext} ({type(err).__name__}: {err})") from None
-    return image, labels
-
-
-def targets_tensor(labels: Sequence[list[int]], spec: LabelSpec) -> torch.Tensor:
-    if not spec.multi_label:
-        return torch.tensor([ls[0] for ls in labels], dtype=torch.long)
-    out = torch.zeros(len(labels), spec.num_classes, dtype=torch.float32)
-    for row, ls in enumerate(labels):
-        out[row, ls] = 1.0
-    return out
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class LanePlan:
-    """Where every sample of an epoch goes: pure arithmetic on (dataset, seed, epoch, lanes, G)."""
-
-    shards: tuple[ShardInfo, ...]
-    seed: int
-    lanes: int
-    global_batch_size: int
-    shuffle_buffer: int
-
-    @property
-    def per_lane_step(self) -> int:  # samples a lane gives to one global step
-        return self.global_batch_size // self.lanes
-
-    @property
-    def steps_per_epoch(self) -> int:
-        total = sum(s.samples for s in self.shards)
-        return (total // self.lanes) // self.per_lane_step
-
-    @property
-    def lane_length(self) -> int:
-        return self.steps_per_epoch * self.per_lane_step
-
-    def epoch_shards(self, epoch: int) -> list[ShardInfo]:
-        rng = np.random.default_rng([self.seed, epoch, _SHARD_ORDER])
-        return [self.shards[i] for i in rng.permutation(len(self.shards))]
-
-    def lane_segments(self, epoch: int, lane: int) -> list[Segment]:
-        n = self.lane_length
-        return slice_stream(self.epoch_shards(epoch), lane * n, (lane + 1) * n)
-
-    def lane_order(self, epoch: int, lane: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, lane, _WINDOW])
-        return window_order(self.lane_length, self.shuffle_buffer, rng)
-
-    def position(self, lane: int, index: int) -> int:
-        return index * self.lanes + lane
 
 
 @dataclass
@@ -462,31 +127,6 @@ class _TrainLanes(IterableDataset):
                 "labels": [s.labels for s in slots],
                 "corrupt": corrupt,
             }
-
-
-# ----------------------------------------------------------------------------- public API
-
-
-def _label_mode(label_mode: str, info: DatasetInfo) -> bool:
-    """True for sigmoid (multi-hot targets)."""
-    if label_mode == "auto":
-        return info.multi_label
-    if label_mode == "sigmoid":
-        return True
-    if label_mode == "softmax":
-        if info.multi_label:
-            raise ValueError(
-                f"label_mode='softmax' but {info.url}/manifest.json says multi_label: true; "
-                "use label_mode='sigmoid' (or 'auto') for multi-label data"
-            )
-        return False
-    raise ValueError(f"label_mode={label_mode!r} is not known; use 'auto', 'softmax' or 'sigmoid'")
-
-
-def _label_prior(info: DatasetInfo, multi_label: bool) -> torch.Tensor:
-    counts = torch.tensor(info.label_histogram, dtype=torch.float64)
-    denom = info.num_samples if multi_label else counts.sum().item()
-    return (counts / max(denom, 1)).to(torch.float32)
 
 
 class _DatasetStream:
@@ -672,9 +312,6 @@ def _mp_context():
 
     # fork keeps the process's storage settings (endpoint) and is cheap; spawn where fork is unavailable
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 
 class _EvalRange(IterableDataset):
