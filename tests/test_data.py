@@ -240,16 +240,21 @@ def test_corrupt_samples_are_skipped_counted_and_ranks_stay_in_step(tmp_path):
 
 def test_clear_errors_for_impossible_settings(dataset, tmp_path):
     root, _ = dataset
-    with pytest.raises(ValueError, match="multiple of 8"):
+    from shards.errors import VitpipeError
+    from shards.format import DatasetError
+    from vit.data import StreamError
+
+    with pytest.raises(StreamError, match="multiple of 8") as err:  # a VitpipeError: one line, exit 2 (bad input)
         TrainStream(str(root), img_size=8, global_batch_size=12, rank=0, world_size=1)
-    with pytest.raises(ValueError, match="lanes 8 is not a multiple of world_size 3"):
+    assert isinstance(err.value, VitpipeError) and err.value.exit_code == 2
+    with pytest.raises(StreamError, match="lanes 8 is not a multiple of world_size 3"):
         TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=3)
     # more workers than the rank has lanes: clamped (workers never change the order)
     assert TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=4, num_workers=3).num_workers == 2
     few, _ = write_dataset(tmp_path / "few", sizes=[30, 30, 30])
-    with pytest.raises(ValueError, match="shard-size"):
+    with pytest.raises(StreamError, match="shard-size"):
         TrainStream(str(few), img_size=8, global_batch_size=16, rank=0, world_size=1)
-    with pytest.raises(Exception, match="manifest"):
+    with pytest.raises(DatasetError, match="no manifest.json; a dataset without a manifest does not exist"):
         TrainStream(str(tmp_path / "nothing"), img_size=8, global_batch_size=16, rank=0, world_size=1)
 
 

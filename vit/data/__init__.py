@@ -11,12 +11,12 @@
 The names below are the package's public interface; import them from ``vit.data``.
 """
 from shards.format import TarMembers  # the tar reader lives with the shard format; kept importable here
-from vit.data.dataset import DatasetInfo, ShardInfo, load_dataset_info
+from vit.data.dataset import DatasetInfo, ShardInfo, StreamError, load_dataset_info
 from vit.data.order import LanePlan, Segment, slice_stream, window_order
 from vit.data.reading import iter_lane, read_segment
 from vit.data.samples import CorruptSample, LabelSpec, decode_sample, parse_labels, targets_tensor
 from vit.data.streams import Batch, EvalStream, TrainStream
 
 __all__ = ["Batch", "CorruptSample", "DatasetInfo", "EvalStream", "LabelSpec", "LanePlan", "Segment", "ShardInfo",
-           "TarMembers", "TrainStream", "decode_sample", "iter_lane", "load_dataset_info", "parse_labels",
-           "read_segment", "slice_stream", "targets_tensor", "window_order"]
+           "StreamError", "TarMembers", "TrainStream", "decode_sample", "iter_lane", "load_dataset_info",
+           "parse_labels", "read_segment", "slice_stream", "targets_tensor", "window_order"]

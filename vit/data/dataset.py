@@ -6,6 +6,13 @@ from typing import BinaryIO
 
 import torch
 
+from shards.errors import VitpipeError
+
+
+class StreamError(VitpipeError, ValueError):
+    """A stream cannot be set up as asked (batch size, lanes, world size, label mode, resume
+    position); the message says what to set."""
+
 @dataclass(frozen=True)
 class ShardInfo:
     url: str
@@ -63,12 +70,12 @@ def _label_mode(label_mode: str, info: DatasetInfo) -> bool:
         return True
     if label_mode == "softmax":
         if info.multi_label:
-            raise ValueError(
+            raise StreamError(
                 f"label_mode='softmax' but {info.url}/manifest.json says multi_label: true; "
                 "use label_mode='sigmoid' (or 'auto') for multi-label data"
             )
         return False
-    raise ValueError(f"label_mode={label_mode!r} is not known; use 'auto', 'softmax' or 'sigmoid'")
+    raise StreamError(f"label_mode={label_mode!r} is not known; use 'auto', 'softmax' or 'sigmoid'")
 
 
 def _label_prior(info: DatasetInfo, multi_label: bool) -> torch.Tensor:

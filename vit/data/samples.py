@@ -7,10 +7,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from shards.errors import VitpipeError
 from shards.format import image_ext
 from vit.augment import open_image
 
-class CorruptSample(ValueError):
+class CorruptSample(VitpipeError, ValueError):
     """A sample that cannot be used (bad image bytes, missing or invalid label)."""
 
 

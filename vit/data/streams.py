@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.format import DatasetError
 from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, stack_chw
-from vit.data.dataset import _label_mode, _label_prior, _open_shard, load_dataset_info
+from vit.data.dataset import StreamError, _label_mode, _label_prior, _open_shard, load_dataset_info
 from vit.data.order import _AUGMENT, LanePlan, slice_stream
 from vit.data.reading import iter_lane, read_segment
 from vit.data.samples import CorruptSample, LabelSpec, decode_sample, targets_tensor
@@ -112,7 +113,7 @@ class _TrainLanes(IterableDataset):
             if corrupt:
                 good = next((s for s in slots if s.image is not None), None)
                 if good is None:
-                    raise RuntimeError(
+                    raise DatasetError(
                         f"epoch {self.epoch} step {step}: none of the {len(slots)} samples of lanes {lanes} could be "
                         f"read ({corrupt[0][0]}: {corrupt[0][1]}); run `vitpipe verify` on the dataset"
                     )
@@ -170,7 +171,7 @@ class TrainStream(_DatasetStream):
         self._load_dataset(dataset_url, label_mode)
         self.transform = build_transform(augment, img_size=img_size, crop_pct=crop_pct)
         if len(self.info.shards) < lanes:
-            raise ValueError(
+            raise StreamError(
                 f"{self.dataset_url} has {len(self.info.shards)} non-empty shards but lanes={lanes}: every lane "
                 f"should read its own shards; re-shard with a smaller --shard-size (about "
                 f"{max(1, self.info.num_samples // lanes)} or less) or set lanes <= {len(self.info.shards)} "
@@ -179,7 +180,7 @@ class TrainStream(_DatasetStream):
         self.plan = LanePlan(shards=self.info.shards, seed=seed, lanes=lanes, global_batch_size=global_batch_size,
                              shuffle_buffer=shuffle_buffer)
         if self.plan.steps_per_epoch == 0:
-            raise ValueError(
+            raise StreamError(
                 f"{self.dataset_url} has {self.info.num_samples} samples: not enough for one global batch of "
                 f"{global_batch_size} over {lanes} lanes; lower global_batch_size"
             )
@@ -192,29 +193,29 @@ class TrainStream(_DatasetStream):
     def _check_numbers(self) -> None:
         g, c, w = self.global_batch_size, self.lanes, self.world_size
         if c <= 0 or g <= 0 or w <= 0:
-            raise ValueError(f"lanes ({c}), global_batch_size ({g}) and world_size ({w}) must be positive")
+            raise StreamError(f"lanes ({c}), global_batch_size ({g}) and world_size ({w}) must be positive")
         if not 0 <= self.rank < w:
-            raise ValueError(f"rank {self.rank} is outside world_size {w}")
+            raise StreamError(f"rank {self.rank} is outside world_size {w}")
         if g % c:
-            raise ValueError(
+            raise StreamError(
                 f"global_batch_size {g} is not a multiple of lanes {c}: set global_batch_size to a multiple of {c} "
                 f"(e.g. {max(c, g // c * c)}) or lanes to a divisor of {g}"
             )
         if c % w:
-            raise ValueError(
+            raise StreamError(
                 f"lanes {c} is not a multiple of world_size {w}: every rank needs the same number of lanes; "
                 f"use lanes = a multiple of {w} (lanes is saved in the checkpoint and must stay the same on resume, "
                 "so pick one divisible by every world size you may resume on, e.g. 8 or 24)"
             )
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise StreamError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.num_workers > c // w:
             # workers only split the rank's lanes (the order does not depend on them): more would idle
             log.warning("num_workers %d > the rank's %d lanes (lanes %d / world_size %d): using %d workers; raise "
                         "lanes (a multiple of %d) for more", self.num_workers, c // w, c, w, c // w, w)
             self.num_workers = c // w
         if self.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+            raise StreamError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
     # -- what the trainer reads
 
@@ -244,7 +245,7 @@ class TrainStream(_DatasetStream):
         """Raise unless ``state`` (from ``state()``) can be resumed with this stream's settings."""
         for key in ("seed", "lanes", "shuffle_buffer"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
+                raise StreamError(
                     f"checkpoint data position has {key}={state[key]} but this run has {key}={getattr(self, key)}; "
                     f"resume with {key}={state[key]} (the sample order depends on it)"
                 )
@@ -254,7 +255,7 @@ class TrainStream(_DatasetStream):
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch`` from global step ``start_step`` to ``steps_per_epoch - 1``."""
         if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
+            raise StreamError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
         dataset = _TrainLanes(plan=self.plan, lanes=self.rank_lanes, epoch=epoch, start_step=start_step,
                               transform=self.transform, spec=self.spec)
         workers = max(self.num_workers, 1)
@@ -363,11 +364,11 @@ class EvalStream(_DatasetStream):
                  num_workers: int = 0, crop_pct: float = 0.875, label_mode: str = "auto",
                  mean=INCEPTION_MEAN, std=INCEPTION_STD, pin_memory: bool | None = None):
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise StreamError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise StreamError(f"rank {rank} is outside world_size {world_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise StreamError(f"num_workers must be >= 0, got {num_workers}")
         self.img_size, self.batch_size = img_size, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
