@@ -279,17 +279,20 @@ class Storage(ABC):
     same names are what callers use."""
 
     @abstractmethod
-    def exists(self, url: str) -> bool: ...
+    def exists(self, url: str) -> bool:
+        """Whether a file, or anything under a folder / prefix, is there."""
 
     @abstractmethod
-    def size(self, url: str) -> int: ...
+    def size(self, url: str) -> int:
+        """Bytes of one file (StorageNotFound if it is not there)."""
 
     @abstractmethod
     def stat(self, url: str) -> dict:
         """{'size', 'mtime' (float or None), 'etag' (S3 only)} of one file."""
 
     @abstractmethod
-    def isdir(self, url: str) -> bool: ...
+    def isdir(self, url: str) -> bool:
+        """Whether `url` is a folder / a prefix with something under it."""
 
     @abstractmethod
     def listdir(self, url: str) -> list[str]:
@@ -304,7 +307,8 @@ class Storage(ABC):
         """{'url', 'size', 'mtime'} of every file under a folder / prefix, streamed."""
 
     @abstractmethod
-    def open_read(self, url: str) -> BinaryIO: ...
+    def open_read(self, url: str) -> BinaryIO:
+        """A binary stream of the file; S3 objects are streamed, not downloaded first."""
 
     @abstractmethod
     def read_bytes(self, url: str, size: int | None = None) -> bytes: ...
@@ -316,9 +320,11 @@ class Storage(ABC):
     def read_into(self, url: str, offset: int, length: int, out) -> int:
         """Read a record (the whole file, offset < 0; or `length` bytes at `offset`) into `out`; its size."""
 
-    def read_ends(self, url: str, head: int, tail: int, offset: int | None, length: int | None):
-        """(head bytes, tail bytes, size, mtime) without reading the middle, or None where one
-        read of the whole record is the cheaper request."""
+    def read_ends(self, url: str, head: int, tail: int, offset: int | None = None, length: int | None = None
+                  ) -> tuple[bytes, bytes, int, float | None] | None:
+        """(first `head` bytes, last `tail` bytes, size, mtime) of a file, or of the `length` bytes at
+        `offset` in it (a tar member; mtime None), without reading the middle; the tail is empty when
+        the head holds everything. None where one read of the whole record is the cheaper request (S3)."""
         return None
 
     @abstractmethod
@@ -344,11 +350,11 @@ class Storage(ABC):
         """Delete one file (missing is fine)."""
 
     def makedirs(self, url: str) -> None:
-        """Create a folder (S3 prefixes need none)."""
+        """Create a local folder (S3 prefixes need none)."""
 
     @abstractmethod
     def check_writable(self, url: str) -> None:
-        """A one-line StorageError if the folder / prefix `url` cannot be written."""
+        """Fail early with a one-line StorageError if the folder / prefix `url` cannot be written."""
 
 
 # ----------------------------------------------------------------------------- the S3 client
@@ -808,55 +814,24 @@ LOCAL, S3 = LocalStorage(), S3Storage()
 
 # ----------------------------------------------------------------------------- what callers use
 
-def exists(url: str | os.PathLike) -> bool:
-    store, url = backend(url)
-    return store.exists(url)
+def _forward(name: str):
+    """The module-level function `name`: resolve the URL (`backend`), call that store's method `name`."""
+    def call(url: str | os.PathLike, *args, **kwargs):
+        store, target = backend(url)
+        return getattr(store, name)(target, *args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = getattr(Storage, name).__doc__
+    return call
 
 
-def size(url: str | os.PathLike) -> int:
-    store, url = backend(url)
-    return store.size(url)
-
-
-def stat(url: str | os.PathLike) -> dict:
-    """{'size', 'mtime' (float or None), 'etag' (S3 only)} of one file."""
-    store, url = backend(url)
-    return store.stat(url)
-
-
-def isdir(url: str | os.PathLike) -> bool:
-    store, url = backend(url)
-    return store.isdir(url)
-
-
-def listdir(url: str | os.PathLike) -> list[str]:
-    """Names directly under a folder / prefix, sorted."""
-    store, url = backend(url)
-    return store.listdir(url)
-
-
-def list_recursive(url: str | os.PathLike) -> list[str]:
-    """Full URLs of every file under a folder / prefix, sorted."""
-    store, url = backend(url)
-    return store.list_recursive(url)
-
-
-def iter_files(url: str | os.PathLike) -> Iterator[dict]:
-    """Every file under a folder / prefix as {'url', 'size', 'mtime'}, streamed (locally: sorted
-    per folder; S3: key order) for huge trees."""
-    store, url = backend(url)
-    return store.iter_files(url)
+exists, size, stat, isdir, listdir, list_recursive, iter_files, open_read, read_ends, delete, makedirs, \
+    check_writable = map(_forward, ["exists", "size", "stat", "isdir", "listdir", "list_recursive", "iter_files",
+                                    "open_read", "read_ends", "delete", "makedirs", "check_writable"])
 
 
 def walk(url: str | os.PathLike) -> list[dict]:
     """Like iter_files(), as a list sorted by url."""
     return sorted(iter_files(url), key=lambda item: item["url"])
-
-
-def open_read(url: str | os.PathLike) -> BinaryIO:
-    """A binary stream of the file; S3 objects are streamed, not downloaded first."""
-    store, url = backend(url)
-    return store.open_read(url)
 
 
 def read_bytes(url: str | os.PathLike, *, size: int | None = None) -> bytes:
@@ -884,15 +859,6 @@ def read_record_into(url: str, offset: int, length: int, out) -> int:
     `out` holds a part of it, or the whole of it at its start."""
     store, url = backend(url)
     return store.read_into(url, offset, length, out)
-
-
-def read_ends(url: str | os.PathLike, head: int, tail: int, offset: int | None = None,
-              length: int | None = None) -> tuple[bytes, bytes, int, float | None] | None:
-    """(first `head` bytes, last `tail` bytes, size, mtime) of a local file, or of the `length` bytes
-    at `offset` in it (a tar member; mtime None), without reading the middle. The tail is empty when
-    the head holds everything. None for an s3:// URL: one GET of the whole object is the cheaper request."""
-    store, url = backend(url)
-    return store.read_ends(url, head, tail, offset, length)
 
 
 def read_json(url: str | os.PathLike):
@@ -958,21 +924,3 @@ def copy_tree(src_url: str | os.PathLike, dst_url: str | os.PathLike) -> list[st
         copy(url, target)
         out.append(target)
     return out
-
-
-def delete(url: str | os.PathLike) -> None:
-    """Delete one file (missing is fine)."""
-    store, url = backend(url)
-    store.delete(url)
-
-
-def makedirs(url: str | os.PathLike) -> None:
-    """Create a local folder (S3 prefixes need no creation)."""
-    store, url = backend(url)
-    store.makedirs(url)
-
-
-def check_writable(url: str | os.PathLike) -> None:
-    """Fail early with a one-line error if `url` (a folder or prefix) cannot be written."""
-    store, url = backend(url)
-    store.check_writable(url)
