@@ -98,8 +98,7 @@ def _iter_list_images(url: str):
         path = line.strip()
         if not path or path.startswith("#"):
             continue
-        target = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, *path.split("/"))
-        yield path, storage.read_bytes(target)
+        yield path, storage.read_bytes(storage.resolve(base, path))
 
 
 def _iter_source_images(url: str):

@@ -493,7 +493,10 @@ def _list_manifest(url: str, kind: str) -> Listing:
             raise SourceError(f"{where}: missing 'path' (the image path, relative to the manifest, or an s3:// URL)")
         labels = _parse_labels(row.get("labels", row.get("label")), where=where)
         path = str(path)
-        absolute = storage.is_s3(path) or os.path.isabs(path)
+        try:
+            absolute = storage.is_absolute(path)
+        except storage.StorageError as err:
+            raise SourceError(f"{where}: {err}") from None
         target = path if absolute else storage.join(base, *path.split("/"))
         if not storage.is_s3(target):
             try:

@@ -141,6 +141,18 @@ def as_local_path(url: str | os.PathLike) -> str:
     return target
 
 
+def is_absolute(url: str | os.PathLike) -> bool:
+    """An s3:// URL or an absolute local path (not relative to some folder)."""
+    store, target = backend(url)
+    return store is S3 or os.path.isabs(target)
+
+
+def resolve(base: str, path: str) -> str:
+    """A path as a list or manifest writes it: an s3:// URL or an absolute path as it is, else
+    relative to the folder / prefix `base` (with `/` between its parts)."""
+    return path if is_absolute(path) else join(base, *path.split("/"))
+
+
 def split(url: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key)."""
     store, url = backend(url)

@@ -160,6 +160,18 @@ def test_jsonl_and_csv_multilabel_with_relative_paths(tmp_path):
     assert via_csv["label_histogram"] == manifest["label_histogram"] and via_csv["source"]["kind"] == "csv"
 
 
+def test_a_manifest_row_with_an_unsupported_url_names_the_file_line_and_url(tmp_path):
+    """A `gs://` path in a jsonl source used to be taken as a path relative to the manifest."""
+    _write(tmp_path / "imgs" / "a.jpg", encode(photo_crops(1, size=(32, 24), seed=5)[0], "JPEG"))
+    rows = [{"path": "imgs/a.jpg", "labels": ["a"]}, {"path": "gs://bucket/b.jpg", "labels": ["b"]}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ShardError) as err:
+        shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"))
+    assert str(err.value) == (f"{tmp_path}/m.jsonl:2: gs://bucket/b.jpg: 'gs://' URLs are not supported; write a local "
+                              "path or s3://BUCKET/PREFIX (another S3-compatible store: set AWS_ENDPOINT_URL)")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     import io
 
