@@ -83,7 +83,7 @@ def test_local_write_is_atomic(tmp_path):
     target = tmp_path / "out" / "f.bin"
     storage.write_bytes(target, b"first")
     with pytest.raises(ZeroDivisionError):
-        storage._atomic_local_write(str(target), lambda f: (f.write(b"partial"), 1 / 0))
+        storage.local._atomic_local_write(str(target), lambda f: (f.write(b"partial"), 1 / 0))
     assert target.read_bytes() == b"first"
     assert os.listdir(tmp_path / "out") == ["f.bin"]
 
