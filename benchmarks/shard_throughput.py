@@ -15,7 +15,7 @@
 
 The corpus is real JPEGs: crops of scikit-image's sample photographs (nothing downloaded).
     .venv/bin/python benchmarks/shard_throughput.py [--images 1500] [--passthrough-images 12000]
-        [--workdir DIR] [--quick]
+        [--workdir DIR] [--quick] [--sections memory,resize,passthrough]
 """
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-sizes", default="10000,50000")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--quick", action="store_true", help="small corpus, 1 repeat (smoke run)")
+    ap.add_argument("--sections", default="memory,resize,passthrough", help="which sections to run (default: all)")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.passthrough_images, args.repeats, args.memory_sizes = 600, 2000, 1, "2000,6000"
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        sizes = [int(s) for s in args.memory_sizes.split(",")]
+        sections = set(args.sections.split(","))
+        sizes = [int(s) for s in args.memory_sizes.split(",")] if "memory" in sections else []
         peaks = []
         for count in sizes:  # first, while this process is small
             tree = work / f"mem-{count}"
@@ -171,57 +173,61 @@ def main(argv=None) -> int:
             peaks.append(_peak_rss_mb(tree, work / "mem-out"))
             print(f"peak RSS sharding {count} images: {peaks[-1]:.1f} MB", flush=True)
         corpus, corpus_pt = work / "corpus", work / "corpus-passthrough"
-        _make_corpus(corpus, count=args.images, size=f"{width}x{height}", classes=20)
-        _make_corpus(corpus_pt, count=args.passthrough_images, size=f"{width}x{height}", classes=20)
+        if "resize" in sections:
+            _make_corpus(corpus, count=args.images, size=f"{width}x{height}", classes=20)
+        if "passthrough" in sections:
+            _make_corpus(corpus_pt, count=args.passthrough_images, size=f"{width}x{height}", classes=20)
         os.sync()  # the corpora just written reach the disk now, not during the timed runs
         out = work / "out"
 
-        # the resize section first. Measured after the pass-through section (which writes and deletes
-        # ~1 GB within seconds), the resize runs came out 10-20% slower while the bare loop, which writes
-        # nothing, did not; the cause (kernel writeback?) is not established
-        n, mb = args.images, _warm(corpus) / 1e6
-        files = _files(corpus)
-        print(f"resize corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB, {os.cpu_count()} CPUs", flush=True)
-        shorter, quality = 160, 90
-        resize = {
-            "bare": lambda: _bare_resize_loop(files, shorter=shorter, quality=quality),
-            "bare2": lambda: _bare_resize_two_processes(files, shorter=shorter, quality=quality),
-            "resize1": lambda: _shard(corpus, out, n, workers=1, resize=shorter, quality=quality),
-            "resize2": lambda: _shard(corpus, out, n, workers=2, resize=shorter, quality=quality),
-            "tar": lambda: _tar_cf(corpus, work / "all.tar"),
-            "decode2": lambda: _shard(corpus, out, n, workers=2, validate="decode"),
-        }
-        t = _median_times(resize, args.repeats)
-        rows.append((f"bare PIL decode+resize({shorter})+encode loop", n / t["bare"], mb / t["bare"], 1.0, ""))
-        rows.append(("the bare loop split over 2 processes (context: 2-core ceiling)", n / t["bare2"], mb / t["bare2"],
-                     t["bare"] / t["bare2"], ""))
-        for workers, target in ((1, ">= 0.9x bare loop"), (2, ">= 1.8x bare loop")):
-            tw = t[f"resize{workers}"]
-            rows.append((f"shard --resize {shorter}, {workers} worker(s)", n / tw, mb / tw, t["bare"] / tw, target))
-            print(rows[-1], flush=True)
-        rows.append((f"tar cf of the {n}-image resize corpus (reference for the next row)", n / t["tar"],
-                     mb / t["tar"], 1.0, ""))
-        rows.append(("shard pass-through --validate decode, 2 workers", n / t["decode2"], mb / t["decode2"],
-                     t["tar"] / t["decode2"], "(every pixel decoded; no target)"))
+        if "resize" in sections:
+            # the resize section first. Measured after the pass-through section (which writes and deletes
+            # ~1 GB within seconds), the resize runs came out 10-20% slower while the bare loop, which writes
+            # nothing, did not; the cause (kernel writeback?) is not established
+            n, mb = args.images, _warm(corpus) / 1e6
+            files = _files(corpus)
+            print(f"resize corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB, {os.cpu_count()} CPUs", flush=True)
+            shorter, quality = 160, 90
+            resize = {
+                "bare": lambda: _bare_resize_loop(files, shorter=shorter, quality=quality),
+                "bare2": lambda: _bare_resize_two_processes(files, shorter=shorter, quality=quality),
+                "resize1": lambda: _shard(corpus, out, n, workers=1, resize=shorter, quality=quality),
+                "resize2": lambda: _shard(corpus, out, n, workers=2, resize=shorter, quality=quality),
+                "tar": lambda: _tar_cf(corpus, work / "all.tar"),
+                "decode2": lambda: _shard(corpus, out, n, workers=2, validate="decode"),
+            }
+            t = _median_times(resize, args.repeats)
+            rows.append((f"bare PIL decode+resize({shorter})+encode loop", n / t["bare"], mb / t["bare"], 1.0, ""))
+            rows.append(("the bare loop split over 2 processes (context: 2-core ceiling)", n / t["bare2"], mb / t["bare2"],
+                         t["bare"] / t["bare2"], ""))
+            for workers, target in ((1, ">= 0.9x bare loop"), (2, ">= 1.8x bare loop")):
+                tw = t[f"resize{workers}"]
+                rows.append((f"shard --resize {shorter}, {workers} worker(s)", n / tw, mb / tw, t["bare"] / tw, target))
+                print(rows[-1], flush=True)
+            rows.append((f"tar cf of the {n}-image resize corpus (reference for the next row)", n / t["tar"],
+                         mb / t["tar"], 1.0, ""))
+            rows.append(("shard pass-through --validate decode, 2 workers", n / t["decode2"], mb / t["decode2"],
+                         t["tar"] / t["decode2"], "(every pixel decoded; no target)"))
 
-        n, mb = args.passthrough_images, _warm(corpus_pt) / 1e6
-        files = _files(corpus_pt)
-        print(f"pass-through corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB", flush=True)
-        passthrough = {
-            "tar": lambda: _tar_cf(corpus_pt, work / "all.tar"),
-            "tar_sha": lambda: _tar_sha(corpus_pt),
-            "tarfile": lambda: _python_tarfile(files, corpus_pt, work / "py.tar"),
-            "shard1": lambda: _shard(corpus_pt, out, n, workers=1),
-            "shard2": lambda: _shard(corpus_pt, out, n, workers=2),
-        }
-        t = _median_times(passthrough, args.repeats)
-        rows.append((f"tar cf of the {n}-image pass-through corpus (reference)", n / t["tar"], mb / t["tar"], 1.0, ""))
-        rows.append(("tar cf - | sha256sum (context)", n / t["tar_sha"], mb / t["tar_sha"], t["tar"] / t["tar_sha"], ""))
-        rows.append(("Python stdlib tarfile.add per file (context)", n / t["tarfile"], mb / t["tarfile"],
-                     t["tar"] / t["tarfile"], ""))
-        for workers, target in ((1, ">= 0.8x tar cf"), (2, ">= 0.85x tar cf")):
-            tw = t[f"shard{workers}"]
-            rows.append((f"shard pass-through, {workers} worker(s)", n / tw, mb / tw, t["tar"] / tw, target))
+        if "passthrough" in sections:
+            n, mb = args.passthrough_images, _warm(corpus_pt) / 1e6
+            files = _files(corpus_pt)
+            print(f"pass-through corpus: {n} JPEGs {width}x{height}, {mb:.1f} MB", flush=True)
+            passthrough = {
+                "tar": lambda: _tar_cf(corpus_pt, work / "all.tar"),
+                "tar_sha": lambda: _tar_sha(corpus_pt),
+                "tarfile": lambda: _python_tarfile(files, corpus_pt, work / "py.tar"),
+                "shard1": lambda: _shard(corpus_pt, out, n, workers=1),
+                "shard2": lambda: _shard(corpus_pt, out, n, workers=2),
+            }
+            t = _median_times(passthrough, args.repeats)
+            rows.append((f"tar cf of the {n}-image pass-through corpus (reference)", n / t["tar"], mb / t["tar"], 1.0, ""))
+            rows.append(("tar cf - | sha256sum (context)", n / t["tar_sha"], mb / t["tar_sha"], t["tar"] / t["tar_sha"], ""))
+            rows.append(("Python stdlib tarfile.add per file (context)", n / t["tarfile"], mb / t["tarfile"],
+                         t["tar"] / t["tarfile"], ""))
+            for workers, target in ((1, ">= 0.8x tar cf"), (2, ">= 0.85x tar cf")):
+                tw = t[f"shard{workers}"]
+                rows.append((f"shard pass-through, {workers} worker(s)", n / tw, mb / tw, t["tar"] / tw, target))
         for row in rows:
             print(row, flush=True)
 
@@ -234,6 +240,8 @@ def main(argv=None) -> int:
     print(f"|---|---:|---:|---:|---|")
     for name, ips, mbs, ratio, target in rows:
         print(f"| {name} | {ips:.0f} | {mbs:.1f} | {ratio:.2f}x | {target} |")
+    if not peaks:
+        return 0
     print()
     print("| images | peak RSS (MB) | ratio to smallest | target |")
     print("|---:|---:|---:|---|")
