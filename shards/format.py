@@ -49,7 +49,6 @@ def split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
-
 class DatasetError(VitpipeError, RuntimeError):
     """The dataset cannot be read; the one-line message names the file and field and what to fix."""
 
@@ -233,7 +232,6 @@ class TarWriter:
         return self._digest.hexdigest()
 
 
-
 # ----------------------------------------------------------------------------- reading a tar
 
 _BLOCK = 512
@@ -385,7 +383,6 @@ def _pax_records(data: bytes) -> dict[str, str]:
         out[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
-
 
 
 def iter_samples(stream: BinaryIO) -> Iterator[dict]:

@@ -55,7 +55,8 @@ class ShardSettings:
             self.exclude = [str(self.exclude)]
         self.exclude = [str(e) for e in (self.exclude or [])]
         if not self.name or any(c in self.name for c in "./\\ {}"):
-            raise ShardSettingsError(f"name={self.name!r}: use a plain name without dots, slashes, spaces or braces (e.g. 'train')")
+            raise ShardSettingsError(f"name={self.name!r}: use a plain name without dots, slashes, spaces or braces "
+                                     "(e.g. 'train')")
         if self.shard_size < 1:
             raise ShardSettingsError(f"shard_size={self.shard_size}: must be >= 1 sample per shard")
         if self.max_shard_bytes < 64 * 1024:
@@ -65,7 +66,8 @@ class ShardSettings:
         if not 1 <= self.quality <= 100:
             raise ShardSettingsError(f"quality={self.quality}: use 1..100")
         if self.validate not in ("header", "decode"):
-            raise ShardSettingsError(f"validate={self.validate!r}: use 'header' (fast; end markers) or 'decode' (every pixel)")
+            raise ShardSettingsError(f"validate={self.validate!r}: use 'header' (fast; end markers) or 'decode' "
+                                     "(every pixel)")
         if self.dedup_within not in ("exact", "near"):
             raise ShardSettingsError(f"dedup_within={self.dedup_within!r}: use 'exact' or 'near'")
         if not 0 <= self.near_dup_threshold < 32:

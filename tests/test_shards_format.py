@@ -106,8 +106,6 @@ def test_lean_tar_reader_reads_and_fails_like_tarfile():
         assert (lean[1] is not None) == (offset == 0)
 
 
-
-
 def _write_dataset(root, samples: dict[str, dict[str, bytes]], classes=("c0", "c1")) -> str:
     """One shard of `samples` ({key: {ext: bytes}}, members in the given order) + its manifest."""
     root.mkdir(parents=True)

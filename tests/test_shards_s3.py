@@ -177,8 +177,9 @@ def test_a_store_killed_mid_upload_leaves_no_staging_files(digits_tree, tmp_path
         tmpdir.mkdir()
         env = dict(os.environ, TMPDIR=str(tmpdir), AWS_ENDPOINT_URL=store.endpoint, AWS_ACCESS_KEY_ID="kill-access",
                    AWS_SECRET_ACCESS_KEY="kill-secret")
-        proc = subprocess.run([sys.executable, "-c", _STORE_DIES_SCRIPT, str(digits_tree), "s3://dying/d", str(store.pid),
-                               str(workers)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+        proc = subprocess.run([sys.executable, "-c", _STORE_DIES_SCRIPT, str(digits_tree), "s3://dying/d",
+                               str(store.pid), str(workers)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=200)
         assert not pid_alive(store.pid)
     finally:
         store.stop()

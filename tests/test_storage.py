@@ -190,6 +190,6 @@ def test_permission_denied_is_a_one_line_error_naming_the_path(tmp_path):
     os.chown(folder, 65534, 65534)
     proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
                            _WRITE_JSON, str(folder / "m.json")], capture_output=True, text=True, cwd=ROOT)
-    assert proc.stdout == f"{folder}/m.json: cannot write: permission denied; fix the permissions or write elsewhere\n", \
-        proc.stderr
+    expected = f"{folder}/m.json: cannot write: permission denied; fix the permissions or write elsewhere\n"
+    assert proc.stdout == expected, proc.stderr
     assert list(folder.iterdir()) == []

@@ -181,6 +181,7 @@ class LocalStorage(Storage):
         try:
             Path(url).mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise output_error(err, url) or StorageError(f"{url}: cannot create output folder ({err.strerror})") from None
+            mapped = output_error(err, url)
+            raise mapped or StorageError(f"{url}: cannot create output folder ({err.strerror})") from None
         if not os.access(url, os.W_OK):
             raise StorageError(f"{url}: output folder is not writable; fix the permissions or write elsewhere")
