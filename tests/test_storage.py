@@ -193,3 +193,26 @@ def test_permission_denied_is_a_one_line_error_naming_the_path(tmp_path):
     expected = f"{folder}/m.json: cannot write: permission denied; fix the permissions or write elsewhere\n"
     assert proc.stdout == expected, proc.stderr
     assert list(folder.iterdir()) == []
+
+
+def test_stale_staging_files_are_those_of_writers_that_no_longer_run(tmp_path):
+    """A live writer's staging file (another worker of the same run) is kept; a dead one's, and one
+    named as older versions did (no owner), are removed; with a name, only that file's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = storage._HOST
+    names = {"alive": f".d-000001.tar.{os.getpid()}@{host}.abc123.partial",
+             "dead": f".d-000001.tar.{dead.stdout.strip()}@{host}.def456.partial",
+             "dead other shard": f".d-000002.tar.{dead.stdout.strip()}@{host}.ghi789.partial",
+             "old naming": ".d-000003.tar.jkl012.partial", "not staging": ".d-000001.tar.json.tmp"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"")
+    assert storage.remove_stale_staging(tmp_path, "d-000001.tar") == [str(tmp_path / names["dead"])]
+    assert sorted(storage.remove_stale_staging(tmp_path)) == sorted(
+        str(tmp_path / names[k]) for k in ("dead other shard", "old naming"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["not staging"]])
+    with storage.staged(tmp_path / "d-000004.tar") as staging:  # what a writer names its own
+        assert storage._STAGING_NAME.fullmatch(os.path.basename(staging.path))["name"] == "d-000004.tar"
+        os.write(staging.fd, b"data")
+        os.close(staging.fd)
+        staging.publish()
+    assert (tmp_path / "d-000004.tar").read_bytes() == b"data"
