@@ -183,7 +183,7 @@ def test_a_store_killed_mid_upload_leaves_no_staging_files(digits_tree, tmp_path
         assert not pid_alive(store.pid)
     finally:
         store.stop()
-    assert proc.returncode == 0 and proc.stdout.startswith("StorageUnavailable transient=True: s3://dying/d/"), \
+    assert proc.returncode == 0 and proc.stdout.startswith("StorageError transient=True: s3://dying/d/"), \
         proc.stdout + proc.stderr
     assert "cannot reach S3 endpoint" in proc.stdout and proc.stdout.count("\n") == 1
     assert _staging_files(tmpdir) == []

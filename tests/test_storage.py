@@ -145,7 +145,7 @@ def test_an_unreachable_store_is_a_transient_error_and_a_missing_file_is_not(tmp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     storage.configure(endpoint_url="http://127.0.0.1:9", max_attempts=1)  # nothing listens on port 9
     try:
-        with pytest.raises(storage.StorageUnavailable, match="cannot reach S3 endpoint http://127.0.0.1:9") as err:
+        with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint http://127.0.0.1:9") as err:
             storage.read_bytes("s3://bucket/x")
     finally:
         storage.configure(endpoint_url="", max_attempts=5)

@@ -28,8 +28,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 # the errors, the interface and the S3 settings are part of this module's interface (re-exported)
-from shards.storage.base import (CHUNK, Storage, StorageError, StorageNotFound, StorageUnavailable, _output,
-                                 output_error)
+from shards.storage.base import CHUNK, Storage, StorageError, StorageNotFound, _output, output_error
 from shards.storage.local import LocalStorage
 from shards.storage import s3
 from shards.storage.s3 import S3Storage, configure, reset_clients, settings_dict

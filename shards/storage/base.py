@@ -12,13 +12,13 @@ CHUNK = 8 * 1024 * 1024
 
 
 class StorageError(VitpipeError, RuntimeError):
-    """Object storage failed; the message names the URL and what to do."""
+    """Object storage failed; the message names the URL and what to do. `transient`: the store could
+    not be reached or answered with a server error, so a retry may succeed (kept when pickled from a
+    worker process: exceptions pickle their __dict__)."""
 
-
-class StorageUnavailable(StorageError):
-    """The store could not be reached or answered with a server error: a retry may succeed."""
-
-    transient = True
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class StorageNotFound(StorageError, FileNotFoundError):

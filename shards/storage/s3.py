@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from shards.storage.base import Storage, StorageError, StorageNotFound, StorageUnavailable, _output
+from shards.storage.base import Storage, StorageError, StorageNotFound, _output
 
 
 @dataclass
@@ -105,8 +105,8 @@ def _s3_error(err: Exception, url: str) -> StorageError:
         return StorageError(f"{url}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             "(or an AWS profile)")
     if isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)):
-        return StorageUnavailable(f"{url}: cannot reach S3 endpoint {_endpoint_name()}; start the store "
-                                  "(`vitpipe objectstore up`) or fix AWS_ENDPOINT_URL / --s3-endpoint")
+        return StorageError(f"{url}: cannot reach S3 endpoint {_endpoint_name()}; start the store "
+                            "(`vitpipe objectstore up`) or fix AWS_ENDPOINT_URL / --s3-endpoint", transient=True)
     if isinstance(err, bx.ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -120,10 +120,10 @@ def _s3_error(err: Exception, url: str) -> StorageError:
                     "InvalidToken", "ExpiredToken") or status == 403:
             return StorageError(f"{url}: access denied by {_endpoint_name()} ({code}); check AWS_ACCESS_KEY_ID / "
                                 "AWS_SECRET_ACCESS_KEY and the bucket's permissions")
-        error = StorageUnavailable if isinstance(status, int) and status >= 500 else StorageError
-        return error(f"{url}: S3 error {code or status} from {_endpoint_name()}")
+        return StorageError(f"{url}: S3 error {code or status} from {_endpoint_name()}",
+                            transient=isinstance(status, int) and status >= 500)
     if isinstance(err, bx.BotoCoreError):  # timeouts, connections cut mid-transfer: worth a retry
-        return StorageUnavailable(f"{url}: S3 failure talking to {_endpoint_name()}: {type(err).__name__}")
+        return StorageError(f"{url}: S3 failure talking to {_endpoint_name()}: {type(err).__name__}", transient=True)
     return StorageError(f"{url}: {type(err).__name__}: {err}")
 
 
