@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from shards import storage
+from shards.errors import VitpipeError
 
 RUN_ID = re.compile(r"^(pretrain|finetune)-\d{8}-\d{6}-[0-9a-f]{6}$")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -29,7 +30,7 @@ TIMM_WEIGHTS = "model_timm.safetensors"
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pool", "class_token", "in_chans")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(VitpipeError, ValueError):
     """Bad input to finetune / evaluate; the message names the input and the fix."""
 
 
@@ -293,31 +294,12 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def _fail(err: Exception) -> int:
-    print(f"vitpipe: error: {err}", file=sys.stderr)
-    return 1
-
-
-def _expected(err: Exception) -> bool:
-    from pipeline.launcher import LaunchError
-    from vit.config import ConfigError
-
-    return isinstance(err, (FinetuneError, ConfigError, LaunchError, ValueError, FileNotFoundError)) or type(
-        err
-    ).__name__ in ("StorageError", "StorageNotFound", "DatasetError", "ManifestError")
-
-
 def run_finetune(args: argparse.Namespace) -> int:
-    try:
-        summary = finetune(
-            preset=args.preset, pretrained=args.pretrained, data=args.data, out=args.out, val_data=args.val_data,
-            img_size=args.img_size, nproc=args.nproc, steps=args.steps, run_id=args.run_id, sets=args.sets,
-            stall_timeout=args.stall_timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
-        )
-    except Exception as err:  # one-line errors for bad input; real bugs keep their traceback
-        if _expected(err):
-            return _fail(err)
-        raise
+    summary = finetune(
+        preset=args.preset, pretrained=args.pretrained, data=args.data, out=args.out, val_data=args.val_data,
+        img_size=args.img_size, nproc=args.nproc, steps=args.steps, run_id=args.run_id, sets=args.sets,
+        stall_timeout=args.stall_timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -329,13 +311,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         is_run = storage.exists(storage.join(args.out, "run.json"))
         report_dir = storage.join(args.out, "report") if is_run else args.out
-    try:
-        metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
-                           batch_size=args.batch_size, runs_root=args.runs_root)
-    except Exception as err:
-        if _expected(err):
-            return _fail(err)
-        raise
+    metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
+                       batch_size=args.batch_size, runs_root=args.runs_root)
     line = scalar_metrics(metrics)
     line.update(source=metrics.get("source"), world_size=metrics.get("world_size", 1))
     if report_dir:

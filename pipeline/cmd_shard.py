@@ -41,20 +41,15 @@ def register(subparsers) -> None:
 
 
 def run_shard(args) -> int:
-    from shards import ShardError, shard_dataset
+    from shards import shard_dataset
     from shards.workers import usable_cores
-    from shards.storage import StorageError
 
-    try:
-        shard_dataset(args.source, args.out_url, format=args.format, name=args.name, classes=args.classes,
-                      shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
-                      quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
-                      dedup_within=args.dedup_within,
-                      workers=usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
-                      progress=True)
-    except (ShardError, StorageError, ValueError) as err:
-        print(f"vitpipe shard: error: {err}", file=sys.stderr)
-        return 1
+    shard_dataset(args.source, args.out_url, format=args.format, name=args.name, classes=args.classes,
+                  shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
+                  quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
+                  dedup_within=args.dedup_within,
+                  workers=usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
+                  progress=True)
     return 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -32,27 +31,17 @@ def register(subparsers) -> None:
 
 
 def run_from_args(args: argparse.Namespace, *, preset: str, init_from: str | None = None, parent: str | None = None) -> int:
-    from pipeline.launcher import LaunchError, launch, make_run_config
-    from vit.config import ConfigError
+    from pipeline.launcher import launch, make_run_config
 
-    try:
-        cfg = make_run_config(
-            preset, data=args.data, out=args.out, run_id=args.run_id, nproc=args.nproc, steps=args.steps,
-            hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
-            master_addr=args.master_addr, master_port=args.master_port, init_from=init_from, parent=parent,
-            sets=args.sets,
-        )
-        print(f"run id: {cfg.run_id}")
-        print(f"run folder: {cfg.run_url}", flush=True)
-        result = launch(cfg, stall_timeout=args.stall_timeout)
-    except (ConfigError, LaunchError) as err:
-        print(f"vitpipe: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # storage / manifest errors carry one-line messages
-        if type(err).__name__ in ("StorageError", "StorageNotFound", "ManifestError", "FileNotFoundError"):
-            print(f"vitpipe: error: {err}", file=sys.stderr)
-            return 1
-        raise
+    cfg = make_run_config(
+        preset, data=args.data, out=args.out, run_id=args.run_id, nproc=args.nproc, steps=args.steps,
+        hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port, init_from=init_from, parent=parent,
+        sets=args.sets,
+    )
+    print(f"run id: {cfg.run_id}")
+    print(f"run folder: {cfg.run_url}", flush=True)
+    result = launch(cfg, stall_timeout=args.stall_timeout)
     print(f"done in {result.duration_s:.0f}s: {result.run_url}")
     return 0
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import registry
 from shards import storage
+from shards.errors import JobFailed, VitpipeError
 
 INPUTS_JSON = "inputs.json"
 
@@ -94,11 +95,13 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     import yaml
     from pydantic import ValidationError
 
-    with open(path, encoding="utf-8") as fh:
-        try:
+    try:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ConfigFileError(f"{path}: not valid YAML ({err})") from None
+    except OSError as err:
+        raise ConfigFileError(f"{path}: cannot read it ({err.strerror}); pass an existing pipeline YAML") from None
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: expected a mapping of pipeline settings at the top level (see deploy/pipeline.example.yaml)")
     try:
@@ -109,11 +112,11 @@ def load_pipeline_config(path: str) -> PipelineConfig:
         raise ConfigFileError(f"{path}: {'; '.join(problems[:5])}{more}; see deploy/pipeline.example.yaml") from None
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(VitpipeError, ValueError):
     """A pipeline config file that cannot be used (names the file and key)."""
 
 
-class StageError(RuntimeError):
+class StageError(JobFailed):
     """A stage that cannot run or failed; the message names the run and what to do."""
 
 
@@ -403,17 +406,17 @@ def _existing_report(run_url: str) -> dict | None:
 # ----------------------------------------------------------------------------- Prefect
 
 
-_PERMANENT = ("does not exist", "access denied", "no S3 credentials", "not found")
-
-
 def _is_transient(task, task_run, state) -> bool:
-    """Retry a shard write on I/O trouble (network, storage hiccups), never on bad input or bad credentials."""
+    """Retry a shard write when its error says a retry may succeed (`VitpipeError.transient`: a store
+    that is down or busy), never on bad input or bad credentials."""
     try:
         state.result()
-    except Exception as err:
-        io_trouble = type(err).__name__ == "StorageError" or isinstance(err, (ConnectionError, TimeoutError)) or (
-            isinstance(err, OSError) and not isinstance(err, FileNotFoundError))
-        return io_trouble and not any(p in str(err) for p in _PERMANENT)
+    except VitpipeError as err:
+        return err.transient
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception:
+        return False
     return False
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards import storage
+from shards.errors import JobFailed
 from vit.config import ConfigError, LaunchConfig, RunConfig
 from vit.runs import RunFolder
 
@@ -27,13 +28,17 @@ PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 TERMINATED_MARKERS = ("terminated by the launcher", "(most recent call first)")
 
 
-class LaunchError(RuntimeError):
-    """A launch that failed; `rank` (-1 if unknown), `exit_code`, `log_tail`, `log_path`."""
+class LaunchError(JobFailed):
+    """A launch that failed; `rank` (-1 if unknown), `rank_exit_code`, `log_tail`, `log_path`.
 
-    def __init__(self, message: str, *, rank: int = -1, exit_code: int | None = None, log_tail: str = "",
+    Transient: a relaunch resumes from the last checkpoint and may succeed (a rank killed, a node lost)."""
+
+    transient = True
+
+    def __init__(self, message: str, *, rank: int = -1, rank_exit_code: int | None = None, log_tail: str = "",
                  log_path: str | None = None) -> None:
         super().__init__(message)
-        self.rank, self.exit_code, self.log_tail, self.log_path = rank, exit_code, log_tail, log_path
+        self.rank, self.rank_exit_code, self.log_tail, self.log_path = rank, rank_exit_code, log_tail, log_path
 
 
 @dataclass
@@ -149,6 +154,9 @@ def preflight(cfg: RunConfig) -> None:
     from vit.data import TrainStream
 
     cfg.check_ready()
+    if not storage.exists(storage.join(cfg.data.url, "manifest.json")):
+        raise ConfigError(f"data.url={cfg.data.url}: no manifest.json there (a dataset without one does not exist); "
+                          "pass a dataset written by `vitpipe shard`, or `vitpipe index` shards made elsewhere")
     try:  # reads the manifest (a dataset without one does not exist) and checks batch / lanes / workers
         TrainStream(cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size,
                     rank=0, world_size=cfg.launch.world_size, seed=cfg.data.seed, num_workers=cfg.data.num_workers,
@@ -209,7 +217,7 @@ def diagnose(launcher_log: str, rank_logs: dict[int, str], returncode: int) -> L
     path = rank_logs.get(rank, launcher_log)
     tail = _tail(path)
     return LaunchError(
-        f"rank {rank} failed with exit code {code}; log {path}:\n{tail}", rank=rank, exit_code=code, log_tail=tail,
+        f"rank {rank} failed with exit code {code}; log {path}:\n{tail}", rank=rank, rank_exit_code=code, log_tail=tail,
         log_path=path,
     )
 
@@ -244,7 +252,7 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
                 if stall_timeout and armed and time.monotonic() - last_change > stall_timeout:
                     _kill_group(proc)
                     err = LaunchError(f"stalled: {metrics} got no new step for {stall_timeout:.0f}s (last step "
-                                      f"{last_step}); killed the launch", exit_code=proc.returncode,
+                                      f"{last_step}); killed the launch", rank_exit_code=proc.returncode,
                                       log_tail=_tail(launcher_log), log_path=launcher_log)
                     _mark_failed(cfg, err)
                     raise err

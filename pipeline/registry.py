@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards import storage
+from shards.errors import VitpipeError
 
 FILE_INDEX = "files.json"
 RUN_JSON = "run.json"
 STATUSES = ("running", "complete", "failed")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(VitpipeError):
     """A run reference that cannot be resolved, or a download that does not check out."""
 
 

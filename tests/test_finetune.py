@@ -215,7 +215,7 @@ def test_class_index_mismatch_is_refused_before_launch(digit_sets, tiny_ckpt, tm
     code = main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", tiny_ckpt, "--data",
                  digit_sets["b_train"], "--val-data", digit_sets["b_val_other_index"], "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
     assert digit_sets["b_train"] in err and digit_sets["b_val_other_index"] in err
     assert "entry 0 is '5'" in err and "'4'" in err and "--classes FILE" in err
     assert not out.exists()  # refused before any run folder was made
@@ -242,7 +242,7 @@ def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
     resnet = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=5).state_dict().items()},
               str(resnet))
-    assert main(["evaluate", str(resnet), "--data", digit_sets["b_val"]]) == 1
+    assert main(["evaluate", str(resnet), "--data", digit_sets["b_val"]]) == 2
     err = capsys.readouterr().err
     assert str(resnet) in err and "not a ViT" in err
 
@@ -263,11 +263,11 @@ def test_resolution_not_divisible_by_patch(digit_sets, tiny_ckpt, tmp_path, caps
     from pipeline.cli import main
 
     ckpt = tiny_ckpt
-    assert main(["evaluate", str(ckpt), "--data", digit_sets["b_val"], "--img-size", "30"]) == 1
+    assert main(["evaluate", str(ckpt), "--data", digit_sets["b_val"], "--img-size", "30"]) == 2
     err = capsys.readouterr().err
     assert "--img-size 30 is not divisible by the checkpoint's patch size 4" in err and "28 or 32" in err
     assert main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", str(ckpt), "--data", digit_sets["b_train"],
-                 "--out", str(tmp_path / "r"), "--img-size", "30"]) == 1
+                 "--out", str(tmp_path / "r"), "--img-size", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not divisible" in err and "30" in err
 

@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.errors import VitpipeError
 
-class ConfigError(ValueError):
+
+class ConfigError(VitpipeError, ValueError):
     """A run config that cannot work; the message says which field and how to fix it."""
 
 
