@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("VITPIPE_DEBUG", "") not in ("", "0")
+    _log_to_stderr()
     try:
         if args.s3_endpoint:
             from shards import storage
@@ -55,6 +57,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+
+
+def _log_to_stderr() -> None:
+    """Progress of the stages and ranks (logger "vitpipe") on stderr, once per process."""
+    logger = logging.getLogger("vitpipe")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a StreamHandler keeps the stream it was given)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

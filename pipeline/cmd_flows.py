@@ -43,9 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    from pipeline.flows import load_pipeline_config
+    from pipeline.settings import load_pipeline_config
 
-    config = load_pipeline_config(args.config)
+    config = load_pipeline_config(args.config)  # the whole YAML, every `set` entry resolved: before anything runs
     if args.check:
         print(json.dumps(config.model_dump(), indent=2))
         return 0

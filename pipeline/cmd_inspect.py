@@ -21,9 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vit.report import write_report
+    from pipeline.stages import inspect_stage
 
-    result = write_report(args.source, out_dir=args.out, images=args.images, compare=args.compare, num_pcs=args.num_pcs)
+    result = inspect_stage(args.source, out=args.out, images=args.images, compare=args.compare, num_pcs=args.num_pcs)
     print(result["markdown"])
     print(f"wrote {result['html']} and {len(result['pngs'])} PNGs")
     return 0

@@ -52,6 +52,15 @@ def last_json_line(stdout: str) -> dict:
     return json.loads(lines[-1])  # the command ENDS with one JSON line
 
 
+def finetune(*, pretrained: str, data: str, out: str):
+    """The fine-tune stage the CLI and the flows run (refusals happen before any launch)."""
+    from pipeline.settings import TrainParams
+    from pipeline.stages import train_stage
+
+    return train_stage(TrainParams(preset="digits_tiny_ft"), kind="finetune", root=out, dataset_url=data,
+                       pretrained=pretrained)
+
+
 @pytest.fixture(scope="module")
 def digit_sets(tmp_path_factory) -> dict[str, str]:
     """Label sets of the digits: A = 0-4 (train), B = 5-9 (train / val), and a val set with another class index."""
@@ -168,7 +177,7 @@ def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
 
 @pytest.mark.timeout(300)
 def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
 
     run_url = finetuned["line"]["run_url"]
     one = evaluate(run_url, digit_sets["b_val"], img_size=32, nproc=1, report_dir=str(tmp_path / "one"))
@@ -183,7 +192,7 @@ def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
 
 
 def test_evaluate_report_to_s3(finetuned, digit_sets, s3):
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from shards import storage
 
     url = s3.url("eval-reports/ft")
@@ -223,14 +232,14 @@ def test_class_index_mismatch_is_refused_before_launch(digit_sets, tiny_ckpt, tm
 
 def test_checkpoint_of_another_architecture_is_refused(digit_sets, tmp_path):
     import vit
-    from pipeline.cmd_finetune import FinetuneError, finetune
+    from pipeline.models import FinetuneError
     from vit.checkpoint import save_model
 
     other = tmp_path / "patch8"
     save_model(vit.create_model("vit_tiny_patch16", num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2,
                                 num_heads=4, mlp_dim=128), str(other))
     with pytest.raises(FinetuneError, match=r"another architecture.*patch_size=8 \(preset: patch_size=4\)"):
-        finetune(preset="digits_tiny_ft", pretrained=str(other), data=digit_sets["b_train"], out=str(tmp_path / "r"))
+        finetune(pretrained=str(other), data=digit_sets["b_train"], out=str(tmp_path / "r"))
 
 
 def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
@@ -249,7 +258,7 @@ def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
 
 def test_evaluate_refuses_model_with_other_class_count(digit_sets, tmp_path):
     import vit
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from vit.checkpoint import save_model
 
     ten = tmp_path / "ten"
@@ -273,7 +282,7 @@ def test_resolution_not_divisible_by_patch(digit_sets, tiny_ckpt, tmp_path, caps
 
 
 def test_unknown_pretrained_source_names_the_fix(digit_sets, tmp_path):
-    from pipeline.cmd_finetune import FinetuneError, resolve_source
+    from pipeline.models import FinetuneError, resolve_source
 
     with pytest.raises(FinetuneError, match=r"'pretrain-20990101-000000-ffffff' not found.*run id under"):
         resolve_source("pretrain-20990101-000000-ffffff", runs_root=str(tmp_path))
@@ -300,16 +309,16 @@ def foreign_weights(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", ["timm", "npz"])
 def test_finetune_refuses_timm_and_npz_of_another_architecture(foreign_weights, digit_sets, tmp_path, kind):
-    from pipeline.cmd_finetune import FinetuneError, finetune
+    from pipeline.models import FinetuneError
 
     with pytest.raises(FinetuneError, match=r"patch_size=16 \(preset: patch_size=4\)"):
-        finetune(preset="digits_tiny_ft", pretrained=foreign_weights[kind], data=digit_sets["b_train"],
+        finetune(pretrained=foreign_weights[kind], data=digit_sets["b_train"],
                  out=str(tmp_path / "r"))
 
 
 def test_evaluate_timm_and_npz_at_another_resolution_agree(foreign_weights, digit_sets):
     """Any checkpoint, any resolution: both formats of the same weights, resampled 2x2 -> 3x3, score alike."""
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from shards.reader import load_manifest
 
     a = evaluate(foreign_weights["timm"], digit_sets["b_val"], img_size=48)

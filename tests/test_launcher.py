@@ -142,9 +142,10 @@ def test_no_exception_is_classified_by_its_class_name():
 
 
 def test_every_error_class_derives_from_vitpipe_error():
-    from pipeline.cmd_finetune import FinetuneError
+    from pipeline.models import FinetuneError
     from pipeline.cmd_flows import DeploymentFileError
-    from pipeline.flows import ConfigFileError, StageError
+    from pipeline.settings import ConfigFileError
+    from pipeline.stages import StageError
     from pipeline.launcher import LaunchError
     from pipeline.objectstore import ObjectStoreError
     from pipeline.registry import RegistryError
@@ -159,14 +160,24 @@ def test_every_error_class_derives_from_vitpipe_error():
     assert LaunchError.transient and not ConfigError.transient
 
 
-def test_diagnose_names_the_rank_that_died(tmp_path):
+def test_diagnose_names_the_rank_that_died_from_status_files(tmp_path):
+    """The failed rank comes from the ranks' status records, not from their log text."""
+    from vit.status import StatusWriter, status_path
+
     launcher = tmp_path / "launcher.log"
-    launcher.write_text("...\n[launch.py] ['python', '--local_rank=1'] exits with return code = -9\n")
-    r0, r1 = tmp_path / "x_rank0.log", tmp_path / "x_rank1.log"
-    r0.write_text("step 5\n[vit.train] rank 0 terminated by the launcher (signal 15)\n")
-    r1.write_text("step 5\nKilled\n")
-    err = diagnose(str(launcher), {0: str(r0), 1: str(r1)}, 1)
-    assert isinstance(err, LaunchError) and err.rank == 1 and err.rank_exit_code == -9 and "Killed" in err.log_tail
+    launcher.write_text("launcher output\n")
+    for r in range(3):
+        (tmp_path / f"x_rank{r}.log").write_text("free text the launcher does not read\n")
+        StatusWriter(status_path(str(tmp_path), r)).write("started", rank=r)
+    StatusWriter(status_path(str(tmp_path), 0)).write("terminated", signal=15)
+    StatusWriter(status_path(str(tmp_path), 2)).write("terminated", signal=15)
+    err = diagnose(str(launcher), str(tmp_path), -9)  # rank 1: no end record (killed, e.g. by the OOM killer)
+    assert isinstance(err, LaunchError) and err.rank == 1 and err.rank_exit_code == -9 and err.transient
+    assert err.log_path == str(tmp_path / "x_rank1.log")
+    StatusWriter(status_path(str(tmp_path), 2)).write("failed", error="data: 9 of 10 samples unreadable", exit_code=1,
+                                                       transient=False)
+    err = diagnose(str(launcher), str(tmp_path), 1)  # a rank that says it failed wins, with its reason
+    assert err.rank == 2 and not err.transient and str(err).startswith("rank 2 failed with exit code 1: data: 9 of 10")
 
 
 def _pretrain_args(argv: list[str]):
