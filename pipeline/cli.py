@@ -2,7 +2,8 @@
 
 `main` is the one error path: a `VitpipeError` (every error a user can cause or fix) becomes
 one line on stderr and its `exit_code` (2 bad input, 1 failed job); a traceback only with
-`--debug` or VITPIPE_DEBUG=1.
+`--debug` or VITPIPE_DEBUG=1. SIGINT / SIGTERM stop the command (`pipeline.interrupts`): one line
+saying what was kept, exit 130 / 143.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import sys
 import traceback
 
+from pipeline.interrupts import Interrupted, signals_raise
 from shards.errors import VitpipeError
 
 # Each module pipeline/cmd_<area>.py exposes register(subparsers).
@@ -47,16 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("VITPIPE_DEBUG", "") not in ("", "0")
     _log_to_stderr()
     try:
-        if args.s3_endpoint:
-            from shards import storage
+        with signals_raise():
+            if args.s3_endpoint:
+                from shards import storage
 
-            storage.configure(endpoint_url=args.s3_endpoint)
-        return int(args.func(args) or 0)
+                storage.configure(endpoint_url=args.s3_endpoint)
+            return int(args.func(args) or 0)
     except VitpipeError as err:
         if debug:
             traceback.print_exc()
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as stop:
+        if debug:
+            traceback.print_exc()
+        print(stop.line(args.command), file=sys.stderr, flush=True)
+        return stop.exit_code
 
 
 def _log_to_stderr() -> None:

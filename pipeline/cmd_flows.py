@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shards.errors import VitpipeError
+from shards.errors import JobFailed, VitpipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PREFECT_YAML = PROJECT_ROOT / "deploy" / "prefect.yaml"
@@ -161,8 +161,53 @@ def serve_cmd(args: argparse.Namespace) -> int:
                 print(f"{dep['name']} ({dep['entrypoint']}): cron {sched['cron']!r} {tz}; next: {times}")
         return 0
     built = build_deployments(deployments)
-    from prefect import serve
-
     print(f"serving {len(built)} deployment(s) from {args.file}: {', '.join(d['name'] for d in deployments)}", flush=True)
-    serve(*built, limit=args.limit)
-    return 0
+    return serve_until_signal(built, limit=args.limit)
+
+
+def serve_until_signal(built: list, *, limit: int | None, grace: float = 5.0) -> int:
+    """Serve the deployments from a Prefect Runner in a thread; on SIGINT/SIGTERM ask it to stop, wait at
+    most `grace` seconds (its shutdown talks to the Prefect server, which may be gone), then exit 130/143."""
+    import asyncio
+    import signal
+    import sys
+    import threading
+
+    from prefect.runner import Runner
+
+    runner = Runner(limit=limit, pause_on_shutdown=False)
+    for deployment in built:
+        runner.add_deployment(deployment)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(runner.start())
+        except BaseException as err:  # reported by the main thread
+            failed.append(err)
+
+    received: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=run, name="prefect-runner", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.wait(0.5):
+        pass
+    if not received:
+        if failed:
+            raise JobFailed(f"the Prefect runner stopped: {str(failed[0]).splitlines()[0] if str(failed[0]) else type(failed[0]).__name__}")
+        return 0
+    stopper = threading.Thread(target=runner.stop, name="prefect-runner-stop", daemon=True)
+    stopper.start()
+    stopper.join(grace)
+    name = signal.Signals(received[0]).name
+    sys.stdout.flush()
+    print(f"vitpipe serve: stopped by {name}; no new flow runs start here; the deployments stay registered "
+          "(re-run `vitpipe serve` to serve them again)", file=sys.stderr, flush=True)
+    os._exit(128 + received[0])  # the runner's threads may still wait on a server that is gone

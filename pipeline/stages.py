@@ -15,6 +15,7 @@ import logging
 from typing import Any, Callable
 
 from pipeline import registry
+from pipeline.interrupts import Interrupted
 from pipeline.settings import DatasetParams, EvalParams, TrainParams
 from shards import storage
 from shards.errors import JobFailed, VitpipeError
@@ -127,9 +128,14 @@ def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, pr
     if params.source is None:
         raise StageError(f"{params.url}: no manifest.json and no source to shard; set source (a class-folder tree) "
                          "or shard it with `vitpipe shard`")
-    manifest = shard_dataset(params.source, params.url, name=params.name, shard_size=params.shard_size,
-                             workers=params.workers or usable_cores(), progress=progress, map_shards=map_shards,
-                             **params.settings)
+    written: list[dict] = []
+    try:
+        manifest = shard_dataset(params.source, params.url, name=params.name, shard_size=params.shard_size,
+                                 workers=params.workers or usable_cores(), progress=progress, map_shards=map_shards,
+                                 on_shard_done=written.append, **params.settings)
+    except Interrupted as stop:
+        stop.kept = f"kept {len(written)} complete shard(s) in {params.url} (no manifest yet)"
+        raise
     return {**manifest, "skipped_stage": False}
 
 
@@ -237,6 +243,8 @@ def train_stage(params: TrainParams, *, kind: str, root: str, dataset_url: str, 
         metrics = _finish_training(folder, cfg, final=final, val_data=val_data, eval_params=eval_params)
     except BaseException as err:
         fail_run(folder.url, err)
+        if isinstance(err, Interrupted):
+            err.kept = f"kept {folder.url} with checkpoints up to {folder.latest_checkpoint() or '(none yet)'}"
         raise
     return {"run_id": plan["run_id"], "run_url": folder.url, "skipped": False, "attempts": attempts, "metrics": metrics}
 
@@ -280,7 +288,8 @@ def _finish_training(folder, cfg, *, final: dict, val_data: str | None, eval_par
                           report_dir=folder.report, batch_size=eval_params.batch_size,
                           work_dir=os.path.join(cfg.log_dir, "eval"))
         metrics.update(scalar_metrics(result), val_data=val_data)
-    write_timm_weights(folder.url)  # the one place the timm export of a run's final weights is made
+    if not storage.read_json(folder.model_config).get("representation_size"):  # timm's ViT has no pre-logits layer
+        write_timm_weights(folder.url)  # the one place the timm export of a run's final weights is made
     return complete_run(folder.url, metrics=metrics)["metrics"]
 
 
