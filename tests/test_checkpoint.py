@@ -101,6 +101,7 @@ def test_strict_and_clear_errors(tmp_path):
         load_model(tmp_path / "x.npz")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_save_load_s3(s3):
     m = trained()

@@ -66,6 +66,7 @@ def test_printed_retrieval_commands_parse(tmp_path):
         assert args.func.__module__ == "pipeline.cmd_artifacts"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_object_store_is_started_once_reused_and_stopped(tmp_path, capsys):
     env = demo.ensure_store(tmp_path)

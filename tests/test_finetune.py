@@ -106,6 +106,7 @@ def finetuned(digit_sets, runs_root, pretrained) -> dict:
     return {"line": last_json_line(proc.stdout), "seconds": time.monotonic() - t0}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pretrained, finetuned):
     from shards.reader import load_manifest
@@ -133,6 +134,7 @@ def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pret
     assert ft["top1"] > scratch["top1"], figures
 
 
+@pytest.mark.integration
 def test_finetune_run_folder_contents(finetuned, pretrained, digit_sets):
     from vit.runs import RunFolder
 
@@ -149,6 +151,7 @@ def test_finetune_run_folder_contents(finetuned, pretrained, digit_sets):
     assert len(Path(run.report, "per_class.csv").read_text().splitlines()) == 1 + 5
 
 
+@pytest.mark.integration
 def test_first_finetune_loss_is_ln_k(finetuned):
     """A zero-initialised head gives uniform logits: the first loss is ln K exactly (K = 5)."""
     metrics = Path(finetuned["line"]["run_url"], "metrics.csv").read_text().splitlines()
@@ -158,6 +161,7 @@ def test_first_finetune_loss_is_ln_k(finetuned):
     assert float(row["loss"]) == pytest.approx(math.log(5), abs=1e-4)
 
 
+@pytest.mark.integration
 def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
     import timm  # noqa: F401  (registers the model classes)
     from safetensors.torch import load_file
@@ -175,6 +179,7 @@ def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
     from pipeline.models import evaluate
@@ -191,6 +196,7 @@ def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
     assert (tmp_path / "two" / "confusion.csv").read_text() == conf_one
 
 
+@pytest.mark.integration
 def test_evaluate_report_to_s3(finetuned, digit_sets, s3):
     from pipeline.models import evaluate
     from shards import storage

@@ -100,6 +100,7 @@ def _task_runs(prefix: str) -> list:
     return [r for r in runs if r.name.startswith(prefix)]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_api, s3, trees, tmp_path, monkeypatch):
     root = s3.url(f"pipe-{time.time_ns()}")
@@ -182,6 +183,7 @@ def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_a
     assert again["runs"] == result["runs"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault", ["missing bucket", "wrong credentials", "store not running"])
 def test_pipeline_stops_before_any_stage_on_object_store_faults(fault, s3, trees, tmp_path, capsys, monkeypatch):
     import yaml

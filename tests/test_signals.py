@@ -42,6 +42,7 @@ def tree(tmp_path_factory) -> Path:
     return write_digits_tree(tmp_path_factory.mktemp("sig") / "tree", size=96)  # 1,797 images -> 120 shards of 15
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_shard_stops_within_a_few_shards_and_resumes(tree, tmp_path, sig):
@@ -102,7 +103,7 @@ def test_serve_exits_on_sigterm_when_its_prefect_server_is_gone(tmp_path):
         time.sleep(3)  # the runner polls the server
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
-        time.sleep(2)
+        time.sleep(15)  # the runner polls every 10 s: it has met the missing server
         t0 = time.monotonic()
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(15)

@@ -27,7 +27,7 @@ from vit.runs import RunFolder
 from vit.status import read_status, status_path
 
 TOTAL = 36
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
 def free_port() -> int:
