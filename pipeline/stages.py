@@ -218,12 +218,15 @@ def train_stage(params: TrainParams, *, kind: str, root: str, dataset_url: str, 
     if plan["action"] == "skip":
         info = registry.read_run(folder.url)
         return {"run_id": plan["run_id"], "run_url": folder.url, "skipped": True, "attempts": 0, "metrics": info.metrics}
+    launch_fn = launch_fn or (lambda c: launch(c, stall_timeout=params.stall_timeout))
+    if cfg.launch.node_rank:  # another node of a --no-ssh launch: it runs its ranks; node 0 owns the run folder
+        launch_fn(cfg)
+        return {"run_id": plan["run_id"], "run_url": folder.url, "skipped": False, "attempts": 1, "metrics": {}}
     from pipeline.launcher import preflight
 
     preflight(cfg)  # bad input fails here, before the run folder exists
     begin_run(folder, kind=kind, fingerprint=plan["fingerprint"], parent=parent, lineage=plan["lineage"],
               config=cfg.to_dict())
-    launch_fn = launch_fn or (lambda c: launch(c, stall_timeout=params.stall_timeout))
     attempts = 0
     try:
         while True:

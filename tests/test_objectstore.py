@@ -35,6 +35,7 @@ def test_second_store_runs_beside_and_stops_by_pid(s3, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.integration
 def test_cli_objectstore_up_is_idempotent_and_down_stops_it(tmp_path):
     import json
     import subprocess

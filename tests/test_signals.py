@@ -6,6 +6,7 @@ KeyboardInterrupt traceback; `vitpipe serve` ignored SIGTERM once its Prefect se
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,40 @@ def test_shard_stops_within_a_few_shards_and_resumes(tree, tmp_path, sig):
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(list(out.glob("*.tar"))) == 120 and (out / "manifest.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_pretrain_stops_its_ranks_on_sigterm_and_says_what_it_kept(tmp_path):
+    import json
+
+    from pipeline.objectstore import free_port
+    from shards import shard_dataset
+
+    data, out, log = tmp_path / "data", tmp_path / "runs", tmp_path / "pretrain.log"
+    shard_dataset(str(write_digits_tree(tmp_path / "tree", size=16)), str(data), name="digits", shard_size=200)
+    proc = _start(["pretrain", "--preset", "digits_tiny", "--data", str(data), "--out", str(out), "--run-id", "sig",
+                   "--steps", "2000", "--nproc", "1", "--master-port", str(free_port()),
+                   "--set", "checkpoint.every_steps=2", "--set", "launch.cpu_threads_per_rank=1"], log)
+    status = out / "runs" / "sig" / "logs" / "node0" / "status-rank0.jsonl"
+    steps = lambda: [json.loads(x) for x in status.read_text().splitlines() if '"step"' in x] if status.exists() else []  # noqa: E731
+    _wait_for(lambda: len(steps()) >= 4, timeout=300, proc=proc, log=log, what="4 steps", poll=0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(40)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("vitpipe pretrain: stopped by SIGTERM; kept ") and "checkpoints up to step" in last, last
+    assert "re-run the same command to resume" in last and "Traceback" not in text
+    # progress from rank 0's status records: the log folder once, then step, loss, img/s (ETA once two are seen)
+    assert text.count(f"sig: 1 rank(s); logs in {status.parent}") == 1
+    assert re.search(r"sig: step \d+/2000 loss \d+\.\d+ img/s \d+\.\d", text), text[-2000:]
+    meta = json.loads((out / "runs" / "sig" / "run.json").read_text())
+    assert meta["status"] == "failed" and (out / "runs" / "sig" / "checkpoints" / "latest").exists()
+    time.sleep(2)
+    n = len(steps())
+    time.sleep(3)
+    assert len(steps()) == n and n < 2000  # no rank is still training
 
 
 @pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 from shards import storage
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def base(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")
