@@ -16,6 +16,7 @@ import time
 import pytest
 
 from pipeline import flows, registry, stages
+from pipeline.objectstore import free_port
 from pipeline.settings import DatasetParams, PipelineConfig, TaskRunnerParams
 from pipeline.stages import shard_stage
 from shards import storage
@@ -81,8 +82,10 @@ def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> Pip
         "eval_data": {"source": str(trees["eval"]), "url": f"{data_root}/val", "name": "val", "shard_size": 100},
         # rank 0 dies after step 2 (after checkpointing it): the flow relaunches, the run resumes at step 2
         "pretrain": {"preset": "digits_tiny", "steps": 4, "nproc_per_node": 2, "retries": 1, "stall_timeout": 300,
+                     "master_port": free_port(),  # other suites launch DeepSpeed at the same time: never 29500
                      "set": ["checkpoint.every_steps=2", "schedule.warmup_steps=1"]},
         "finetune": {"preset": "digits_tiny_ft", "steps": 3, "nproc_per_node": 1, "retries": 0, "stall_timeout": 300,
+                     "master_port": free_port(),
                      "set": finetune_set},
         "evaluate": {"batch_size": 256, "report": True},
         "task_runner": {"kind": "dask", "workers": 2},  # shard tasks on a local Dask cluster of worker processes
