@@ -1,9 +1,21 @@
-"""The `vitpipe` command line: one argparse tree, each area registers its own subcommands."""
+"""The `vitpipe` command line: one argparse tree, each area registers its own subcommands.
+
+`main` is the one error path: a `VitpipeError` (every error a user can cause or fix) becomes
+one line on stderr and its `exit_code` (2 bad input, 1 failed job); a traceback only with
+`--debug` or VITPIPE_DEBUG=1. SIGINT / SIGTERM stop the command (`pipeline.interrupts`): one line
+saying what was kept, exit 130 / 143.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import traceback
+
+from pipeline.interrupts import Interrupted, signals_raise
+from shards.errors import VitpipeError
 
 # Each module pipeline/cmd_<area>.py exposes register(subparsers).
 COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect"]
@@ -14,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitpipe",
         description="Image corpus -> WebDataset shards -> DeepSpeed ViT pretraining -> fine-tuning, orchestrated by Prefect.",
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also VITPIPE_DEBUG=1)")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for area in COMMANDS:
@@ -33,11 +46,40 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.s3_endpoint:
-        from shards import storage
+    debug = args.debug or os.environ.get("VITPIPE_DEBUG", "") not in ("", "0")
+    _log_to_stderr()
+    try:
+        with signals_raise():
+            if args.s3_endpoint:
+                from shards import storage
 
-        storage.configure(endpoint_url=args.s3_endpoint)
-    return int(args.func(args) or 0)
+                storage.configure(endpoint_url=args.s3_endpoint)
+            return int(args.func(args) or 0)
+    except VitpipeError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Interrupted as stop:
+        if debug:
+            traceback.print_exc()
+        print(stop.line(args.command), file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+def _log_to_stderr() -> None:
+    """Progress of the stages and ranks (logger "vitpipe") on stderr, once per process."""
+    logger = logging.getLogger("vitpipe")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a StreamHandler keeps the stream it was given)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

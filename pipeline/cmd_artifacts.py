@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,13 +43,8 @@ def format_runs(runs) -> str:
 
 def run_ls(args: argparse.Namespace) -> int:
     from pipeline import registry
-    from shards.storage import StorageError
 
-    try:
-        runs = registry.list_runs(args.root, kind=args.kind)
-    except (StorageError, registry.RegistryError) as err:
-        print(f"vitpipe artifacts ls: {err}", file=sys.stderr)
-        return 2
+    runs = registry.list_runs(args.root, kind=args.kind)
     if args.json:
         for r in runs:
             print(json.dumps({"run_id": r.run_id, "url": r.url, "kind": r.kind, "status": r.status, "created": r.created,
@@ -65,14 +59,9 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_get(args: argparse.Namespace) -> int:
     from pipeline import registry
-    from shards.storage import StorageError
 
-    try:
-        paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file)
-        info = registry.resolve(args.ref, root=args.root)
-    except (StorageError, registry.RegistryError) as err:
-        print(f"vitpipe artifacts get: {err}", file=sys.stderr)
-        return 2
+    paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file)
+    info = registry.resolve(args.ref, root=args.root)
     print(f"{info.run_id} ({info.kind}, {info.status}): {len(paths)} file(s) -> {args.dest}, sha256 checked")
     lineage = ", ".join(f"{k}={v}" for k, v in sorted(info.lineage.items()))
     print(f"parent: {info.parent or '-'}; lineage: {lineage or '-'}")

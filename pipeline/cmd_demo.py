@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +25,6 @@ def run(args: argparse.Namespace) -> int:
     if args.stop:
         print("object store stopped" if stop_store(args.workdir) else "no demo object store running")
         return 0
-    try:
-        settings = DemoSettings(workdir=args.workdir, nproc=args.nproc, pretrain_steps=args.pretrain_steps,
-                                finetune_steps=args.finetune_steps, task_runner=args.task_runner)
-    except ValueError as err:
-        print(f"vitpipe demo: {err}", file=sys.stderr)
-        return 2
+    settings = DemoSettings(workdir=args.workdir, nproc=args.nproc, pretrain_steps=args.pretrain_steps,
+                            finetune_steps=args.finetune_steps, task_runner=args.task_runner)
     return main(settings)

@@ -7,16 +7,17 @@ import importlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
+
+from shards.errors import JobFailed, VitpipeError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PREFECT_YAML = PROJECT_ROOT / "deploy" / "prefect.yaml"
 _TEMPLATE = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
-class DeploymentFileError(ValueError):
+class DeploymentFileError(VitpipeError, ValueError):
     """A prefect.yaml that cannot be served (names the file, the deployment and the key)."""
 
 
@@ -42,13 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    from pipeline.flows import ConfigFileError, load_pipeline_config
+    from pipeline.settings import load_pipeline_config
 
-    try:
-        config = load_pipeline_config(args.config)
-    except (ConfigFileError, OSError) as err:
-        print(f"vitpipe run: {err}", file=sys.stderr)
-        return 2
+    config = load_pipeline_config(args.config)  # the whole YAML, every `set` entry resolved: before anything runs
     if args.check:
         print(json.dumps(config.model_dump(), indent=2))
         return 0
@@ -56,22 +53,11 @@ def run_cmd(args: argparse.Namespace) -> int:
         os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint
     from pipeline.flows import check_storage, prefect_api, vit_pipeline
 
-    try:
-        check_storage(config)  # object store up, credentials right, buckets there: before any stage
-        with prefect_api():
-            result = vit_pipeline(config)
-    except Exception as err:
-        if type(err).__name__ in EXPECTED_ERRORS:
-            print(f"vitpipe run: {str(err).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise
+    check_storage(config)  # object store up, credentials right, buckets there: before any stage
+    with prefect_api():
+        result = vit_pipeline(config)
     print(json.dumps(result))
     return 0
-
-
-# errors whose message is a one-line diagnosis (storage, config, sharding, launch, stage)
-EXPECTED_ERRORS = ("StorageError", "StorageNotFound", "ConfigError", "ShardError", "SourceError", "LaunchError",
-                   "StageError", "RegistryError", "ManifestError")
 
 
 # ----------------------------------------------------------------------------- serve / prefect.yaml
@@ -166,21 +152,62 @@ def next_runs(cron: str, *, timezone: str = "UTC", after=None, count: int = 3) -
 
 
 def serve_cmd(args: argparse.Namespace) -> int:
-    try:
-        deployments = read_deployments(args.file, only=args.only)
-        if args.list:
-            for dep in deployments:
-                for sched in dep.get("schedules") or []:
-                    tz = sched.get("timezone", "UTC")
-                    times = ", ".join(t.isoformat() for t in next_runs(sched["cron"], timezone=tz))
-                    print(f"{dep['name']} ({dep['entrypoint']}): cron {sched['cron']!r} {tz}; next: {times}")
-            return 0
-        built = build_deployments(deployments)
-    except DeploymentFileError as err:
-        print(f"vitpipe serve: {err}", file=sys.stderr)
-        return 2
-    from prefect import serve
-
+    deployments = read_deployments(args.file, only=args.only)
+    if args.list:
+        for dep in deployments:
+            for sched in dep.get("schedules") or []:
+                tz = sched.get("timezone", "UTC")
+                times = ", ".join(t.isoformat() for t in next_runs(sched["cron"], timezone=tz))
+                print(f"{dep['name']} ({dep['entrypoint']}): cron {sched['cron']!r} {tz}; next: {times}")
+        return 0
+    built = build_deployments(deployments)
     print(f"serving {len(built)} deployment(s) from {args.file}: {', '.join(d['name'] for d in deployments)}", flush=True)
-    serve(*built, limit=args.limit)
-    return 0
+    return serve_until_signal(built, limit=args.limit)
+
+
+def serve_until_signal(built: list, *, limit: int | None, grace: float = 5.0) -> int:
+    """Serve the deployments from a Prefect Runner in a thread; on SIGINT/SIGTERM ask it to stop, wait at
+    most `grace` seconds (its shutdown talks to the Prefect server, which may be gone), then exit 130/143."""
+    import asyncio
+    import signal
+    import sys
+    import threading
+
+    from prefect.runner import Runner
+
+    runner = Runner(limit=limit, pause_on_shutdown=False)
+    for deployment in built:
+        runner.add_deployment(deployment)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(runner.start())
+        except BaseException as err:  # reported by the main thread
+            failed.append(err)
+
+    received: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=run, name="prefect-runner", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.wait(0.5):
+        pass
+    if not received:
+        if failed:
+            raise JobFailed(f"the Prefect runner stopped: {str(failed[0]).splitlines()[0] if str(failed[0]) else type(failed[0]).__name__}")
+        return 0
+    stopper = threading.Thread(target=runner.stop, name="prefect-runner-stop", daemon=True)
+    stopper.start()
+    stopper.join(grace)
+    name = signal.Signals(received[0]).name
+    sys.stdout.flush()
+    print(f"vitpipe serve: stopped by {name}; no new flow runs start here; the deployments stay registered "
+          "(re-run `vitpipe serve` to serve them again)", file=sys.stderr, flush=True)
+    os._exit(128 + received[0])  # the runner's threads may still wait on a server that is gone

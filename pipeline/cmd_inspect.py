@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,15 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shards.storage import StorageError
-    from vit.report import ReportError, write_report
+    from pipeline.stages import inspect_stage
 
-    try:
-        result = write_report(args.source, out_dir=args.out, images=args.images, compare=args.compare,
-                              num_pcs=args.num_pcs)
-    except (ReportError, StorageError, ValueError) as err:  # each names the file and the fix
-        print(f"vitpipe inspect: {err}", file=sys.stderr)
-        return 2
+    result = inspect_stage(args.source, out=args.out, images=args.images, compare=args.compare, num_pcs=args.num_pcs)
     print(result["markdown"])
     print(f"wrote {result['html']} and {len(result['pngs'])} PNGs")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 LOCAL_ACCESS_KEY = "vitpipe"
@@ -43,7 +42,7 @@ def _print_env(state: dict) -> None:
 
 
 def run_up(args) -> int:
-    from pipeline.objectstore import ObjectStoreError, pid_alive, start_seaweedfs
+    from pipeline.objectstore import pid_alive, start_seaweedfs
 
     state_path = _state_path(args.dir)
     if state_path.exists():
@@ -52,12 +51,8 @@ def run_up(args) -> int:
             _print_env(state)
             return 0
         state_path.unlink()
-    try:
-        store = start_seaweedfs(args.dir, access_key=LOCAL_ACCESS_KEY, secret_key=LOCAL_SECRET_KEY, port=args.port,
-                                buckets=(args.bucket,))
-    except ObjectStoreError as err:
-        print(f"vitpipe objectstore: error: {err}", file=sys.stderr)
-        return 1
+    store = start_seaweedfs(args.dir, access_key=LOCAL_ACCESS_KEY, secret_key=LOCAL_SECRET_KEY, port=args.port,
+                            buckets=(args.bucket,))
     state = {"endpoint": store.endpoint, "pid": store.pid, "bucket": args.bucket, "log": store.log_path}
     tmp = state_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))

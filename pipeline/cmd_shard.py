@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.settings import DatasetParams
+from shards.plan import ShardSettings as _S
+
+_DATA = DatasetParams.model_fields
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("shard", help="shard an image corpus into WebDataset tars + manifest.json",
@@ -12,26 +17,28 @@ def register(subparsers) -> None:
     p.add_argument("out_url", help="output folder or s3://bucket/prefix")
     p.add_argument("--format", choices=["imagefolder", "i21k-tars", "jsonl", "csv"], default=None,
                    help="source format (default: auto-detected)")
-    p.add_argument("--name", default="data", help="shard name prefix (default: data)")
+    p.add_argument("--name", default=_DATA["name"].default, help=f"shard name prefix (default: {_DATA['name'].default})")
     p.add_argument("--classes", default=None, help="reuse a class index: dataset URL, manifest.json, JSON list or .txt")
-    p.add_argument("--shard-size", type=int, default=10_000, help="max samples per shard (default: 10000)")
-    p.add_argument("--max-shard-bytes", type=int, default=1_000_000_000, help="max bytes per shard (default: 1e9)")
+    p.add_argument("--shard-size", type=int, default=_DATA["shard_size"].default,
+                   help=f"max samples per shard (default: {_DATA['shard_size'].default})")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help=f"max bytes per shard (default: {_S.max_shard_bytes:.0e})")
     p.add_argument("--resize", type=int, default=None, metavar="S",
                    help="re-encode with the shorter side S px (aspect kept, never upscaled); default pass-through")
-    p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding (default: 90)")
-    p.add_argument("--exclude", action="append", default=[], metavar="DATASET_OR_LIST",
+    p.add_argument("--quality", type=int, default=None, help=f"JPEG/WebP quality when re-encoding (default: {_S.quality})")
+    p.add_argument("--exclude", action="append", default=None, metavar="DATASET_OR_LIST",
                    help="drop exact and near duplicates of this evaluation set (dataset URL, source or .txt list); repeatable")
-    p.add_argument("--near-dup-threshold", type=int, default=6, help="dHash Hamming distance counted as near duplicate")
-    p.add_argument("--dedup-within", choices=["exact", "near"], default="exact",
+    p.add_argument("--near-dup-threshold", type=int, default=None,
+                   help=f"dHash Hamming distance counted as near duplicate (default: {_S.near_dup_threshold})")
+    p.add_argument("--dedup-within", choices=["exact", "near"], default=None,
                    help="duplicates inside the source to drop (the first in listing order is kept): exact byte "
                         "copies (default), or also near duplicates such as re-encoded or resized copies (decodes "
                         "every image)")
-    p.add_argument("--validate", choices=["header", "decode"], default="header",
+    p.add_argument("--validate", choices=["header", "decode"], default=None,
                    help="pass-through check: header + end marker (fast, default) or decode every image")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: every CPU core this process may use)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
-    p.add_argument("--strict", action="store_true", help="fail instead of skipping any bad record")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the global shuffle (default: {_S.seed})")
+    p.add_argument("--strict", action="store_true", default=None, help="fail instead of skipping any bad record")
     p.set_defaults(func=run_shard)
 
     v = subparsers.add_parser("verify", help="check every shard of a dataset against its manifest")
@@ -40,21 +47,20 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_verify)
 
 
-def run_shard(args) -> int:
-    from shards import ShardError, shard_dataset
-    from shards.workers import usable_cores
-    from shards.storage import StorageError
+SETTINGS = ("format", "classes", "max_shard_bytes", "resize", "quality", "exclude", "near_dup_threshold", "dedup_within",
+            "validate", "seed", "strict")
 
-    try:
-        shard_dataset(args.source, args.out_url, format=args.format, name=args.name, classes=args.classes,
-                      shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,
-                      quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
-                      dedup_within=args.dedup_within,
-                      workers=usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
-                      progress=True)
-    except (ShardError, StorageError, ValueError) as err:
-        print(f"vitpipe shard: error: {err}", file=sys.stderr)
-        return 1
+
+def run_shard(args) -> int:
+    from pipeline.stages import shard_stage
+
+    params = DatasetParams(source=args.source, url=args.out_url, name=args.name, shard_size=args.shard_size,
+                           workers=args.workers,
+                           settings={k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    manifest = shard_stage(params, progress=True)
+    if manifest["skipped_stage"]:
+        print(f"{args.out_url} already holds this dataset (same source fingerprint and settings): "
+              f"{manifest['num_samples']} samples in {manifest['num_shards']} shards; nothing to do")
     return 0
 
 

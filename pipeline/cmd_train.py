@@ -1,16 +1,20 @@
-"""`vitpipe pretrain`: launch DeepSpeed pretraining from a preset (see vit/presets.py)."""
+"""`vitpipe pretrain`: DeepSpeed pretraining from a preset (see vit/presets.py), through the stage layer."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from pipeline.settings import TrainParams
+
+_TRAIN = TrainParams.model_fields
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
-    """The launch flags shared by `vitpipe pretrain` (and usable by `vitpipe finetune`)."""
+    """The flags `vitpipe pretrain` and `vitpipe finetune` share; defaults are pipeline.settings.TrainParams'."""
     p.add_argument("--data", required=True, help="dataset URL (folder or s3:// prefix holding manifest.json)")
     p.add_argument("--out", required=True, help="runs root; the run goes to OUT/runs/<run-id>/")
     p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the preset's)")
-    p.add_argument("--run-id", default=None, help="run id (default: new); an existing run with checkpoints resumes")
+    p.add_argument("--run-id", default=None,
+                   help="run id (default: the run with the same inputs: skipped if complete, resumed if not; else new)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")
     p.add_argument("--hostfile", default=None, help="MPI-style hostfile: one 'HOST slots=N' line per node")
     p.add_argument("--launcher", default=None, choices=["pdsh", "openmpi", "mvapich", "slurm", "impi"],
@@ -19,9 +23,36 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", type=int, default=None, help="this node's index (with --no-ssh)")
     p.add_argument("--master-addr", default=None, help="address of node 0 (with --no-ssh)")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500)")
-    p.add_argument("--stall-timeout", type=float, default=None, help="kill the run if no step is logged for this many s")
+    p.add_argument("--stall-timeout", type=float, default=_TRAIN["stall_timeout"].default,
+                   help=f"relaunch when rank 0 reports no new step for this many s (default {_TRAIN['stall_timeout'].default:.0f})")
+    p.add_argument("--retries", type=int, default=_TRAIN["retries"].default,
+                   help=f"relaunches after a failed or stalled launch, each resuming (default {_TRAIN['retries'].default})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.lr=0.001 --set launch.zero_stage=1")
+
+
+def train_params(args: argparse.Namespace, **more) -> TrainParams:
+    """The stage settings from the shared launch flags."""
+    return TrainParams(preset=args.preset, set=args.sets, steps=args.steps, nproc_per_node=args.nproc,
+                       hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
+                       master_addr=args.master_addr, master_port=args.master_port, stall_timeout=args.stall_timeout,
+                       retries=args.retries, **more)
+
+
+def print_result(out: dict) -> None:
+    """The last lines of a training command: the run, what happened, corrupt samples."""
+    m = out.get("metrics") or {}
+    print(f"run id: {out['run_id']}")
+    print(f"run folder: {out['run_url']}")
+    if out["skipped"]:
+        print("a complete run with the same inputs exists: nothing to do")
+    elif out.get("stopped"):
+        print(f"stopped at step {m.get('steps')} (stop_after); re-run the same command to resume")
+    else:
+        loss = m.get("final_loss")
+        print(f"complete: {m.get('steps')} steps, final loss {loss:.4f}" if isinstance(loss, float) else "complete")
+    if m.get("corrupt_samples"):
+        print(f"corrupt samples: {m['corrupt_samples']} (each replaced by a neighbour); run `vitpipe verify` on the data")
 
 
 def register(subparsers) -> None:
@@ -31,31 +62,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_pretrain)
 
 
-def run_from_args(args: argparse.Namespace, *, preset: str, init_from: str | None = None, parent: str | None = None) -> int:
-    from pipeline.launcher import LaunchError, launch, make_run_config
-    from vit.config import ConfigError
-
-    try:
-        cfg = make_run_config(
-            preset, data=args.data, out=args.out, run_id=args.run_id, nproc=args.nproc, steps=args.steps,
-            hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
-            master_addr=args.master_addr, master_port=args.master_port, init_from=init_from, parent=parent,
-            sets=args.sets,
-        )
-        print(f"run id: {cfg.run_id}")
-        print(f"run folder: {cfg.run_url}", flush=True)
-        result = launch(cfg, stall_timeout=args.stall_timeout)
-    except (ConfigError, LaunchError) as err:
-        print(f"vitpipe: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # storage / manifest errors carry one-line messages
-        if type(err).__name__ in ("StorageError", "StorageNotFound", "ManifestError", "FileNotFoundError"):
-            print(f"vitpipe: error: {err}", file=sys.stderr)
-            return 1
-        raise
-    print(f"done in {result.duration_s:.0f}s: {result.run_url}")
-    return 0
-
-
 def run_pretrain(args: argparse.Namespace) -> int:
-    return run_from_args(args, preset=args.preset)
+    from pipeline.stages import train_stage
+
+    out = train_stage(train_params(args), kind="pretrain", root=args.out, dataset_url=args.data, run_id=args.run_id)
+    print_result(out)
+    return 0

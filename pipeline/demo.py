@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards import storage
+from vit.config import ConfigError
 
 BUCKET = "vitpipe-demo"
 PRETRAIN_CLASSES = ("0", "1", "2", "3", "4")
@@ -41,9 +42,9 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
-            raise ValueError(f"nproc={self.nproc}: needs at least 1 rank")
+            raise ConfigError(f"--nproc {self.nproc}: needs at least 1 rank")
         if self.shard_size < 1:
-            raise ValueError(f"shard_size={self.shard_size}: must be >= 1")
+            raise ConfigError(f"shard_size={self.shard_size}: must be >= 1")
 
 
 def say(msg: str) -> None:
@@ -63,7 +64,7 @@ def env_file(workdir: str | Path) -> Path:
 
 def ensure_store(workdir: Path) -> dict[str, str]:
     """A running local object store for the demo (reused when one from an earlier demo answers)."""
-    from pipeline.objectstore import ObjectStoreError, pid_alive, start_seaweedfs
+    from pipeline.objectstore import pid_alive, start_seaweedfs
 
     state_file = _state_path(workdir)
     if state_file.exists():
@@ -73,10 +74,7 @@ def ensure_store(workdir: Path) -> dict[str, str]:
             return state["env"]
     access_key, secret_key = f"demo-{secrets.token_hex(4)}", secrets.token_hex(16)
     say("starting the object store (SeaweedFS weed mini on 127.0.0.1) ...")
-    try:
-        store = start_seaweedfs(workdir / "seaweedfs", access_key=access_key, secret_key=secret_key, buckets=(BUCKET,))
-    except ObjectStoreError as err:
-        raise SystemExit(f"vitpipe demo: {err}") from None
+    store = start_seaweedfs(workdir / "seaweedfs", access_key=access_key, secret_key=secret_key, buckets=(BUCKET,))
     env = store.env()
     workdir.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"pid": store.pid, "env": env}))

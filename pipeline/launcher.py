@@ -2,13 +2,16 @@
 
 `build_argv(launch_cfg, train_config_path)` -> the DeepSpeed launcher argv (a list, never a
 shell string); `launch(cfg)` checks what can be checked before any rank starts, writes the
-run config, runs the launcher with one log file per rank, and raises `LaunchError` naming the
-failed rank, its exit code and the tail of its log. `stall_timeout` kills the process group
-when metrics.csv gets no new step for that long.
+run config, runs the launcher with one log file per rank, follows the ranks through their
+status files (`vit.status`: never their log text), logs progress to the "vitpipe" logger, and
+raises `LaunchError` naming the failed rank, its exit code and its log. `stall_timeout` kills
+the process group when rank 0 reports no new step for that long. run.json is not touched here
+(the stage layer owns it).
 """
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import signal
@@ -19,21 +22,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards import storage
+from shards.errors import JobFailed
 from vit.config import ConfigError, LaunchConfig, RunConfig
 from vit.runs import RunFolder
+from vit.status import last, read_status, status_path
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-# what vit.train writes when the launcher terminates a surviving rank (Python handler / faulthandler dump)
-TERMINATED_MARKERS = ("terminated by the launcher", "(most recent call first)")
+log = logging.getLogger("vitpipe")
 
 
-class LaunchError(RuntimeError):
-    """A launch that failed; `rank` (-1 if unknown), `exit_code`, `log_tail`, `log_path`."""
+class LaunchError(JobFailed):
+    """A launch that failed; `rank` (-1 if unknown), `rank_exit_code`, `log_tail`, `log_path`.
 
-    def __init__(self, message: str, *, rank: int = -1, exit_code: int | None = None, log_tail: str = "",
-                 log_path: str | None = None) -> None:
+    Transient: a relaunch resumes from the last checkpoint and may succeed (a rank killed, a node lost)."""
+
+    transient = True
+
+    def __init__(self, message: str, *, rank: int = -1, rank_exit_code: int | None = None, log_tail: str = "",
+                 log_path: str | None = None, transient: bool = True) -> None:
         super().__init__(message)
-        self.rank, self.exit_code, self.log_tail, self.log_path = rank, exit_code, log_tail, log_path
+        self.rank, self.rank_exit_code, self.log_tail, self.log_path = rank, rank_exit_code, log_tail, log_path
+        self.transient = transient
 
 
 @dataclass
@@ -44,18 +53,7 @@ class LaunchResult:
     duration_s: float
     log_dir: str
     rank_logs: dict[int, str] = field(default_factory=dict)
-
-
-def local_dir(cfg: RunConfig) -> str:
-    """Where ranks on this node keep their working copy of the run (the run folder itself when local)."""
-    if cfg.local_dir:
-        return cfg.local_dir
-    return f"/tmp/vitpipe-runs/{RunFolder(cfg.run_url).run_id}" if storage.is_s3(cfg.run_url) else cfg.run_url
-
-
-def log_dir(cfg: RunConfig) -> str:
-    node = cfg.launch.node_rank or 0
-    return cfg.launch.log_dir or os.path.join(local_dir(cfg), "logs", f"node{node}")
+    final: dict = field(default_factory=dict)  # rank 0's last status record (finished / stopped)
 
 
 def hostfile_nodes(path: str) -> list[tuple[str, int]]:
@@ -74,8 +72,9 @@ def hostfile_nodes(path: str) -> list[tuple[str, int]]:
     return nodes
 
 
-def build_argv(launch_cfg: LaunchConfig, train_config_path: str, *, rank_log_dir: str | None = None) -> list[str]:
-    """The `deepspeed` launcher argv that starts `python -m vit.train --config PATH` on every rank."""
+def build_argv(launch_cfg: LaunchConfig, train_config_path: str, *, rank_log_dir: str | None = None,
+               module: str = "vit.train") -> list[str]:
+    """The `deepspeed` launcher argv that starts `python -m MODULE --config PATH` on every rank."""
     lc = launch_cfg
     argv = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if lc.hostfile:
@@ -94,7 +93,7 @@ def build_argv(launch_cfg: LaunchConfig, train_config_path: str, *, rank_log_dir
         argv += [f"--enable_each_rank_log={rank_log_dir}"]
     if lc.bind_cores_to_rank:
         argv += ["--bind_cores_to_rank"]
-    argv += ["--module", "vit.train", "--config", train_config_path]
+    argv += ["--module", module, "--config", train_config_path]
     return argv
 
 
@@ -144,11 +143,19 @@ def _js(value) -> str:
     return json.dumps(value)
 
 
+def check_dataset(url: str) -> None:
+    """A dataset is a folder or prefix with manifest.json (written last: without it the dataset does not exist)."""
+    if not storage.exists(storage.join(url, "manifest.json")):
+        raise ConfigError(f"data.url={url}: no manifest.json there (a dataset without one does not exist); "
+                          "pass a dataset written by `vitpipe shard`, or `vitpipe index` shards made elsewhere")
+
+
 def preflight(cfg: RunConfig) -> None:
     """Errors that can be found before any rank starts (one line each, naming what to fix)."""
     from vit.data import TrainStream
 
     cfg.check_ready()
+    check_dataset(cfg.data.url)
     try:  # reads the manifest (a dataset without one does not exist) and checks batch / lanes / workers
         TrainStream(cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size,
                     rank=0, world_size=cfg.launch.world_size, seed=cfg.data.seed, num_workers=cfg.data.num_workers,
@@ -171,7 +178,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def write_config(cfg: RunConfig) -> str:
     """Write the run config to the node-local run dir (and the run folder); return the local path."""
-    path = os.path.join(local_dir(cfg), "launch", f"config-node{cfg.launch.node_rank or 0}.json")
+    path = os.path.join(cfg.local_run_dir, "launch", f"config-node{cfg.launch.node_rank or 0}.json")
     storage.write_json(path, cfg.to_dict())
     return path
 
@@ -190,28 +197,46 @@ def _tail(path: str, lines: int = 30) -> str:
         return ""
 
 
-def _last_metrics_step(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            last = f.read().decode(errors="replace").strip().splitlines()[-1]
-        return int(last.split(",", 1)[0])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def diagnose(launcher_log: str, rank_logs: dict[int, str], returncode: int) -> LaunchError:
-    """Find the rank that failed: the one whose log does not say the launcher terminated it."""
-    m = re.findall(r"exits with return code = (-?\d+)", _tail(launcher_log, 200))
-    code = int(m[-1]) if m else returncode
-    failed = [r for r, p in sorted(rank_logs.items()) if not any(m in _tail(p, 400) for m in TERMINATED_MARKERS)]
-    rank = failed[0] if failed else -1
+def diagnose(launcher_log: str, logs: str, returncode: int) -> LaunchError:
+    """The rank that failed, from the ranks' status files: the first that reported `failed`, else the
+    first that neither finished nor was terminated by the launcher (killed, crashed in C)."""
+    rank_logs = _rank_logs(logs)
+    ends = {r: last(read_status(status_path(logs, r)), "failed", "terminated", "finished", "stopped") for r in rank_logs}
+    failed = sorted(r for r, end in ends.items() if end and end["event"] == "failed")
+    silent = sorted(r for r, end in ends.items() if end is None)
+    rank = (failed or silent or [-1])[0]
+    record = ends.get(rank) if rank in failed else {}
+    code = record.get("exit_code", returncode)
     path = rank_logs.get(rank, launcher_log)
-    tail = _tail(path)
-    return LaunchError(
-        f"rank {rank} failed with exit code {code}; log {path}:\n{tail}", rank=rank, exit_code=code, log_tail=tail,
-        log_path=path,
-    )
+    what = f": {record['error']}" if record.get("error") else ""
+    return LaunchError(f"rank {rank} failed with exit code {code}{what}; log {path}", rank=rank, rank_exit_code=code,
+                       log_tail=_tail(path), log_path=path, transient=record.get("transient", True))
+
+
+class Progress:
+    """Follows rank 0's status file; logs step, loss, img/s and ETA at most every `every` seconds."""
+
+    def __init__(self, path: str, *, run_id: str, every: float = 10.0) -> None:
+        self.path, self.run_id, self.every = path, run_id, every
+        self.step, self.changed, self.shown = -1, time.monotonic(), 0.0
+        self.first: tuple[int, float] | None = None
+
+    def poll(self) -> bool:
+        """Read new records; True when rank 0 reported a new step since the last poll."""
+        record = last(read_status(self.path), "step")
+        if record is None or record["step"] == self.step:
+            return False
+        now = time.monotonic()
+        self.step, self.changed = record["step"], now
+        self.first = self.first or (record["step"], now)
+        if now - self.shown >= self.every or record["step"] == record["total_steps"]:
+            self.shown = now
+            done, started = record["step"] - self.first[0], now - self.first[1]
+            eta = (record["total_steps"] - record["step"]) * started / done if done else None
+            log.info("%s: step %d/%d loss %.4f img/s %.1f%s%s", self.run_id, record["step"], record["total_steps"],
+                     record["loss"], record["images_per_sec"], f" ETA {eta:.0f}s" if eta is not None else "",
+                     f" corrupt samples {record['corrupt']}" if record.get("corrupt") else "")
+        return True
 
 
 def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float | None = None,
@@ -219,57 +244,45 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
     """Run the training ranks of this node to the end; raise LaunchError if any rank fails or stalls."""
     preflight(cfg)
     config_path = write_config(cfg)
-    logs = log_dir(cfg)
+    logs = cfg.log_dir
     os.makedirs(logs, exist_ok=True)
-    for old in glob.glob(os.path.join(logs, "*.log")):
+    for old in glob.glob(os.path.join(logs, "*.log")) + glob.glob(os.path.join(logs, "status-rank*.jsonl")):
         os.unlink(old)
     argv = build_argv(cfg.launch, config_path, rank_log_dir=logs)
     run_env = {**os.environ, **(env or {})}
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, run_env.get("PYTHONPATH")) if p)
     run_env["PYTHONUNBUFFERED"] = "1"
     launcher_log = os.path.join(logs, "launcher.log")
-    metrics = os.path.join(local_dir(cfg), "metrics.csv")
+    progress = Progress(status_path(logs, 0), run_id=RunFolder(cfg.run_url).run_id)
+    log.info("%s: %d rank(s); logs in %s", progress.run_id, cfg.launch.world_size, logs)
     t0 = time.monotonic()
     with open(launcher_log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=run_env, cwd=PROJECT_ROOT,
                                 start_new_session=True)
-        # the stall watchdog arms once a new step shows up (start-up, e.g. a first JIT build, is not a stall)
-        last_step, last_change, armed = _last_metrics_step(metrics), time.monotonic(), False
+        armed = False  # the stall watchdog arms at the first step (start-up, e.g. a first JIT build, is not a stall)
         try:
             while proc.poll() is None:
                 time.sleep(1.0)
-                step = _last_metrics_step(metrics)
-                if step != last_step:
-                    last_step, last_change, armed = step, time.monotonic(), True
-                if stall_timeout and armed and time.monotonic() - last_change > stall_timeout:
+                armed = progress.poll() or armed
+                if stall_timeout and armed and time.monotonic() - progress.changed > stall_timeout:
                     _kill_group(proc)
-                    err = LaunchError(f"stalled: {metrics} got no new step for {stall_timeout:.0f}s (last step "
-                                      f"{last_step}); killed the launch", exit_code=proc.returncode,
+                    raise LaunchError(f"stalled: rank 0 reported no new step for {stall_timeout:.0f}s (last step "
+                                      f"{progress.step}); killed the launch; logs in {logs}", rank_exit_code=proc.returncode,
                                       log_tail=_tail(launcher_log), log_path=launcher_log)
-                    _mark_failed(cfg, err)
-                    raise err
                 if timeout and time.monotonic() - t0 > timeout:
                     _kill_group(proc)
-                    raise LaunchError(f"timed out after {timeout:.0f}s; killed the launch", log_path=launcher_log,
-                                      log_tail=_tail(launcher_log))
+                    raise LaunchError(f"timed out after {timeout:.0f}s; killed the launch; logs in {logs}",
+                                      log_path=launcher_log, log_tail=_tail(launcher_log))
         except BaseException:
             _kill_group(proc)
             raise
-    rank_logs = _rank_logs(logs)
+    progress.poll()
     if proc.returncode != 0:
-        err = diagnose(launcher_log, rank_logs, proc.returncode)
-        _mark_failed(cfg, err)
-        raise err
+        raise diagnose(launcher_log, logs, proc.returncode)
     run = RunFolder(cfg.run_url)
     return LaunchResult(run_id=run.run_id, run_url=run.url, returncode=0, duration_s=time.monotonic() - t0,
-                        log_dir=logs, rank_logs=rank_logs)
-
-
-def _mark_failed(cfg: RunConfig, err: LaunchError) -> None:
-    """Node 0 records the failure in run.json (a re-run that resumes sets it back to running)."""
-    run = RunFolder(cfg.run_url)
-    if (cfg.launch.node_rank or 0) == 0 and storage.exists(run.run_json):
-        run.finish(status="failed", metrics={"error": str(err).splitlines()[0]})
+                        log_dir=logs, rank_logs=_rank_logs(logs),
+                        final=last(read_status(status_path(logs, 0)), "finished", "stopped") or {})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

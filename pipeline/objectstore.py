@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.errors import JobFailed
+
 # Every listening service of `weed mini` gets an explicit port (gRPC ports default to http+10000,
 # which can collide or overflow when the http port is random).
 _PORT_FLAGS = (
@@ -28,7 +30,7 @@ _FIXED_FLAGS = (
 )
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(JobFailed):
     """The local object store could not be started or reached (one-line message with the fix)."""
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards import storage
+from shards.errors import VitpipeError
 
 FILE_INDEX = "files.json"
 RUN_JSON = "run.json"
 STATUSES = ("running", "complete", "failed")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(VitpipeError):
     """A run reference that cannot be resolved, or a download that does not check out."""
 
 
@@ -33,7 +34,6 @@ class RunInfo:
     parent: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
-    fingerprint: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -74,7 +74,6 @@ def read_run(url: str) -> RunInfo:
         parent=meta.get("parent"),
         metrics=dict(meta.get("metrics") or {}),
         lineage=dict(meta.get("lineage") or {}),
-        fingerprint=meta.get("fingerprint"),
     )
 
 
@@ -111,18 +110,6 @@ def latest(root: str, kind: str) -> RunInfo:
     if not done:
         raise RegistryError(f"no complete {kind} run under {runs_url(root)}; run `vitpipe {kind if kind != 'pipeline' else 'run'}` first")
     return done[-1]
-
-
-def find_complete(root: str, *, kind: str, fingerprint: str) -> RunInfo | None:
-    """The newest complete run of ``kind`` whose inputs hash to ``fingerprint`` (used to skip stages)."""
-    hits = [r for r in list_runs(root, kind=kind) if r.complete and r.fingerprint == fingerprint]
-    return hits[-1] if hits else None
-
-
-def find_resumable(root: str, *, kind: str, fingerprint: str) -> RunInfo | None:
-    """The newest unfinished (running/failed) run of ``kind`` with the same inputs: resumed, not restarted."""
-    hits = [r for r in list_runs(root, kind=kind) if not r.complete and r.fingerprint == fingerprint]
-    return hits[-1] if hits else None
 
 
 def resolve(ref: str, *, root: str | None = None) -> RunInfo:

@@ -18,13 +18,15 @@ __all__ = ["shard_dataset", "plan_shards", "write_shard", "finish_dataset", "sou
 
 
 def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, on_shard_done=None,
-                  **settings) -> dict:
+                  map_shards=None, **settings) -> dict:
     """Shard `source` into `out_url` (local folder or s3:// prefix); returns the manifest dict.
 
     `settings` are ShardSettings fields (name, shard_size, max_shard_bytes, resize, quality, seed,
     strict, format, classes, exclude, near_dup_threshold, dedup_within, max_pixels). Re-running
     after a crash keeps complete shards and writes the rest. `on_shard_done(entry)` is called in
-    this process after each shard is published.
+    this process after each shard is published. `map_shards(tasks) -> entries` writes the shards
+    elsewhere (Prefect tasks); the pool then only plans. On an exception (a signal included) no
+    new shard starts: queued writes are cancelled, running ones finish and publish.
     """
     import time
 
@@ -52,7 +54,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
 
             pool = stack.enter_context(process_pool(workers))
         plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, **settings)
-        manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done)
+        manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done, map_shards=map_shards)
     if progress:
         from shards.storage import join
 
@@ -66,7 +68,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     return manifest
 
 
-def _write_all(plan: ShardPlan, pool, *, progress: bool, on_shard_done) -> dict:
+def _write_all(plan: ShardPlan, pool, *, progress: bool, on_shard_done, map_shards=None) -> dict:
     """Write every shard (in `pool` when given), then publish the manifest; returns it."""
     from shards import storage
 
@@ -87,15 +89,17 @@ def _write_all(plan: ShardPlan, pool, *, progress: bool, on_shard_done) -> dict:
             on_shard_done(entry)
 
     try:
-        if pool is None or len(plan.tasks) == 1:
+        if map_shards is not None:
+            for task, entry in zip(plan.tasks, map_shards(plan.tasks)):
+                done(task, entry)
+        elif pool is None or len(plan.tasks) == 1:
             for task in plan.tasks:
                 done(task, write_shard(task))
         else:
-            from concurrent.futures import as_completed
+            from shards.workers import unordered_map
 
-            futures = {pool.submit(write_shard, task): task for task in plan.tasks}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
+            for task, entry in unordered_map(pool, write_shard, plan.tasks, ahead=2 * pool._max_workers):
+                done(task, entry)
     finally:
         if bar is not None:
             bar.close()

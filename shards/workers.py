@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
@@ -37,7 +38,33 @@ def ordered_map(executor, fn, items, *, ahead: int):
             future.cancel()
 
 
+def unordered_map(executor, fn, items, *, ahead: int):
+    """(item, fn(item)) as they complete, with at most `ahead` submitted and not yet yielded: when the
+    caller stops (an exception, a signal), at most that many more run; `_Pool` cancels the rest."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending: dict = {}
+    try:
+        for item in items:
+            pending[executor.submit(fn, item)] = item
+            while len(pending) >= ahead:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future.result()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield pending.pop(future), future.result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _init_worker(settings: dict) -> None:
+    # SIGINT/SIGTERM go to the whole process group: the parent decides (no new work), a worker
+    # finishes the shard it is writing, so nothing is left half-written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     storage.configure(**settings)
 
 
@@ -59,11 +86,20 @@ def gc_frozen():
         gc.unfreeze()
 
 
+class _Pool(ProcessPoolExecutor):
+    """Leaving the `with` block on an exception (a signal included) cancels the queued work instead of
+    running it all first (ProcessPoolExecutor.__exit__ waits for every submitted item)."""
+
+    def __exit__(self, exc_type, exc, tb):
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """`workers` processes, started now (forked: no re-import, the parent's storage settings
     carried over, its heap kept out of their GC)."""
     context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+    pool = _Pool(max_workers=workers, mp_context=context, initializer=_init_worker,
                                initargs=(storage.settings_dict(),))
     with gc_frozen():  # a fork pool starts all its processes at the first submit
         pool.submit(_ready).result()

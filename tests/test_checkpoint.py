@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vit
-from vit.checkpoint import load_model, save_model
+from vit.checkpoint import CheckpointError, load_model, save_model
 from vit.interop import save_big_vision_npz
 
 
@@ -87,11 +87,11 @@ def test_strict_and_clear_errors(tmp_path):
     save_file(sd, tmp_path / "run" / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.0\.attn\.qkv\.bias; unexpected keys: blocks\.0\.extra"):
         load_model(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="no model_config.json"):
+    with pytest.raises(CheckpointError, match="no model_config.json"):
         load_model(tmp_path / "nowhere")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model_config.json").write_text(json.dumps(m.config))
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         load_model(tmp_path / "half")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="no state dict of tensors"):
@@ -101,6 +101,7 @@ def test_strict_and_clear_errors(tmp_path):
         load_model(tmp_path / "x.npz")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_save_load_s3(s3):
     m = trained()

@@ -334,6 +334,7 @@ def test_eval_stream_sees_every_sample_exactly_once(dataset, world_size, num_wor
     assert seen == Counter(labels_of.keys())
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_reads_shards_from_s3(dataset, s3):
     from shards import storage

@@ -47,7 +47,7 @@ def test_demo_config_is_valid_and_fits_the_presets(trees):
     for data, preset in ((cfg.pretrain_data, pre), (cfg.finetune_data, ft)):
         shards = math.ceil(len(_files(trees[data.name.split("-")[1]])) / data.shard_size)
         assert shards >= preset.data.lanes, data.name
-    with pytest.raises(ValueError, match="nproc=0"):
+    with pytest.raises(ValueError, match="--nproc 0"):
         demo.DemoSettings(nproc=0)
 
 
@@ -66,6 +66,7 @@ def test_printed_retrieval_commands_parse(tmp_path):
         assert args.func.__module__ == "pipeline.cmd_artifacts"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_object_store_is_started_once_reused_and_stopped(tmp_path, capsys):
     env = demo.ensure_store(tmp_path)

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.cli import build_parser
 from pipeline.cmd_flows import build_deployments, load_entrypoint, next_runs, read_deployments, substitute_env, DeploymentFileError
-from pipeline.flows import ConfigFileError, PipelineConfig, load_pipeline_config
+from pipeline.settings import ConfigFileError, PipelineConfig, load_pipeline_config
 from vit.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,24 @@ def test_vitpipe_run_rejects_bad_config_before_running(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "c.yaml" in err and "pretrain.nproc" in err
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_typo_inside_set_fails_before_anything_runs(tmp_path, capsys, check):
+    """`schedule.total_stepz=5` in pretrain.set: `run --check` exited 0; `run` sharded three datasets first."""
+    from pipeline.cli import main
+
+    data = yaml.safe_load((DEPLOY / "pipeline.example.yaml").read_text())
+    data["root"] = str(tmp_path / "root")
+    for name in ("pretrain_data", "finetune_data", "eval_data"):
+        data[name]["url"] = str(tmp_path / name)
+    data["pretrain"]["set"] = ["schedule.total_stepz=5"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), *(["--check"] if check else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "c.yaml: pretrain:" in err and "total_stepz" in err, err
+    assert not any((tmp_path / name).exists() for name in ("root", "pretrain_data", "finetune_data", "eval_data"))
 
 
 def test_dockerfile_copies_what_exists_and_runs_vitpipe():

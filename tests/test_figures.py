@@ -235,6 +235,7 @@ def test_write_report_for_finetune_run_with_parent(tmp_path):
     assert result["html"] in result["markdown"] and "| eval (" in result["markdown"]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_inspect_cli_timm_file_to_s3_and_npz_with_own_images(tmp_path, s3):
     from PIL import Image

@@ -52,6 +52,15 @@ def last_json_line(stdout: str) -> dict:
     return json.loads(lines[-1])  # the command ENDS with one JSON line
 
 
+def finetune(*, pretrained: str, data: str, out: str):
+    """The fine-tune stage the CLI and the flows run (refusals happen before any launch)."""
+    from pipeline.settings import TrainParams
+    from pipeline.stages import train_stage
+
+    return train_stage(TrainParams(preset="digits_tiny_ft"), kind="finetune", root=out, dataset_url=data,
+                       pretrained=pretrained)
+
+
 @pytest.fixture(scope="module")
 def digit_sets(tmp_path_factory) -> dict[str, str]:
     """Label sets of the digits: A = 0-4 (train), B = 5-9 (train / val), and a val set with another class index."""
@@ -97,6 +106,7 @@ def finetuned(digit_sets, runs_root, pretrained) -> dict:
     return {"line": last_json_line(proc.stdout), "seconds": time.monotonic() - t0}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pretrained, finetuned):
     from shards.reader import load_manifest
@@ -124,6 +134,7 @@ def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pret
     assert ft["top1"] > scratch["top1"], figures
 
 
+@pytest.mark.integration
 def test_finetune_run_folder_contents(finetuned, pretrained, digit_sets):
     from vit.runs import RunFolder
 
@@ -140,6 +151,7 @@ def test_finetune_run_folder_contents(finetuned, pretrained, digit_sets):
     assert len(Path(run.report, "per_class.csv").read_text().splitlines()) == 1 + 5
 
 
+@pytest.mark.integration
 def test_first_finetune_loss_is_ln_k(finetuned):
     """A zero-initialised head gives uniform logits: the first loss is ln K exactly (K = 5)."""
     metrics = Path(finetuned["line"]["run_url"], "metrics.csv").read_text().splitlines()
@@ -149,6 +161,7 @@ def test_first_finetune_loss_is_ln_k(finetuned):
     assert float(row["loss"]) == pytest.approx(math.log(5), abs=1e-4)
 
 
+@pytest.mark.integration
 def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
     import timm  # noqa: F401  (registers the model classes)
     from safetensors.torch import load_file
@@ -166,9 +179,10 @@ def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
 
     run_url = finetuned["line"]["run_url"]
     one = evaluate(run_url, digit_sets["b_val"], img_size=32, nproc=1, report_dir=str(tmp_path / "one"))
@@ -182,8 +196,9 @@ def test_two_rank_evaluate_equals_one_rank(finetuned, digit_sets, tmp_path):
     assert (tmp_path / "two" / "confusion.csv").read_text() == conf_one
 
 
+@pytest.mark.integration
 def test_evaluate_report_to_s3(finetuned, digit_sets, s3):
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from shards import storage
 
     url = s3.url("eval-reports/ft")
@@ -215,7 +230,7 @@ def test_class_index_mismatch_is_refused_before_launch(digit_sets, tiny_ckpt, tm
     code = main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", tiny_ckpt, "--data",
                  digit_sets["b_train"], "--val-data", digit_sets["b_val_other_index"], "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
     assert digit_sets["b_train"] in err and digit_sets["b_val_other_index"] in err
     assert "entry 0 is '5'" in err and "'4'" in err and "--classes FILE" in err
     assert not out.exists()  # refused before any run folder was made
@@ -223,14 +238,14 @@ def test_class_index_mismatch_is_refused_before_launch(digit_sets, tiny_ckpt, tm
 
 def test_checkpoint_of_another_architecture_is_refused(digit_sets, tmp_path):
     import vit
-    from pipeline.cmd_finetune import FinetuneError, finetune
+    from pipeline.models import FinetuneError
     from vit.checkpoint import save_model
 
     other = tmp_path / "patch8"
     save_model(vit.create_model("vit_tiny_patch16", num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2,
                                 num_heads=4, mlp_dim=128), str(other))
     with pytest.raises(FinetuneError, match=r"another architecture.*patch_size=8 \(preset: patch_size=4\)"):
-        finetune(preset="digits_tiny_ft", pretrained=str(other), data=digit_sets["b_train"], out=str(tmp_path / "r"))
+        finetune(pretrained=str(other), data=digit_sets["b_train"], out=str(tmp_path / "r"))
 
 
 def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
@@ -242,14 +257,14 @@ def test_evaluate_refuses_foreign_checkpoints(digit_sets, tmp_path, capsys):
     resnet = tmp_path / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=5).state_dict().items()},
               str(resnet))
-    assert main(["evaluate", str(resnet), "--data", digit_sets["b_val"]]) == 1
+    assert main(["evaluate", str(resnet), "--data", digit_sets["b_val"]]) == 2
     err = capsys.readouterr().err
     assert str(resnet) in err and "not a ViT" in err
 
 
 def test_evaluate_refuses_model_with_other_class_count(digit_sets, tmp_path):
     import vit
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from vit.checkpoint import save_model
 
     ten = tmp_path / "ten"
@@ -263,17 +278,17 @@ def test_resolution_not_divisible_by_patch(digit_sets, tiny_ckpt, tmp_path, caps
     from pipeline.cli import main
 
     ckpt = tiny_ckpt
-    assert main(["evaluate", str(ckpt), "--data", digit_sets["b_val"], "--img-size", "30"]) == 1
+    assert main(["evaluate", str(ckpt), "--data", digit_sets["b_val"], "--img-size", "30"]) == 2
     err = capsys.readouterr().err
     assert "--img-size 30 is not divisible by the checkpoint's patch size 4" in err and "28 or 32" in err
     assert main(["finetune", "--preset", "digits_tiny_ft", "--pretrained", str(ckpt), "--data", digit_sets["b_train"],
-                 "--out", str(tmp_path / "r"), "--img-size", "30"]) == 1
+                 "--out", str(tmp_path / "r"), "--img-size", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not divisible" in err and "30" in err
 
 
 def test_unknown_pretrained_source_names_the_fix(digit_sets, tmp_path):
-    from pipeline.cmd_finetune import FinetuneError, resolve_source
+    from pipeline.models import FinetuneError, resolve_source
 
     with pytest.raises(FinetuneError, match=r"'pretrain-20990101-000000-ffffff' not found.*run id under"):
         resolve_source("pretrain-20990101-000000-ffffff", runs_root=str(tmp_path))
@@ -300,16 +315,16 @@ def foreign_weights(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", ["timm", "npz"])
 def test_finetune_refuses_timm_and_npz_of_another_architecture(foreign_weights, digit_sets, tmp_path, kind):
-    from pipeline.cmd_finetune import FinetuneError, finetune
+    from pipeline.models import FinetuneError
 
     with pytest.raises(FinetuneError, match=r"patch_size=16 \(preset: patch_size=4\)"):
-        finetune(preset="digits_tiny_ft", pretrained=foreign_weights[kind], data=digit_sets["b_train"],
+        finetune(pretrained=foreign_weights[kind], data=digit_sets["b_train"],
                  out=str(tmp_path / "r"))
 
 
 def test_evaluate_timm_and_npz_at_another_resolution_agree(foreign_weights, digit_sets):
     """Any checkpoint, any resolution: both formats of the same weights, resampled 2x2 -> 3x3, score alike."""
-    from pipeline.cmd_finetune import evaluate
+    from pipeline.models import evaluate
     from shards.reader import load_manifest
 
     a = evaluate(foreign_weights["timm"], digit_sets["b_val"], img_size=48)

@@ -97,24 +97,87 @@ def test_preflight_errors_before_any_rank_starts(tmp_path, digits_shards):
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, digits_shards, capsys):
-    parser = build_parser()
-    args = parser.parse_args(["pretrain", "--preset", "digits_tiny", "--data", digits_shards, "--out", str(tmp_path),
-                              "--nproc", "3"])
-    assert args.func(args) == 1
+    from pipeline.cli import main
+
+    assert main(["pretrain", "--preset", "digits_tiny", "--data", digits_shards, "--out", str(tmp_path), "--nproc", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("vitpipe: error:") and "not divisible by ranks (3)" in err and "\n" not in err
-    args = parser.parse_args(["pretrain", "--preset", "nope", "--data", digits_shards, "--out", str(tmp_path)])
-    assert args.func(args) == 1 and "known presets" in capsys.readouterr().err
+    assert err.startswith("vitpipe pretrain: error:") and "not divisible by ranks (3)" in err and "\n" not in err
+    assert main(["pretrain", "--preset", "nope", "--data", digits_shards, "--out", str(tmp_path)]) == 2
+    assert "known presets" in capsys.readouterr().err
 
 
-def test_diagnose_names_the_rank_that_died(tmp_path):
+def test_debug_flag_and_env_print_the_traceback(tmp_path, digits_shards, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    argv = ["pretrain", "--preset", "nope", "--data", digits_shards, "--out", str(tmp_path)]
+    assert main(["--debug", *argv]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("VITPIPE_DEBUG", "1")
+    assert main(argv) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.delenv("VITPIPE_DEBUG")
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_pretrain_on_a_folder_without_manifest_is_one_line(tmp_path, capsys):
+    """Was a 28-line traceback (DatasetError was missing from the lists of class names)."""
+    from pipeline.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--preset", "digits_tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "manifest.json" in err and str(tmp_path / "empty") in err, err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_no_exception_is_classified_by_its_class_name():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    for path in list((root / "pipeline").glob("*.py")) + list((root / "vit").glob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"__name__\s+(not\s+)?in\b|__name__\s*==\s*[\"']\w+Error", text), path
+        assert "EXPECTED_ERRORS" not in text, path
+
+
+def test_every_error_class_derives_from_vitpipe_error():
+    from pipeline.models import FinetuneError
+    from pipeline.cmd_flows import DeploymentFileError
+    from pipeline.settings import ConfigFileError
+    from pipeline.stages import StageError
+    from pipeline.launcher import LaunchError
+    from pipeline.objectstore import ObjectStoreError
+    from pipeline.registry import RegistryError
+    from shards.errors import JobFailed, VitpipeError
+    from vit.config import ConfigError
+    from vit.report import ReportError
+
+    for cls in (FinetuneError, DeploymentFileError, ConfigFileError, ConfigError, RegistryError, ReportError):
+        assert issubclass(cls, VitpipeError) and cls.exit_code == 2, cls
+    for cls in (StageError, LaunchError, ObjectStoreError):
+        assert issubclass(cls, JobFailed) and cls.exit_code == 1, cls
+    assert LaunchError.transient and not ConfigError.transient
+
+
+def test_diagnose_names_the_rank_that_died_from_status_files(tmp_path):
+    """The failed rank comes from the ranks' status records, not from their log text."""
+    from vit.status import StatusWriter, status_path
+
     launcher = tmp_path / "launcher.log"
-    launcher.write_text("...\n[launch.py] ['python', '--local_rank=1'] exits with return code = -9\n")
-    r0, r1 = tmp_path / "x_rank0.log", tmp_path / "x_rank1.log"
-    r0.write_text("step 5\n[vit.train] rank 0 terminated by the launcher (signal 15)\n")
-    r1.write_text("step 5\nKilled\n")
-    err = diagnose(str(launcher), {0: str(r0), 1: str(r1)}, 1)
-    assert isinstance(err, LaunchError) and err.rank == 1 and err.exit_code == -9 and "Killed" in err.log_tail
+    launcher.write_text("launcher output\n")
+    for r in range(3):
+        (tmp_path / f"x_rank{r}.log").write_text("free text the launcher does not read\n")
+        StatusWriter(status_path(str(tmp_path), r)).write("started", rank=r)
+    StatusWriter(status_path(str(tmp_path), 0)).write("terminated", signal=15)
+    StatusWriter(status_path(str(tmp_path), 2)).write("terminated", signal=15)
+    err = diagnose(str(launcher), str(tmp_path), -9)  # rank 1: no end record (killed, e.g. by the OOM killer)
+    assert isinstance(err, LaunchError) and err.rank == 1 and err.rank_exit_code == -9 and err.transient
+    assert err.log_path == str(tmp_path / "x_rank1.log")
+    StatusWriter(status_path(str(tmp_path), 2)).write("failed", error="data: 9 of 10 samples unreadable", exit_code=1,
+                                                       transient=False)
+    err = diagnose(str(launcher), str(tmp_path), 1)  # a rank that says it failed wins, with its reason
+    assert err.rank == 2 and not err.transient and str(err).startswith("rank 2 failed with exit code 1: data: 9 of 10")
 
 
 def _pretrain_args(argv: list[str]):

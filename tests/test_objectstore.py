@@ -8,6 +8,7 @@ from botocore.exceptions import ClientError
 from pipeline.objectstore import pid_alive, start_seaweedfs
 
 
+@pytest.mark.integration
 def test_s3_fixture_serves_authenticated_s3(s3):
     client = s3.client()
     client.put_object(Bucket=s3.bucket, Key="objectstore/hello.txt", Body=b"hello")
@@ -19,6 +20,7 @@ def test_s3_fixture_serves_authenticated_s3(s3):
     assert s3.url("a/b/") == f"s3://{s3.bucket}/a/b"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_second_store_runs_beside_and_stops_by_pid(s3, tmp_path):
     store = start_seaweedfs(tmp_path / "data", access_key="k2-access", secret_key="k2-secret", buckets=("second",))
@@ -33,6 +35,7 @@ def test_second_store_runs_beside_and_stops_by_pid(s3, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.integration
 def test_cli_objectstore_up_is_idempotent_and_down_stops_it(tmp_path):
     import json
     import subprocess

@@ -67,6 +67,7 @@ def prefect_server(tmp_path):
         _stop(proc)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_serve_registers_scheduled_deployments_and_runs_one(prefect_server, digits_tree, tmp_path):
     from prefect.client.orchestration import get_client

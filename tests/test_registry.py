@@ -25,7 +25,7 @@ def make_run(root: str, run_id: str, *, kind: str, complete: bool, parent: str |
     return folder
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")

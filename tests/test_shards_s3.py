@@ -31,6 +31,7 @@ def small_tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_shard_to_s3_read_back_verify_and_tamper(s3, small_tree, tmp_path):
     url = s3.url("datasets/small")
@@ -52,6 +53,7 @@ def test_shard_to_s3_read_back_verify_and_tamper(s3, small_tree, tmp_path):
     assert problems and all(p.startswith("small-000002.tar") for p in problems)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_s3_sources_imagefolder_and_tars_give_same_shards(s3, small_tree, tmp_path):
     storage.copy_tree(str(small_tree), s3.url("sources/tree"))
@@ -82,6 +84,7 @@ shard_dataset(sys.argv[1], sys.argv[2], name="d", shard_size=300, seed=9, on_sha
 """
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(150)
 def test_killed_s3_writer_rerun_finishes_identically(s3, digits_tree, tmp_path):
     url = s3.url("datasets/crash")
@@ -100,6 +103,7 @@ def test_killed_s3_writer_rerun_finishes_identically(s3, digits_tree, tmp_path):
         assert storage.read_bytes(f"{url}/{shard['name']}") == (tmp_path / "ref" / shard["name"]).read_bytes()
 
 
+@pytest.mark.integration
 def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree, monkeypatch, capsys):
     from pipeline.cli import main
 
@@ -122,6 +126,7 @@ def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree, monkeypatch, c
     assert len(errors) == 1 and "--strict" in errors[0] and "broken.jpg" in errors[0]
 
 
+@pytest.mark.integration
 def test_one_line_errors_for_bucket_credentials_and_endpoint(s3, small_tree, monkeypatch, tmp_path):
     with pytest.raises(ShardError, match="bucket 'missing-bucket' does not exist") as err:
         shard_dataset(str(small_tree), "s3://missing-bucket/x")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VITPIPE = Path(sys.executable).parent / "vitpipe"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def base(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")
@@ -43,6 +43,7 @@ def test_roundtrip_list_copy_delete(base, tmp_path):
         storage.read_bytes(storage.join(base, "missing.bin"))
 
 
+@pytest.mark.integration
 def test_big_upload_download_streams(s3, tmp_path):
     storage.configure(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
     try:
@@ -61,6 +62,7 @@ def test_big_upload_download_streams(s3, tmp_path):
         storage.configure(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
 
 
+@pytest.mark.integration
 def test_one_line_errors_for_bucket_credentials_endpoint(s3, monkeypatch):
     with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
         storage.read_bytes("s3://no-such-bucket/x")

@@ -24,9 +24,10 @@ import pytest
 from pipeline.launcher import LaunchError, launch, make_run_config
 from shards import storage
 from vit.runs import RunFolder
+from vit.status import read_status, status_path
 
 TOTAL = 36
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
 def free_port() -> int:
@@ -48,15 +49,15 @@ def digits_cfg(data, out, run_id, *, nproc=1, sets=(), **kw):
 @pytest.fixture(scope="module")
 def fault_and_resume(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    cfg = digits_cfg(digits_shards, out, "fault", nproc=2, sets=["fail_at_step=20", "fail_rank=1", "log_keys=true"])
-    with pytest.raises(LaunchError) as info:
-        launch(cfg, timeout=300)
+    cfg = digits_cfg(digits_shards, out, "fault", nproc=2)
+    with pytest.raises(LaunchError) as info:  # test-only fault injection: never in the run config
+        launch(cfg, timeout=300, env={"VITPIPE_FAULT": "step=20:fail:rank=1:keys"})
     run = RunFolder(cfg.run_url)
     first_metrics = read_metrics(run.metrics)
     latest_after_fault = run.latest_checkpoint()
-    status_after_fault = json.loads(Path(run.run_json).read_text())
-    resumed = digits_cfg(digits_shards, out, "fault", nproc=1, sets=["log_keys=true"])
-    result = launch(resumed, timeout=300)
+    status_after_fault = read_status(status_path(cfg.log_dir, 0))
+    resumed = digits_cfg(digits_shards, out, "fault", nproc=1)
+    result = launch(resumed, timeout=300, env={"VITPIPE_FAULT": "keys"})
     return {"error": info.value, "run": run, "first_metrics": first_metrics, "latest_after_fault": latest_after_fault,
             "status_after_fault": status_after_fault,
             "result": result, "out": out}
@@ -64,11 +65,16 @@ def fault_and_resume(digits_shards, tmp_path_factory):
 
 def test_failed_rank_is_reported_with_exit_code_and_log(fault_and_resume):
     err = fault_and_resume["error"]
-    assert err.rank == 1 and err.exit_code == 13
-    assert "fault injection: rank 1" in err.log_tail and "rank 1 failed with exit code 13" in str(err)
+    assert err.rank == 1 and err.rank_exit_code == 13 and err.transient
+    assert "rank 1 failed with exit code 13: fault injection after step 20" in str(err) and "\n" not in str(err)
+    assert "fault injection: rank 1" in err.log_tail  # the rank's own log, for the human
     assert fault_and_resume["latest_after_fault"] == "step00000020"
-    meta = fault_and_resume["status_after_fault"]
-    assert meta["status"] == "failed" and "rank 1 failed with exit code 13" in meta["metrics"]["error"]
+    rank0 = fault_and_resume["status_after_fault"]  # what rank 0 reported, structured
+    assert rank0[0]["event"] == "started" and rank0[0]["world_size"] == 2
+    assert [r["step"] for r in rank0 if r["event"] == "step"] == list(range(1, 21))
+    assert {"loss", "images_per_sec", "corrupt", "samples"} <= set(rank0[1])
+    assert [r["step"] for r in rank0 if r["event"] == "checkpoint"] == [10, 20]
+    assert rank0[-1]["event"] == "terminated"  # stopped by the launcher when rank 1 died
 
 
 def test_two_ranks_loss_falls(fault_and_resume):
@@ -84,8 +90,9 @@ def test_resume_on_one_rank_finishes_the_planned_steps(fault_and_resume):
     assert [int(r["step"]) for r in rows] == list(range(1, TOTAL + 1))
     assert {"step", "epoch", "loss", "lr", "images_per_sec", "mfu"} <= set(rows[0])
     assert rows[:20] == fault_and_resume["first_metrics"]  # the pre-fault history is kept, not re-logged
-    meta = json.loads(Path(run.run_json).read_text())
-    assert meta["status"] == "complete" and meta["metrics"]["steps"] == TOTAL
+    final = fault_and_resume["result"].final
+    assert final["event"] == "finished" and final["steps"] == TOTAL and final["corrupt"] == 0
+    assert not os.path.exists(run.run_json)  # the launcher and the ranks never write run.json: the stage layer does
     assert os.path.exists(run.model) and os.path.exists(run.model_config)
     assert run.latest_checkpoint() == f"step{TOTAL:08d}"
     log = Path(fault_and_resume["result"].rank_logs[0]).read_text()
@@ -162,8 +169,7 @@ def test_two_nodes_over_loopback_to_s3(digits_shards, s3, tmp_path):
 
 
 def test_stall_watchdog_kills_a_hung_launch(digits_shards, tmp_path):
-    cfg = digits_cfg(digits_shards, tmp_path, "hang", sets=["hang_at_step=2", "fail_rank=0"])
-    with pytest.raises(LaunchError, match="stalled: .* got no new step for 6s"):
-        launch(cfg, stall_timeout=6, timeout=300)
-    assert storage.read_json(RunFolder(cfg.run_url).run_json)["status"] == "failed"
+    cfg = digits_cfg(digits_shards, tmp_path, "hang")
+    with pytest.raises(LaunchError, match="stalled: rank 0 reported no new step for 6s"):
+        launch(cfg, stall_timeout=6, timeout=300, env={"VITPIPE_FAULT": "step=2:hang"})
     assert int(read_metrics(RunFolder(cfg.run_url).metrics)[-1]["step"]) == 2

@@ -50,6 +50,7 @@ def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_finetune_digits_from_pretrained_weights(digits_shards, tmp_path):
     save_model(quick_pretrain(digits_shards), str(tmp_path / "pretrained"))

@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shards import storage
-from vit.interop import adapt_model, from_timm_state_dict, load_big_vision_npz, load_state_dict_strict
+from vit.interop import CheckpointError, adapt_model, from_timm_state_dict, load_big_vision_npz, load_state_dict_strict
 from vit.model import VisionTransformer, model_from_config
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source}: no state dict of tensors inside (top-level type {type(obj).__name__})")
+        raise CheckpointError(f"{source}: no state dict of tensors inside (top-level type {type(obj).__name__})")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
@@ -57,7 +57,7 @@ def _torch_load(source: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         first = next((ln for ln in lines if "global" in ln.lower()), lines[0])
-        raise ValueError(f"{source}: refused to unpickle: the file holds more than tensors (it could run "
+        raise CheckpointError(f"{source}: refused to unpickle: the file holds more than tensors (it could run "
                          f"code on load: {first[:160]}); convert it to .safetensors where it was made") from None
     return _unwrap(obj, source)
 
@@ -89,20 +89,20 @@ def load_model(source: str | os.PathLike, *, img_size: int | tuple[int, int] | N
                                     mode=mode, source=source, **overrides)
     cfg_url, w_url = storage.join(source, CONFIG), storage.join(source, WEIGHTS)
     if not storage.exists(cfg_url):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{source}: no {CONFIG} there; expected a run folder / directory written by "
             f"vit.checkpoint.save_model, or a .pth/.pt/.safetensors/.npz file")
     if not storage.exists(w_url):
-        raise FileNotFoundError(f"{source}: {CONFIG} is there but {WEIGHTS} is missing")
+        raise CheckpointError(f"{source}: {CONFIG} is there but {WEIGHTS} is missing")
     if name is not None or overrides:
-        raise ValueError(f"{source}: a saved model carries its own config; name=/overrides are not used "
+        raise CheckpointError(f"{source}: a saved model carries its own config; name=/overrides are not used "
                          "(use img_size=/num_classes= to adapt it)")
     try:
         cfg = storage.read_json(cfg_url)
         with torch.device("meta"):
             model = model_from_config(cfg)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_url}: bad model config: {e}") from None
+        raise CheckpointError(f"{cfg_url}: bad model config: {e}") from None
     model = model.to_empty(device="cpu")
     load_state_dict_strict(model, st_load(storage.read_bytes(w_url)), source=w_url)
     return adapt_model(model, img_size=img_size, num_classes=num_classes, mode=mode)

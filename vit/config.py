@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.errors import VitpipeError
 
-class ConfigError(ValueError):
+
+class ConfigError(VitpipeError, ValueError):
     """A run config that cannot work; the message says which field and how to fix it."""
 
 
@@ -66,9 +69,13 @@ class DataConfig:
     lanes: int = 8
     augment: str = "pretrain"  # pretrain | finetune | none
     label_mode: str = "auto"  # auto | softmax | sigmoid
+    # the run fails when more than this share of the samples seen could not be read (each is replaced
+    # by a neighbour, so a few are harmless; many mean a broken dataset: run `vitpipe verify`)
+    max_corrupt_share: float = 0.001
 
     def __post_init__(self) -> None:
         _choice("data.augment", self.augment, ("pretrain", "finetune", "none"))
+        _check(0 <= self.max_corrupt_share <= 1, f"data.max_corrupt_share={self.max_corrupt_share} must be in [0, 1]")
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.lanes >= 1, "data.lanes must be >= 1")
@@ -245,10 +252,6 @@ class RunConfig:
     peak_flops: float | None = None  # per-rank peak FLOP/s for MFU; None: measured (CPU) / table (GPU)
     local_dir: str | None = None  # local staging dir when run_url is s3:// (default: /tmp/vitpipe-runs/<run-id>)
     stop_after: int | None = None  # end this launch cleanly after this step (time-boxed jobs); resume later
-    log_keys: bool = False  # tests: write the sample keys each rank consumed per step
-    fail_at_step: int | None = None  # tests only: a rank exits with code 13 after this step
-    fail_rank: int = 0
-    hang_at_step: int | None = None  # tests only: rank `fail_rank` stops making progress after this step
     parent: str | None = None  # parent run id (finetune: the pretrain run)
 
     def __post_init__(self) -> None:
@@ -270,6 +273,19 @@ class RunConfig:
         _check(bool(self.run_url), "run_url is empty; pass --out RUNS_ROOT")
         if self.task == "finetune":
             _check(bool(self.init_from), "task=finetune needs init_from (a run folder, model dir, timm or big_vision file)")
+
+    @property
+    def local_run_dir(self) -> str:
+        """Where ranks on this node keep their working copy of the run (the run folder itself when local)."""
+        if self.local_dir:
+            return self.local_dir
+        run_id = self.run_url.rstrip("/").rsplit("/", 1)[-1]
+        return f"/tmp/vitpipe-runs/{run_id}" if self.run_url.startswith("s3://") else self.run_url
+
+    @property
+    def log_dir(self) -> str:
+        """This node's rank logs and status files."""
+        return self.launch.log_dir or os.path.join(self.local_run_dir, "logs", f"node{self.launch.node_rank or 0}")
 
     @property
     def grad_accum(self) -> int:

@@ -25,6 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.errors import VitpipeError
+
+
+class EvalError(VitpipeError, ValueError):
+    """An evaluation that cannot work with this model and dataset (names both and what to do)."""
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -120,7 +126,7 @@ class _Sums:
         logits = logits.detach().float().cpu()
         targets = targets.detach().cpu()
         if logits.shape[1] != self.num_classes:
-            raise ValueError(
+            raise EvalError(
                 f"the model has {logits.shape[1]} outputs but the dataset has {self.num_classes} classes; "
                 "evaluate a model fine-tuned on this class index (or re-shard with the model's --classes FILE)"
             )
@@ -156,7 +162,7 @@ class _Sums:
 
     def metrics(self, class_names: list[str]) -> dict:
         if self.count == 0:
-            raise ValueError("evaluation saw no samples: the dataset is empty")
+            raise EvalError("evaluation saw no samples: the dataset is empty")
         out: dict[str, Any] = {"count": self.count, "num_classes": self.num_classes, "multi_label": self.multi_label}
         if self.multi_label:
             scores = np.concatenate(self.scores)
@@ -217,11 +223,11 @@ def evaluate_model(
     manifest = load_manifest(dataset_url)
     classes = list(manifest["classes"])
     if class_names is not None and list(class_names) != classes:
-        raise ValueError(f"class_names given to evaluate_model differ from the class index of {dataset_url}")
+        raise EvalError(f"class_names given to evaluate_model differ from the class index of {dataset_url}")
     multi_label = bool(manifest.get("multi_label", False))
     model_classes = _model_num_classes(model)
     if model_classes is not None and model_classes != len(classes):
-        raise ValueError(
+        raise EvalError(
             f"the model has {model_classes} classes but {dataset_url} has {len(classes)}; "
             "evaluate a model fine-tuned on this dataset's class index (or shard it with --classes FILE)"
         )
@@ -335,7 +341,7 @@ def check_same_class_index(train_url: str, val_url: str) -> list[str]:
         i = min(len(train), len(val))
         longer, extra = (train_url, train[i]) if len(train) > len(val) else (val_url, val[i])
         where = f"{train_url} has {len(train)} classes and {val_url} has {len(val)}; first extra entry {i} is {extra!r} in {longer}"
-    raise ValueError(
+    raise EvalError(
         f"class index mismatch between training data and validation data: {where}; "
         "shard both with the same `vitpipe shard --classes FILE` so label ids mean the same class"
     )
@@ -358,9 +364,9 @@ class EvalJob:
 
     def __post_init__(self):
         if not self.source or not self.data:
-            raise ValueError("EvalJob needs `source` (a checkpoint or run) and `data` (a dataset URL)")
+            raise EvalError("EvalJob needs `source` (a checkpoint or run) and `data` (a dataset URL)")
         if self.batch_size < 1:
-            raise ValueError(f"EvalJob.batch_size must be >= 1, got {self.batch_size}")
+            raise EvalError(f"EvalJob.batch_size must be >= 1, got {self.batch_size}")
 
 
 def run_eval_job(job: EvalJob, *, rank: int = 0, world_size: int = 1) -> dict:
@@ -389,7 +395,7 @@ def _model_img_size(model: torch.nn.Module) -> int:
     cfg = getattr(model, "config", None) or {}
     size = cfg.get("img_size")
     if size is None:
-        raise ValueError("the checkpoint does not record its img_size; pass --img-size")
+        raise EvalError("the checkpoint does not record its img_size; pass --img-size")
     return int(size if isinstance(size, int) else size[0])
 
 

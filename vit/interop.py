@@ -37,9 +37,14 @@ import torch
 from einops import rearrange
 
 from shards import storage
+from shards.errors import VitpipeError
 
 from vit.model import VisionTransformer, ViTConfig, list_models, model_args
 from vit.surgery import prepare_for_finetune, resize_model
+
+
+class CheckpointError(VitpipeError, ValueError):
+    """Weights that cannot be loaded as a ViT of this project (names the file and what to do)."""
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ def load_state_dict_strict(model: VisionTransformer, state_dict: Mapping[str, to
         parts = [f"missing keys: {short(missing)}" if missing else "",
                  f"unexpected keys: {short(unexpected)}" if unexpected else "",
                  f"shape mismatch: {short(shapes)}" if shapes else ""]
-        raise ValueError(f"{source}: weights do not fit {model.cfg.name or 'the model'} ("
+        raise CheckpointError(f"{source}: weights do not fit {model.cfg.name or 'the model'} ("
                          + "; ".join(p for p in parts if p)
                          + "); is this a ViT checkpoint of the same architecture?")
     model.load_state_dict(state_dict, strict=True)
@@ -107,10 +112,10 @@ def _infer_config(shapes: Mapping[str, tuple[int, ...]], name: str | None,
     """Architecture from tensor shapes (timm key names), completed by registry ``name``."""
     if "patch_embed.proj.weight" not in shapes or "pos_embed" not in shapes:
         found = ", ".join(sorted(shapes)[:6])
-        raise ValueError(f"{source}: not a ViT state dict (no patch_embed.proj.weight / pos_embed; "
+        raise CheckpointError(f"{source}: not a ViT state dict (no patch_embed.proj.weight / pos_embed; "
                          f"found {found}, ...)")
     if "fc_norm.weight" in shapes:
-        raise ValueError(f"{source}: has fc_norm (timm global_pool='avg' with norm after pooling), "
+        raise CheckpointError(f"{source}: has fc_norm (timm global_pool='avg' with norm after pooling), "
                          "which this ViT does not implement; export it with fc_norm=False")
     d, c, p, _ = shapes["patch_embed.proj.weight"]
     depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
@@ -136,12 +141,12 @@ def _infer_config(shapes: Mapping[str, tuple[int, ...]], name: str | None,
     if name is not None:
         base = model_args(name)
     elif "num_heads" not in overrides:
-        raise ValueError(f"{source}: embed_dim={d}, depth={depth}, patch={p} matches no registry model; "
+        raise CheckpointError(f"{source}: embed_dim={d}, depth={depth}, patch={p} matches no registry model; "
                          "pass name=... or num_heads=...")
     img_size = overrides.pop("checkpoint_img_size", None)
     if img_size is None:
         if side * side != n_patch:
-            raise ValueError(f"{source}: {n_patch} position embeddings are not a square grid; "
+            raise CheckpointError(f"{source}: {n_patch} position embeddings are not a square grid; "
                              "pass checkpoint_img_size=(h, w)")
         img_size = side * p
     args = {**base, **inferred, **overrides}
@@ -177,10 +182,10 @@ def _layout(keys: set[str]) -> tuple[str, str, dict[str, str]]:
         if f"{prefix}embedding/kernel" in keys:
             break
     else:
-        raise ValueError("no 'embedding/kernel' in the .npz: not a ViT checkpoint from "
+        raise CheckpointError("no 'embedding/kernel' in the .npz: not a ViT checkpoint from "
                          "google-research/vision_transformer or big_vision")
     if f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in keys:
-        raise ValueError("scanned big_vision checkpoint (Transformer/encoderblock/ stacked over "
+        raise CheckpointError("scanned big_vision checkpoint (Transformer/encoderblock/ stacked over "
                          "depth) is not supported; export it unscanned")
     big_vision = f"{prefix}pos_embedding" in keys
     pos = f"{prefix}pos_embedding" if big_vision else f"{prefix}Transformer/posembed_input/pos_embedding"
@@ -197,7 +202,7 @@ def npz_to_timm_state_dict(w: Mapping[str, np.ndarray]) -> tuple[dict[str, torch
     def t(key: str) -> torch.Tensor:
         full = prefix + key
         if full not in w:
-            raise ValueError(f"missing key {full!r} in the .npz")
+            raise CheckpointError(f"missing key {full!r} in the .npz")
         return torch.from_numpy(np.asarray(w[full], dtype=np.float32).copy())
 
     pe = t(pos_key[len(prefix):])
@@ -213,7 +218,7 @@ def npz_to_timm_state_dict(w: Mapping[str, np.ndarray]) -> tuple[dict[str, torch
     blocks = sorted({int(m.group(1)) for k in w
                      if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", k))})
     if blocks != list(range(len(blocks))):
-        raise ValueError(f"encoder blocks in the .npz are not 0..n-1: {blocks}")
+        raise CheckpointError(f"encoder blocks in the .npz are not 0..n-1: {blocks}")
     heads = 0
     for i in blocks:
         b, mha, mlp = f"Transformer/encoderblock_{i}/", f"Transformer/encoderblock_{i}/{sub['mha']}/", \
@@ -257,7 +262,7 @@ def load_big_vision_npz(path: str | os.PathLike, name: str | None = None, *,
     try:
         sd, heads = npz_to_timm_state_dict(arrays)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
     overrides.setdefault("num_heads", heads)
     return from_timm_state_dict(sd, name, img_size=img_size, num_classes=num_classes, mode=mode,
                                 source=str(path), **overrides)

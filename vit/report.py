@@ -26,6 +26,7 @@ from einops import rearrange
 from PIL import Image
 
 from shards import storage
+from shards.errors import VitpipeError
 from shards.format import IMAGE_EXTS
 from vit import figures as F
 from vit.augment import INCEPTION_MEAN, INCEPTION_STD, normalize
@@ -39,7 +40,7 @@ _SKIP_COLUMNS = {"step", "epoch", "time", "timestamp", "wall", "wall_time", "ela
 _MAX_CURVES = 9
 
 
-class ReportError(RuntimeError):
+class ReportError(VitpipeError):
     """Bad input to the report: names the file or URL and what to do."""
 
 

@@ -3,11 +3,20 @@
     python -m vit.train --config CONFIG_JSON_PATH_OR_URL
 
 One loop for pretraining and fine-tuning (`task`), driven by a `vit.config.RunConfig`.
-Rank 0 writes metrics.csv / TensorBoard / run.json; every rank takes part in DeepSpeed
+Every rank reports to the launcher through its status file (`vit.status`); rank 0 also writes
+metrics.csv / TensorBoard and the final weights (run.json belongs to the stage layer,
+`pipeline.stages`). Every rank takes part in DeepSpeed
 checkpoints, which go to `<run>/checkpoints/` (synced to object storage after each save).
 A run whose folder already holds a checkpoint resumes from the latest one, also on a
 different world size (through DeepSpeed's universal checkpoint when ZeRO shards the
 optimizer state).
+
+Corrupt samples (replaced by a neighbour in the batch) are counted over all ranks; above
+`data.max_corrupt_share` of the samples seen, the run fails naming the shards.
+
+Test-only fault injection: VITPIPE_FAULT, read once in `main`: `step=N:fail` (exit 13 after
+step N), `step=N:hang`, optionally `:rank=R` (default 0); `keys` writes the sample keys each rank
+consumed per step to <run>/keys/rank<R>.jsonl. Not a user setting.
 
 metrics.csv `mfu` is an ESTIMATE: flops_per_image x 3 x images/s / (peak x ranks), where peak is
 `peak_flops` from the config, else a GEMM measured at start-up (CPU) or the A100 table value (GPU).
@@ -30,12 +39,43 @@ import torch
 import torch.nn.functional as F
 
 from shards import storage
+from shards.errors import JobFailed, VitpipeError
 from vit.config import RunConfig, deepspeed_config
 from vit.runs import RunFolder
+from vit.status import StatusWriter, status_path
 
 METRIC_FIELDS = ["step", "epoch", "loss", "lr", "images_per_sec", "mfu"]
 GPU_PEAK_FLOPS = {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}  # A100 dense; unverified on GPU
 FAULT_EXIT_CODE = 13
+
+
+class CorruptData(JobFailed):
+    """Too many samples could not be read: the dataset is broken (a relaunch would not help)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test-only fault injection (VITPIPE_FAULT): `action` ("fail" | "hang") on `rank` after `step`."""
+
+    step: int | None = None
+    action: str | None = None
+    rank: int = 0
+    keys: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        fields: dict = {}
+        for part in filter(None, text.split(":")):
+            name, _, value = part.partition("=")
+            if name in ("fail", "hang"):
+                fields["action"] = name
+            elif name == "keys":
+                fields["keys"] = True
+            elif name in ("step", "rank") and value.isdigit():
+                fields[name] = int(value)
+            else:
+                raise SystemExit(f"VITPIPE_FAULT={text!r}: unknown part {part!r} (test-only: step=N:fail|hang[:rank=R][:keys])")
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -118,7 +158,7 @@ class RunIO:
     def __init__(self, cfg: RunConfig, dist: Dist) -> None:
         self.run = RunFolder(cfg.run_url)
         self.remote = storage.is_s3(cfg.run_url)
-        self.local = cfg.local_dir or (f"/tmp/vitpipe-runs/{self.run.run_id}" if self.remote else cfg.run_url)
+        self.local = cfg.local_run_dir
         self.dist = dist
         os.makedirs(self.ckpt_dir, exist_ok=True)
 
@@ -236,7 +276,26 @@ def batches_from(stream, *, start_step: int) -> Iterator[tuple[int, int, Any]]:
         epoch, s = epoch + 1, 0
 
 
-def train(cfg: RunConfig, dist_info: Dist) -> dict:
+def corrupt_check(stream, cfg: RunConfig, *, samples: int, world: int) -> int:
+    """All ranks: the corrupt samples seen so far by every rank; raise CorruptData above the allowed share."""
+    import deepspeed.comm as dist
+
+    count = torch.tensor([len(stream.corrupt)], dtype=torch.long)
+    dist.all_reduce(count)
+    total = int(count.item())
+    if samples and total > cfg.data.max_corrupt_share * samples:
+        names = [sorted({key.split("#", 1)[0] if "#" in key else key for key, _ in stream.corrupt})]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, names[0])
+        where = sorted({n for part in gathered for n in part})
+        raise CorruptData(
+            f"{total} of {samples} samples seen could not be read (> data.max_corrupt_share={cfg.data.max_corrupt_share}); "
+            f"in {', '.join(where[:8])}{' ...' if len(where) > 8 else ''} of {cfg.data.url}; run `vitpipe verify` on it "
+            "and re-shard, or raise data.max_corrupt_share")
+    return total
+
+
+def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault = Fault()) -> dict:
     import deepspeed
     import deepspeed.comm as dist
     from vit.data import TrainStream
@@ -256,7 +315,7 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
     # --- where to start
     tag = None if cfg.checkpoint.resume == "never" else run.latest_checkpoint()
     if cfg.checkpoint.resume == "must" and tag is None:
-        raise SystemExit(f"[vit.train] checkpoint.resume=must but {run.checkpoints} holds no checkpoint")
+        raise JobFailed(f"checkpoint.resume=must but {run.checkpoints} holds no checkpoint")
     if tag and dist_info.local_rank == 0:
         io.pull_checkpoint(tag)
     dist.barrier()
@@ -301,12 +360,12 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
 
     # --- rank-0 outputs
     metrics = None
+    total = cfg.schedule.total_steps
+    status.write("started", rank=rank, world_size=world, start_step=start_step, total_steps=total)
     if is0:
-        storage.write_json(run.config, cfg.to_dict())
-        run.start(kind=cfg.task, parent=cfg.parent, lineage=_lineage(cfg))
         metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step)
     keys_file = None
-    if cfg.log_keys:
+    if fault.keys:
         os.makedirs(os.path.join(io.local, "keys"), exist_ok=True)
         keys_file = open(os.path.join(io.local, "keys", f"rank{rank}.jsonl"), "a")
     flops_per_image = engine.module.flops_per_image()
@@ -314,7 +373,8 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
         cfg.launch.resolved_precision(accelerator), 312e12))
 
     # --- loop
-    accum, total = cfg.grad_accum, cfg.schedule.total_steps
+    accum = cfg.grad_accum
+    corrupt = 0
     spe = stream.steps_per_epoch
     last_loss = float("nan")
     if is0:
@@ -341,6 +401,10 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
         if keys_file:
             keys_file.write(_json_line({"step": step, "epoch": epoch, "world_size": world, "keys": list(batch.keys)}))
             keys_file.flush()
+        samples = (done - start_step) * cfg.batch.global_batch_size
+        logging_step = done % cfg.log_every == 0 or done == total
+        if logging_step:
+            corrupt = corrupt_check(stream, cfg, samples=samples, world=world)
         if is0:
             now = time.perf_counter()
             ips = cfg.batch.global_batch_size / max(now - t_last, 1e-9)
@@ -349,10 +413,12 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
             if step == 0:
                 k = stream.num_classes
                 log(f"[vit.train] first loss {last_loss:.4f} (ln K = ln {k} = {math.log(k):.4f})")
-            if done % cfg.log_every == 0 or done == total:
+            if logging_step:
                 metrics.write({"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
                                "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"})
                 log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
+                status.write("step", step=done, total_steps=total, epoch=epoch, loss=round(last_loss, 6), lr=lr,
+                             images_per_sec=round(ips, 2), corrupt=corrupt, samples=samples)
         stopping = cfg.stop_after is not None and cfg.stop_after <= done < total
         if done % cfg.checkpoint.every_steps == 0 or done == total or stopping:
             ckpt_tag = f"step{done:08d}"
@@ -362,10 +428,12 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
             io.push_checkpoint(ckpt_tag)
             if is0:
                 log(f"[vit.train] checkpoint {ckpt_tag} saved")
-        if cfg.fail_at_step is not None and done == cfg.fail_at_step and rank == cfg.fail_rank:
+                status.write("checkpoint", step=done, tag=ckpt_tag)
+        if fault.step == done and rank == fault.rank and fault.action == "fail":
             log(f"[vit.train] fault injection: rank {rank} exits with code {FAULT_EXIT_CODE} after step {done}")
+            status.write("failed", error=f"fault injection after step {done}", exit_code=FAULT_EXIT_CODE, transient=True)
             os._exit(FAULT_EXIT_CODE)
-        if cfg.hang_at_step is not None and done == cfg.hang_at_step and rank == cfg.fail_rank:
+        if fault.step == done and rank == fault.rank and fault.action == "hang":
             log(f"[vit.train] fault injection: rank {rank} hangs after step {done}")
             while True:
                 time.sleep(60)
@@ -374,13 +442,14 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
                 metrics.close()
                 io.push_logs()
                 log(f"[vit.train] stop_after={cfg.stop_after}: stopping at step {done} of {total}; rerun to resume")
+            status.write("stopped", step=done, total_steps=total, final_loss=last_loss, corrupt=corrupt, samples=samples)
             dist.barrier()
             return {"final_loss": last_loss, "steps": done}
 
     # --- final weights, then run.json complete last
     if keys_file:
         keys_file.close()
-    result = {"final_loss": last_loss, "steps": total}
+    result = {"final_loss": last_loss, "steps": total, "corrupt_samples": corrupt}
     from vit.checkpoint import save_model
 
     with _full_params(engine, zero_stage=cfg.launch.zero_stage):  # every rank takes part under ZeRO-3
@@ -389,9 +458,10 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
     if is0:
         metrics.close()
         io.push_logs()
-        run.finish(status="complete", metrics=result)
         log(f"[vit.train] done: {run.url} (final loss {last_loss:.4f})")
     dist.barrier()
+    status.write("finished", steps=total, final_loss=last_loss, corrupt=corrupt,
+                 samples=(total - start_step) * cfg.batch.global_batch_size)
     return result
 
 
@@ -419,21 +489,13 @@ def _saved_world_size(tag_dir: str) -> int:
     return 1
 
 
-def _lineage(cfg: RunConfig) -> dict:
-    lineage = {"dataset_url": cfg.data.url}
-    try:
-        manifest_url = storage.join(cfg.data.url, "manifest.json")
-        lineage["manifest_sha256"] = storage.sha256_url(manifest_url)
-        lineage["source_fingerprint"] = storage.read_json(manifest_url).get("source", {}).get("fingerprint")
-    except Exception as err:  # noqa: BLE001 - lineage is informative; training already read the manifest
-        log(f"[vit.train] lineage: {err}")
-    return lineage
+def _terminated(status: StatusWriter):
+    def handler(signum, frame) -> None:  # the launcher terminates the surviving ranks when one fails
+        status.write("terminated", signal=signum)
+        log(f"[vit.train] rank {os.environ.get('RANK', '?')} terminated by the launcher (signal {signum})")
+        os._exit(128 + signum)
 
-
-def _on_sigterm(signum, frame) -> None:
-    # the launcher terminates the surviving ranks when one fails; say so in this rank's log
-    log(f"[vit.train] rank {os.environ.get('RANK', '?')} terminated by the launcher (signal {signum})")
-    os._exit(128 + signum)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,11 +511,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if env.get("AWS_ENDPOINT_URL"):
         storage.configure(endpoint_url=env["AWS_ENDPOINT_URL"])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    cfg = RunConfig.from_dict(storage.read_json(args.config))
+    status = StatusWriter(status_path(cfg.log_dir, dist_info.rank))
+    signal.signal(signal.SIGTERM, _terminated(status))
     # if SIGTERM arrives while blocked in a collective, the Python handler cannot run: dump stacks from C
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    cfg = RunConfig.from_dict(storage.read_json(args.config))
-    train(cfg, dist_info)
+    try:
+        train(cfg, dist_info, status=status, fault=Fault.parse(env.get("VITPIPE_FAULT", "")))
+    except Exception as err:
+        line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        status.write("failed", error=line, transient=err.transient if isinstance(err, VitpipeError) else True)
+        raise
     return 0
 
 
