@@ -282,7 +282,14 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
     run = RunFolder(cfg.run_url)
     return LaunchResult(run_id=run.run_id, run_url=run.url, returncode=0, duration_s=time.monotonic() - t0,
                         log_dir=logs, rank_logs=_rank_logs(logs),
-                        final=last(read_status(status_path(logs, 0)), "finished", "stopped") or {})
+                        final=_final(logs))
+
+
+def _final(logs: str) -> dict:
+    """The end record of the lowest rank on this node (rank 0 on node 0): finished or stopped."""
+    ranks = sorted(int(re.search(r"status-rank(\d+)\.jsonl$", p).group(1))
+                   for p in glob.glob(os.path.join(logs, "status-rank*.jsonl")))
+    return next((end for r in ranks if (end := last(read_status(status_path(logs, r)), "finished", "stopped"))), {})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -64,12 +64,11 @@ def test_finetune_digits_from_pretrained_weights(digits_shards, tmp_path):
     rows = list(csv.DictReader(open(run.metrics)))
     assert [int(r["step"]) for r in rows] == list(range(1, 17))
     assert sum(float(r["loss"]) for r in rows[-4:]) / 4 < math.log(10) - 0.3
-    meta = json.loads(Path(run.run_json).read_text())
-    assert meta["status"] == "complete" and meta["kind"] == "finetune" and meta["parent"] == "pretrain-x"
+    assert result.final["event"] == "finished" and result.final["steps"] == 16  # rank 0's status record
     tuned = load_model(run.url)
     assert tuned.config["num_classes"] == 10 and list(tuned.config["img_size"]) == [32, 32]
     assert tuned.config["representation_size"] is None  # pre-logits dropped for fine-tuning
-    cfg_json = json.loads(Path(run.config).read_text())
+    cfg_json = json.loads(Path(run.url, "launch", "config-node0.json").read_text())  # what the ranks were given
     assert cfg_json["optim"]["name"] == "sgd" and cfg_json["optim"]["weight_decay"] == 0.0
 
 
