@@ -204,6 +204,7 @@ def finetune(
     eval_batch_size: int = 64,
     stall_timeout: float | None = None,
     log=print,
+    nnodes: int | None = None,
 ) -> dict:
     """Fine-tune `pretrained` on `data` through the training launcher, evaluate on `val_data`.
 
@@ -223,7 +224,7 @@ def finetune(
         items.append(f"model.img_size={int(img_size)}")
     cfg = make_run_config(
         preset, data=data, out=out, run_id=run_id, nproc=nproc, steps=steps, init_from=source,
-        parent=parent_run_id(source), sets=items,
+        parent=parent_run_id(source), sets=items, nnodes=nnodes,
     )
     if cfg.task != "finetune":
         raise FinetuneError(f"preset {preset} is a pretraining preset (task={cfg.task}); pick a fine-tune preset (*_ft)")
@@ -274,6 +275,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="runs root; the run goes to OUT/runs/<run-id>/")
     p.add_argument("--img-size", type=int, default=None, help="fine-tune resolution (default: the preset's)")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the preset's)")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes (with --check: the cluster size to validate for)")
+    p.add_argument("--check", action="store_true",
+                   help="resolve and validate the run config for --nnodes x --nproc, print it, exit (--pretrained is "
+                   "not opened; nothing is launched)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--run-id", default=None, help="run id (default: new)")
     p.add_argument("--stall-timeout", type=float, default=None, help="kill the run if no step is logged for this many s")
@@ -308,11 +313,19 @@ def _expected(err: Exception) -> bool:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    if args.check:
+        from pipeline.cluster import check_command
+        from pipeline.launcher import make_run_config
+
+        sets = args.sets + ([f"model.img_size={args.img_size}"] if args.img_size is not None else [])
+        return check_command(lambda: make_run_config(
+            args.preset, data=args.data, out=args.out, run_id=args.run_id, nproc=args.nproc, steps=args.steps,
+            init_from=args.pretrained, sets=sets, nnodes=args.nnodes, check_only=True))
     try:
         summary = finetune(
             preset=args.preset, pretrained=args.pretrained, data=args.data, out=args.out, val_data=args.val_data,
             img_size=args.img_size, nproc=args.nproc, steps=args.steps, run_id=args.run_id, sets=args.sets,
-            stall_timeout=args.stall_timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
+            stall_timeout=args.stall_timeout, log=lambda m: print(m, file=sys.stderr, flush=True), nnodes=args.nnodes,
         )
     except Exception as err:  # one-line errors for bad input; real bugs keep their traceback
         if _expected(err):

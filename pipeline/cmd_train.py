@@ -9,7 +9,11 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     """The launch flags shared by `vitpipe pretrain` (and usable by `vitpipe finetune`)."""
     p.add_argument("--data", required=True, help="dataset URL (folder or s3:// prefix holding manifest.json)")
     p.add_argument("--out", required=True, help="runs root; the run goes to OUT/runs/<run-id>/")
-    p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the preset's)")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the preset's, or the hostfile's slots)")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="number of nodes (with --no-ssh and no hostfile: every node's launcher passes the same N)")
+    p.add_argument("--check", action="store_true",
+                   help="resolve and validate the run config for this cluster size, print it, exit (nothing is launched)")
     p.add_argument("--run-id", default=None, help="run id (default: new); an existing run with checkpoints resumes")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")
     p.add_argument("--hostfile", default=None, help="MPI-style hostfile: one 'HOST slots=N' line per node")
@@ -35,13 +39,20 @@ def run_from_args(args: argparse.Namespace, *, preset: str, init_from: str | Non
     from pipeline.launcher import LaunchError, launch, make_run_config
     from vit.config import ConfigError
 
-    try:
-        cfg = make_run_config(
+    def build():
+        return make_run_config(
             preset, data=args.data, out=args.out, run_id=args.run_id, nproc=args.nproc, steps=args.steps,
             hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
             master_addr=args.master_addr, master_port=args.master_port, init_from=init_from, parent=parent,
-            sets=args.sets,
+            sets=args.sets, nnodes=args.nnodes, check_only=args.check,
         )
+
+    if args.check:
+        from pipeline.cluster import check_command
+
+        return check_command(build)
+    try:
+        cfg = build()
         print(f"run id: {cfg.run_id}")
         print(f"run folder: {cfg.run_url}", flush=True)
         result = launch(cfg, stall_timeout=args.stall_timeout)

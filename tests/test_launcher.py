@@ -89,8 +89,8 @@ def test_preflight_errors_before_any_rank_starts(tmp_path, digits_shards):
     with pytest.raises(ConfigError, match="holds no checkpoint to resume from"):
         preflight(make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path),
                                   sets=['checkpoint.resume="must"']))
-    with pytest.raises(ConfigError, match="data: .*lanes"):  # the stream's own check, before launching
-        preflight(make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path), sets=["data.lanes=3"]))
+    with pytest.raises(ConfigError, match="data: .*lanes"):  # the stream's own check (9 shards < 16 lanes), before launching
+        preflight(make_run_config("digits_tiny", data=digits_shards, out=str(tmp_path), sets=["data.lanes=16"]))
     with pytest.raises(ConfigError, match="init_from=.* does not exist"):
         preflight(make_run_config("digits_tiny_ft", data=digits_shards, out=str(tmp_path),
                                   init_from=str(tmp_path / "missing")))
@@ -102,7 +102,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, digits_shards, capsys):
                               "--nproc", "3"])
     assert args.func(args) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("vitpipe: error:") and "not divisible by ranks (3)" in err and "\n" not in err
+    assert err.startswith("vitpipe: error:") and "does not split over 3 ranks" in err and "\n" not in err
     args = parser.parse_args(["pretrain", "--preset", "nope", "--data", digits_shards, "--out", str(tmp_path)])
     assert args.func(args) == 1 and "known presets" in capsys.readouterr().err
 
