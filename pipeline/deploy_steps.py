@@ -35,3 +35,45 @@ def set_project_directory() -> dict[str, str]:
     directory = project_directory()
     os.chdir(directory)
     return {"directory": directory}
+
+
+# ----------------------------------------------------------------------------- vitpipe deploy
+
+
+def check_work_pools(deployments: list[dict], *, client) -> None:
+    """Every work pool the deployments name exists on the Prefect server (else a run would wait forever)."""
+    from prefect.exceptions import ObjectNotFound
+
+    known: dict[str, bool] = {}
+    for dep in deployments:
+        pool = (dep.get("work_pool") or {}).get("name")
+        if not pool:
+            continue
+        if pool not in known:
+            try:
+                client.read_work_pool(pool)
+                known[pool] = True
+            except ObjectNotFound:
+                known[pool] = False
+        if not known[pool]:
+            raise StepError(f"deployment {dep['name']}: work pool {pool!r} does not exist at {client.api_url}; create it "
+                            f"(prefect work-pool create {pool} --type process) and start a worker for it")
+
+
+def deploy(path: str, *, only: list[str] | None = None) -> int:
+    """`vitpipe deploy`: check the file's environment variables and work pools, then run
+    `prefect --no-prompt deploy` from the project directory (all deployments, or `only`)."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+
+    from pipeline.cmd_flows import read_deployments
+
+    path = os.path.abspath(path)
+    deployments = read_deployments(path, only=only)  # names a missing environment variable
+    with get_client(sync_client=True) as client:
+        check_work_pools(deployments, client=client)
+    names = [f"--name={d['name']}" for d in deployments] if only else ["--all"]
+    argv = [os.path.join(os.path.dirname(sys.executable), "prefect"), "--no-prompt", "deploy", *names, "--prefect-file", path]
+    return subprocess.run(argv, cwd=project_directory()).returncode

@@ -74,6 +74,17 @@ def test_env_templates_must_be_set():
     assert substitute_env({"a": ["x-{{ $V }}-y"]}, {"V": "1"}, where="t") == {"a": ["x-1-y"]}
 
 
+def test_vitpipe_deploy_names_a_missing_environment_variable(capsys, monkeypatch):
+    from pipeline.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("VITPIPE_DASK_ADDRESS")
+    assert main(["deploy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pipeline-weekly" in err and "environment variable VITPIPE_DASK_ADDRESS is not set" in err
+
+
 def test_pipeline_example_config_is_valid_and_strict(tmp_path):
     cfg = load_pipeline_config(str(DEPLOY / "pipeline.example.yaml"))
     assert isinstance(cfg, PipelineConfig)

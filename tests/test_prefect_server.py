@@ -5,7 +5,8 @@ a tmp PREFECT_HOME, free port):
 * `prefect work-pool ls`, `prefect deployment ls`, `prefect flow-run ls` work and list what exists;
 * `prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml` registers every deployment;
 * `prefect worker start --pool vitpipe-cpu --run-once` runs one of them outside a container;
-* `vitpipe serve` registers deploy/prefect.yaml's deployments with their cron schedules.
+* `vitpipe serve` registers deploy/prefect.yaml's deployments with their cron schedules (it runs
+  before `prefect deploy` of the same deployments: one server holds either kind, not both at once).
 
 These fail with the dependency set of pyproject.toml loosened (SQLAlchemy 2.1: no scheduled runs;
 fastapi >= 0.151: the CLI and client get HTTP 422).
@@ -143,6 +144,42 @@ def test_scheduler_creates_runs_that_complete(prefect_server, client, tmp_path):
     assert "Can't evaluate bulk DML" not in server_log and "Unexpected error in: Scheduler" not in server_log
 
 
+CRONS = {"shard-nightly": ["30 1 * * *"], "pretrain-weekly": ["0 3 * * 6"], "finetune-daily": ["0 6 * * *"],
+         "pipeline-weekly": ["0 2 * * 0"]}
+
+
+@pytest.mark.timeout(300)
+def test_serve_registers_scheduled_deployments_and_runs_one(prefect_server, client, digits_tree, tmp_path):
+    from prefect.deployments import run_deployment
+
+    out_root = tmp_path / "store"
+    env = _project_env(prefect_server, digits_tree, out_root)
+    log = tmp_path / "serve.log"
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    serve = _start([sys.executable, "-m", "pipeline.cli", "serve", "--file", str(ROOT / "deploy" / "prefect.yaml")],
+                   env=env, log=log)
+    try:
+        def registered():  # `vitpipe serve` creates the 4 deployments
+            deps = [d for d in client.read_deployments() if d.name in CRONS and d.updated >= started]
+            return deps if len(deps) == 4 else None
+
+        deps = _wait(registered, timeout=120, what="vitpipe serve registering 4 deployments", procs=[(serve, log)])
+        crons = {d.name: [s.schedule.cron for s in d.schedules] for d in deps}
+        assert crons == CRONS
+        assert all(s.active for d in deps for s in d.schedules)
+
+        # trigger the cheap one, with a smaller shard size than the schedule's
+        params = {"params": {"source": str(digits_tree), "url": str(out_root / "datasets" / "pretrain"),
+                             "name": "corpus", "shard_size": 500}}
+        run = run_deployment("shard_dataset/shard-nightly", parameters=params, timeout=180)
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+    finally:
+        _stop(serve)
+    manifest = storage.read_json(str(out_root / "datasets" / "pretrain" / "manifest.json"))
+    assert manifest["num_samples"] == sum(1 for _ in Path(digits_tree).rglob("*.png"))
+    assert manifest["num_shards"] == -(-manifest["num_samples"] // 500)
+
+
 def _prefect(*args: str, env: dict, cwd=ROOT) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "prefect"), *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -189,7 +226,9 @@ def test_prefect_cli_lists_what_exists(deployed, prefect_server, client):
     assert "vitpipe-cpu" in outs["work-pool ls"] and "vitpipe-gpu" in outs["work-pool ls"]
     for name in ("shard-nightly", "pretrain-weekly", "finetune-daily", "pipeline-weekly"):
         assert name in outs["deployment ls"], outs["deployment ls"]
-    runs = client.read_flow_runs(limit=5)
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(limit=5, sort=FlowRunSort.EXPECTED_START_TIME_DESC)  # the CLI's order
     assert runs and all(r.name in outs["flow-run ls"] for r in runs), outs["flow-run ls"]
 
 
@@ -213,37 +252,21 @@ def test_process_worker_runs_a_deployment_outside_a_container(deployed, client, 
     assert manifest["num_samples"] == sum(1 for _ in Path(digits_tree).rglob("*.png"))
 
 
-CRONS = {"shard-nightly": ["30 1 * * *"], "pretrain-weekly": ["0 3 * * 6"], "finetune-daily": ["0 6 * * *"],
-         "pipeline-weekly": ["0 2 * * 0"]}
-
-
 @pytest.mark.timeout(300)
-def test_serve_registers_scheduled_deployments_and_runs_one(prefect_server, client, digits_tree, tmp_path):
-    from prefect.deployments import run_deployment
+def test_vitpipe_deploy_refuses_an_unknown_work_pool(deployed, tmp_path):
+    """`vitpipe deploy` checks the pools the file names before `prefect deploy`: one line, exit 2, nothing registered."""
+    import yaml
 
-    out_root = tmp_path / "store"
-    env = _project_env(prefect_server, digits_tree, out_root)
-    log = tmp_path / "serve.log"
-    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
-    serve = _start([sys.executable, "-m", "pipeline.cli", "serve", "--file", str(ROOT / "deploy" / "prefect.yaml")],
-                   env=env, log=log)
-    try:
-        def registered():  # `vitpipe serve` creates (or updates) the 4 deployments
-            deps = [d for d in client.read_deployments() if d.name in CRONS and d.updated >= started]
-            return deps if len(deps) == 4 else None
+    doc = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+    doc["deployments"][0]["work_pool"]["name"] = "vitpipe-tpu"
+    doc["deployments"][0]["name"] = "shard-on-tpu"
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--file", str(bad)], env=deployed["env"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "deployment shard-on-tpu: work pool 'vitpipe-tpu' does not exist" in err[0]
+    assert "prefect work-pool create vitpipe-tpu" in err[0]
 
-        deps = _wait(registered, timeout=120, what="vitpipe serve registering 4 deployments", procs=[(serve, log)])
-        crons = {d.name: [s.schedule.cron for s in d.schedules] for d in deps}
-        assert crons == CRONS
-        assert all(s.active for d in deps for s in d.schedules)
 
-        # trigger the cheap one, with a smaller shard size than the schedule's
-        params = {"params": {"source": str(digits_tree), "url": str(out_root / "datasets" / "pretrain"),
-                             "name": "corpus", "shard_size": 500}}
-        run = run_deployment("shard_dataset/shard-nightly", parameters=params, timeout=180)
-        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
-    finally:
-        _stop(serve)
-    manifest = storage.read_json(str(out_root / "datasets" / "pretrain" / "manifest.json"))
-    assert manifest["num_samples"] == sum(1 for _ in Path(digits_tree).rglob("*.png"))
-    assert manifest["num_shards"] == -(-manifest["num_samples"] // 500)
