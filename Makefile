@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install system-deps bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -12,12 +12,25 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# Slurm's daemons for tests/test_slurm.py (a one-host cluster the test starts itself): installed
+# with apt-get when missing, where we are root and apt-get exists (a fresh CI machine); quiet, and
+# a no-op once they are there.
+system-deps:
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Slurm (slurmctld slurmd slurm-client munge) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; \
+	  else \
+	    echo "Slurm is missing and cannot be installed here (needs root and apt-get): tests/test_slurm.py will fail"; \
+	  fi; \
+	fi
+
+install: $(STAMP) system-deps
 
 demo: $(STAMP)
 	$(VENV)/bin/vitpipe demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

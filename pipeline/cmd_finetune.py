@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipeline.cmd_train import add_launch_args, print_result, train_params
+from pipeline.cmd_train import add_launch_args, check_config, print_result, train_params
 from pipeline.settings import EvalParams
 from shards import storage
 
@@ -50,6 +50,8 @@ def register(subparsers) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from pipeline.stages import train_stage
 
+    if args.check:  # --pretrained is named in the config, not opened
+        return check_config(args, train_params(args, img_size=args.img_size), init_from=args.pretrained)
     out = train_stage(train_params(args, img_size=args.img_size), kind="finetune", root=args.out, dataset_url=args.data,
                       run_id=args.run_id, pretrained=args.pretrained, val_data=args.val_data,
                       eval_params=EvalParams(batch_size=args.eval_batch_size, nproc=args.nproc or 1))

@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--list", action="store_true", help="print the deployments and their next run times, then exit")
     serve.set_defaults(func=serve_cmd)
 
+    deploy = subparsers.add_parser("deploy", help="register deploy/prefect.yaml's deployments with the Prefect server "
+                                   "(`prefect deploy`), after checking its environment variables and work pools")
+    deploy.add_argument("--file", default=str(DEFAULT_PREFECT_YAML), help="prefect.yaml (default: deploy/prefect.yaml)")
+    deploy.add_argument("--only", action="append", default=None, metavar="NAME", help="only this deployment (repeatable)")
+    deploy.set_defaults(func=deploy_cmd)
+
 
 # ----------------------------------------------------------------------------- run
 
@@ -72,7 +78,8 @@ def substitute_env(value: Any, env: dict[str, str], *, where: str) -> Any:
     if isinstance(value, str):
         def repl(m: re.Match) -> str:
             if m.group(1) not in env:
-                raise DeploymentFileError(f"{where}: environment variable {m.group(1)} is not set; export it before `vitpipe serve`")
+                raise DeploymentFileError(f"{where}: environment variable {m.group(1)} is not set; export it (the file's "
+                                          "header says what it holds) and run again")
             return env[m.group(1)]
 
         return _TEMPLATE.sub(repl, value)
@@ -149,6 +156,16 @@ def next_runs(cron: str, *, timezone: str = "UTC", after=None, count: int = 3) -
     start = after or dt.datetime.now(dt.timezone.utc)
     schedule = CronSchedule(cron=cron, timezone=timezone)
     return list(asyncio.run(schedule.get_dates(n=count, start=start)))
+
+
+def deploy_cmd(args: argparse.Namespace) -> int:
+    from pipeline.deploy_steps import StepError, deploy
+
+    try:
+        return deploy(args.file, only=args.only)
+    except (DeploymentFileError, StepError) as err:
+        print(f"vitpipe deploy: {err}", file=sys.stderr)
+        return 2
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

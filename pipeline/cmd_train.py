@@ -12,7 +12,12 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     """The flags `vitpipe pretrain` and `vitpipe finetune` share; defaults are pipeline.settings.TrainParams'."""
     p.add_argument("--data", required=True, help="dataset URL (folder or s3:// prefix holding manifest.json)")
     p.add_argument("--out", required=True, help="runs root; the run goes to OUT/runs/<run-id>/")
-    p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the preset's)")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per node (default: the preset's, or the hostfile's slots)")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="number of nodes (with --no-ssh and no hostfile: every node's launcher passes the same N)")
+    p.add_argument("--check", action="store_true",
+                   help="resolve and validate the run config for this cluster size, print it, exit (nothing is launched "
+                        "or opened)")
     p.add_argument("--run-id", default=None,
                    help="run id (default: the run with the same inputs: skipped if complete, resumed if not; else new)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")
@@ -33,10 +38,20 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 
 def train_params(args: argparse.Namespace, **more) -> TrainParams:
     """The stage settings from the shared launch flags."""
-    return TrainParams(preset=args.preset, set=args.sets, steps=args.steps, nproc_per_node=args.nproc,
+    return TrainParams(preset=args.preset, set=args.sets, steps=args.steps, nproc_per_node=args.nproc, nnodes=args.nnodes,
                        hostfile=args.hostfile, launcher=args.launcher, no_ssh=args.no_ssh, node_rank=args.node_rank,
                        master_addr=args.master_addr, master_port=args.master_port, stall_timeout=args.stall_timeout,
                        retries=args.retries, **more)
+
+
+def check_config(args: argparse.Namespace, params: TrainParams, *, init_from: str | None = None) -> int:
+    """`--check`: the whole run config for this cluster size, resolved and validated, printed; nothing launched."""
+    from pipeline.cluster import check_command
+    from pipeline.stages import build_run_config
+
+    return check_command(lambda: build_run_config(params, dataset_url=args.data, root=args.out,
+                                                  run_id=args.run_id or f"{args.command}-check", init_from=init_from,
+                                                  check_only=True))
 
 
 def print_result(out: dict) -> None:
@@ -65,6 +80,8 @@ def register(subparsers) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from pipeline.stages import train_stage
 
+    if args.check:
+        return check_config(args, train_params(args))
     out = train_stage(train_params(args), kind="pretrain", root=args.out, dataset_url=args.data, run_id=args.run_id)
     print_result(out)
     return 0

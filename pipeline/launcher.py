@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.cluster import fit_layout, hostfile_nodes, launch_overrides, node_hostfile
 from shards import storage
 from shards.errors import JobFailed
 from vit.config import ConfigError, LaunchConfig, RunConfig
@@ -56,22 +57,6 @@ class LaunchResult:
     final: dict = field(default_factory=dict)  # rank 0's last status record (finished / stopped)
 
 
-def hostfile_nodes(path: str) -> list[tuple[str, int]]:
-    """(host, slots) per line of an MPI-style hostfile; one-line errors for bad lines."""
-    nodes = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
-        if not m:
-            raise ConfigError(f"{path}:{i}: expected 'HOST slots=N', got {line!r}")
-        nodes.append((m.group(1), int(m.group(2))))
-    if not nodes:
-        raise ConfigError(f"{path}: no hosts; write one 'HOST slots=N' line per node")
-    return nodes
-
-
 def build_argv(launch_cfg: LaunchConfig, train_config_path: str, *, rank_log_dir: str | None = None,
                module: str = "vit.train") -> list[str]:
     """The `deepspeed` launcher argv that starts `python -m MODULE --config PATH` on every rank."""
@@ -101,9 +86,10 @@ def make_run_config(preset: str, *, data: str, out: str, run_id: str | None = No
                     steps: int | None = None, hostfile: str | None = None, launcher: str | None = None,
                     no_ssh: bool = False, node_rank: int | None = None, master_addr: str | None = None,
                     master_port: int | None = None, init_from: str | None = None, parent: str | None = None,
-                    sets: list[str] | None = None) -> RunConfig:
-    """A RunConfig from a preset plus the everyday CLI knobs and `key=value` overrides."""
-    from vit.config import apply_overrides
+                    sets: list[str] | None = None, nnodes: int | None = None, check_only: bool = False) -> RunConfig:
+    """A RunConfig from a preset plus the everyday CLI knobs and `key=value` overrides, its data
+    layout fitted to the world size (pipeline.cluster)."""
+    from vit.config import override_dict
     from vit.presets import get_preset
     from vit.runs import new_run_id
 
@@ -118,10 +104,8 @@ def make_run_config(preset: str, *, data: str, out: str, run_id: str | None = No
         items += [f"schedule.total_steps={steps}"]
         if cfg.schedule.warmup_steps >= steps:
             items += [f"schedule.warmup_steps={max(0, steps // 10)}"]
-    if nproc is not None:
-        items += [f"launch.nproc_per_node={nproc}"]
-    if hostfile:
-        items += [f"launch.hostfile={_js(os.path.abspath(hostfile))}", f"launch.num_nodes={len(hostfile_nodes(hostfile))}"]
+    items += launch_overrides(nnodes=nnodes, nproc=nproc, hostfile=hostfile, no_ssh=no_ssh, node_rank=node_rank,
+                              master_addr=master_addr, check_only=check_only)
     if launcher:
         items += [f"launch.launcher={_js(launcher)}"]
     if no_ssh:
@@ -134,7 +118,9 @@ def make_run_config(preset: str, *, data: str, out: str, run_id: str | None = No
         items += [f"init_from={_js(init_from)}"]
     if parent:
         items += [f"parent={_js(parent)}"]
-    return apply_overrides(cfg, items + list(sets or []))
+    data = override_dict(cfg.to_dict(), items + list(sets or []))
+    fit_layout(data)
+    return RunConfig.from_dict(data)
 
 
 def _js(value) -> str:
@@ -242,6 +228,7 @@ class Progress:
 def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float | None = None,
            env: dict | None = None) -> LaunchResult:
     """Run the training ranks of this node to the end; raise LaunchError if any rank fails or stalls."""
+    cfg = node_hostfile(cfg)
     preflight(cfg)
     config_path = write_config(cfg)
     logs = cfg.log_dir

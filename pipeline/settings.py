@@ -42,6 +42,7 @@ class TrainParams(_Params):
     steps: int | None = Field(None, ge=1, description="total optimizer steps (None: the preset's)")
     img_size: int | None = Field(None, ge=1, description="training resolution (None: the preset's)")
     nproc_per_node: int | None = Field(None, ge=1, description="ranks per node (None: the preset's)")
+    nnodes: int | None = Field(None, ge=1, description="nodes (with no_ssh and no hostfile: every node's launcher passes the same N)")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile ('HOST slots=N' lines) for multi-node runs")
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"] | None = Field(None, description="multi-node launcher (default pdsh)")
     no_ssh: bool = Field(False, description="start only this node's ranks (one launcher per node)")

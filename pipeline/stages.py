@@ -143,7 +143,7 @@ def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, pr
 
 
 def build_run_config(params: TrainParams, *, dataset_url: str, root: str, run_id: str, init_from: str | None = None,
-                     parent: str | None = None):
+                     parent: str | None = None, check_only: bool = False):
     """The vit.config.RunConfig of a stage: preset + overrides + where the data and the run live."""
     from pipeline.launcher import make_run_config
 
@@ -151,7 +151,7 @@ def build_run_config(params: TrainParams, *, dataset_url: str, root: str, run_id
     return make_run_config(params.preset, data=dataset_url, out=root, run_id=run_id, nproc=params.nproc_per_node,
                            steps=params.steps, hostfile=params.hostfile, launcher=params.launcher, no_ssh=params.no_ssh,
                            node_rank=params.node_rank, master_addr=params.master_addr, master_port=params.master_port,
-                           init_from=init_from, parent=parent, sets=sets)
+                           init_from=init_from, parent=parent, sets=sets, nnodes=params.nnodes, check_only=check_only)
 
 
 _RUN_SPECIFIC = ("run_url", "run_id", "local_dir")

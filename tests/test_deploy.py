@@ -74,6 +74,17 @@ def test_env_templates_must_be_set():
     assert substitute_env({"a": ["x-{{ $V }}-y"]}, {"V": "1"}, where="t") == {"a": ["x-1-y"]}
 
 
+def test_vitpipe_deploy_names_a_missing_environment_variable(capsys, monkeypatch):
+    from pipeline.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("VITPIPE_DASK_ADDRESS")
+    assert main(["deploy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pipeline-weekly" in err and "environment variable VITPIPE_DASK_ADDRESS is not set" in err
+
+
 def test_pipeline_example_config_is_valid_and_strict(tmp_path):
     cfg = load_pipeline_config(str(DEPLOY / "pipeline.example.yaml"))
     assert isinstance(cfg, PipelineConfig)
@@ -122,21 +133,163 @@ def test_a_typo_inside_set_fails_before_anything_runs(tmp_path, capsys, check):
     assert not any((tmp_path / name).exists() for name in ("root", "pretrain_data", "finetune_data", "eval_data"))
 
 
-def test_dockerfile_copies_what_exists_and_runs_vitpipe():
+def test_dockerfile_copies_what_the_package_build_needs():
+    """The image installs the project as `pip install -e .` does: every file the build reads is copied."""
+    import tomllib
+
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", text, re.M)
+    copied = set()
     for line in re.findall(r"^COPY (.+)$", text, re.M):
         *sources, _dest = line.split()
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+            copied.add(src.rstrip("/"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed |= {"setup.py"} if (ROOT / "setup.py").exists() else set()
+    patterns = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    needed |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() and any(p.match(g) for g in patterns)}
+    assert needed <= copied, f"Dockerfile does not copy {sorted(needed - copied)}"
+    assert "deploy" in copied  # prefect.yaml, the work-pool template
+    assert re.search(r"pip install -e '\.\[k8s\]'", text) and "k8s" in project["project"]["optional-dependencies"]
     entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1)
     assert yaml.safe_load(entry) == ["vitpipe"]
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'vitpipe = "pipeline.cli:main"' in pyproject
-    # the deployments' pull step works in the image's working directory
+    assert project["project"]["scripts"]["vitpipe"] == "pipeline.cli:main"
+    # the deployments' pull step goes to $VITPIPE_HOME, which the image sets to its WORKDIR
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
-    pull = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())["pull"][0]
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == workdir
+    assert re.search(rf"VITPIPE_HOME={re.escape(workdir)}\b", text)
+    assert yaml.safe_load((DEPLOY / "prefect.yaml").read_text())["pull"] == [{"pipeline.deploy_steps.set_project_directory": {}}]
+
+
+def test_dockerfile_torch_comment_tells_the_truth():
+    """The pinned torch pip installs (the one in this venv) is a CUDA build; the comment must say so."""
+    import torch
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert torch.__version__.split("+")[0] == pinned
+    assert "CPU torch by default" not in comment
+    if torch.version.cuda:
+        assert "CUDA build" in comment and "TORCH_INDEX_URL" in comment
+    assert f'"torch=={pinned}"' in text  # the CPU-index install keeps the pin
+
+
+def test_pull_step_finds_the_project_outside_a_container(tmp_path, monkeypatch):
+    from pipeline.deploy_steps import StepError, project_directory, set_project_directory
+
+    assert project_directory({}) == str(ROOT)  # unset: where this vitpipe is installed (editable: the checkout)
+    assert project_directory({"VITPIPE_HOME": str(ROOT)}) == str(ROOT)
+    with pytest.raises(StepError, match=rf"VITPIPE_HOME={tmp_path} does not hold pipeline/flows.py; set VITPIPE_HOME"):
+        project_directory({"VITPIPE_HOME": str(tmp_path)})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VITPIPE_HOME", str(ROOT))
+    assert set_project_directory() == {"directory": str(ROOT)} and Path.cwd() == ROOT
+
+
+def _k8s_docs() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted((DEPLOY / "k8s").glob("*.yaml"))}
+
+
+def _work_pool_job() -> dict:
+    """The Job a `kubernetes` worker of our pools creates: the template rendered with its defaults by Prefect."""
+    import json
+
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((DEPLOY / "k8s" / "work-pool-template.json").read_text())
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    defaults.update(name="flow-run", command=["prefect", "flow-run", "execute"],
+                    env=[{"name": "PREFECT__FLOW_RUN_ID", "value": "x"}])  # as the worker fills them
+    return apply_values(template["job_configuration"], defaults)["job_manifest"]
+
+
+K8S_VERSION = "1.30"
+
+
+def test_k8s_manifests_validate_against_kubernetes_schemas():
+    """Every document in deploy/k8s/ (and the work pool's Job) against the Kubernetes JSON schemas that
+    kubernetes-validate ships (strict: unknown fields fail), offline."""
+    import kubernetes_validate
+
+    docs = [(f"{name}[{i}]", d) for name, ds in _k8s_docs().items() for i, d in enumerate(ds)]
+    docs.append(("work-pool-template.json (rendered Job)", _work_pool_job()))
+    assert len(docs) >= 9
+    for where, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            raise AssertionError(f"deploy/k8s/{where} ({doc['kind']}): {err.message} at {list(err.path)}") from None
+
+
+def test_k8s_work_pool_template_runs_the_vitpipe_image():
+    job = _work_pool_job()
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "vitpipe:latest" and job["metadata"]["namespace"] == "vitpipe"
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "prefect-worker"
+    assert container["envFrom"] == [{"secretRef": {"name": "vitpipe-s3"}}]
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("prefect-kubernetes") for req in extras["k8s"])
+    from prefect_kubernetes.worker import KubernetesWorker  # the worker type the k8s workers start
+
+    assert KubernetesWorker.type == "kubernetes"
+
+
+def test_one_secret_layout_everywhere():
+    """k8s reads the S3 credentials only from the vitpipe-s3 Secret, under the names the docs create it
+    with and compose sets: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    header = (DEPLOY / "k8s" / "prefect-worker.yaml").read_text()
+    created = re.search(r"create secret generic (\S+) (.+)", header)
+    assert created.group(1) == "vitpipe-s3" and set(re.findall(r"--from-literal=(\w+)=", created.group(2))) == keys
+    refs = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if "secretRef" in obj:
+                refs.append((obj["secretRef"]["name"], None))
+            if "secretKeyRef" in obj:
+                refs.append((obj["secretKeyRef"]["name"], obj["secretKeyRef"]["key"]))
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(_k8s_docs())
+    walk(_work_pool_job())
+    assert refs and {name for name, _ in refs} == {"vitpipe-s3"} and {k for _, k in refs if k} <= keys
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert keys <= set(compose["x-s3-env"])
+
+
+def test_compose_validates_against_the_compose_spec():
+    """deploy/compose.yaml against the Compose Specification's JSON schema (shipped by check-jsonschema)."""
+    import importlib.resources
+    import json
+
+    import jsonschema
+
+    schema = json.loads(importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+                        .joinpath("compose-spec.json").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+def test_compose_creates_the_bucket_its_workers_write_to():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    workers = {name: svc for name, svc in compose.items() if svc.get("entrypoint") == ["prefect"] and "worker" in svc["command"]}
+    buckets = {svc["environment"]["VITPIPE_ROOT"].removeprefix("s3://").split("/")[0] for svc in workers.values()}
+    assert buckets == {"vitpipe"}
+    script = compose["bucket"]["command"][0]
+    assert 'create_bucket(Bucket="vitpipe")' in script
+    compile(script, "compose.yaml:bucket", "exec")  # the one-shot is valid Python
+    for svc in workers.values():
+        assert svc["depends_on"]["bucket"] == {"condition": "service_completed_successfully"}
 
 
 def _prefect_help(words: tuple[str, ...]) -> str:
@@ -189,6 +342,8 @@ def test_compose_and_k8s_commands_exist():
         if argv[0].endswith("weed"):
             assert argv[1] == "mini"
             continue
+        if argv[:2] == ["python", "-c"]:  # the bucket one-shot (test_compose_creates_the_bucket...)
+            continue
         prefect_cmds.append(argv)
     helps: dict[tuple, str] = {}
     for argv in prefect_cmds:
@@ -205,11 +360,12 @@ def test_compose_and_k8s_commands_exist():
             assert "--no-prompt" in helps.setdefault((), _prefect_help(()))
         if "--pool" in argv:
             pools_served.add(argv[argv.index("--pool") + 1])
-        if words == ("work-pool", "create"):
-            pools_served.add(sub[2])
         if words == ("deploy",):
             assert sub[sub.index("--prefect-file") + 1] == "deploy/prefect.yaml"
     assert pools_in_yaml <= pools_served, "a work pool of prefect.yaml has no worker"
+    for stack, cmds in (("compose.yaml", _commands(compose)), ("k8s/prefect-worker.yaml", _commands(docs))):
+        served = {argv[argv.index("--pool") + 1] for argv in cmds if "--pool" in argv}
+        assert pools_in_yaml <= served, f"{stack}: no worker for the work pool(s) {sorted(pools_in_yaml - served)}"
 
 
 def test_vitpipe_invocations_in_docs_parse():

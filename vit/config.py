@@ -66,7 +66,7 @@ class DataConfig:
     url: str = ""
     seed: int = 0
     num_workers: int = 2
-    lanes: int = 8
+    lanes: int = 8  # 0: derived from the world size at launch (pipeline.cluster.fit_layout)
     augment: str = "pretrain"  # pretrain | finetune | none
     label_mode: str = "auto"  # auto | softmax | sigmoid
     # the run fails when more than this share of the samples seen could not be read (each is replaced
@@ -78,7 +78,7 @@ class DataConfig:
         _check(0 <= self.max_corrupt_share <= 1, f"data.max_corrupt_share={self.max_corrupt_share} must be in [0, 1]")
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
-        _check(self.lanes >= 1, "data.lanes must be >= 1")
+        _check(self.lanes >= 0, "data.lanes must be >= 1 (or 0: derived from the world size at launch)")
 
 
 @dataclass
@@ -319,7 +319,11 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
     """Return a new RunConfig with `key=value` overrides (dotted keys, JSON values) applied."""
-    data = cfg.to_dict()
+    return RunConfig.from_dict(override_dict(cfg.to_dict(), items))
+
+
+def override_dict(data: dict, items: list[str]) -> dict:
+    """`data` (a RunConfig dict) with `key=value` overrides applied in place; not validated yet."""
     for item in items:
         _check("=" in item, f"--set {item!r}: expected key=value, e.g. --set optim.lr=0.001")
         key, text = item.split("=", 1)
@@ -332,7 +336,7 @@ def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
         if not (len(parts) >= 2 and parts[-2] == "overrides"):
             _check(leaf in node, f"--set {key}: unknown key {leaf!r}; known: {sorted(node)}")
         node[leaf] = _parse_value(text)
-    return RunConfig.from_dict(data)
+    return data
 
 
 def deepspeed_config(cfg: RunConfig, *, accelerator: str) -> dict:
