@@ -203,6 +203,7 @@ def finetune(
     sets: list[str] | None = None,
     eval_batch_size: int = 64,
     stall_timeout: float | None = None,
+    posemb_resample: str | None = None,
     log=print,
 ) -> dict:
     """Fine-tune `pretrained` on `data` through the training launcher, evaluate on `val_data`.
@@ -221,6 +222,8 @@ def finetune(
     items = list(sets or [])
     if img_size is not None:
         items.append(f"model.img_size={int(img_size)}")
+    if posemb_resample is not None:
+        items.append(f"model.posemb_resample={posemb_resample}")
     cfg = make_run_config(
         preset, data=data, out=out, run_id=run_id, nproc=nproc, steps=steps, init_from=source,
         parent=parent_run_id(source), sets=items,
@@ -276,6 +279,9 @@ def register(subparsers) -> None:
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--run-id", default=None, help="run id (default: new)")
+    p.add_argument("--posemb-resample", choices=["bicubic", "scipy_linear"], default=None,
+                   help="position-embedding resampling to the new grid: timm's bicubic (the preset's default) or "
+                        "scipy_linear (the official code's scipy.ndimage.zoom(order=1)); config key model.posemb_resample")
     p.add_argument("--stall-timeout", type=float, default=None, help="kill the run if no step is logged for this many s")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.lr=0.01")
@@ -312,7 +318,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         summary = finetune(
             preset=args.preset, pretrained=args.pretrained, data=args.data, out=args.out, val_data=args.val_data,
             img_size=args.img_size, nproc=args.nproc, steps=args.steps, run_id=args.run_id, sets=args.sets,
-            stall_timeout=args.stall_timeout, log=lambda m: print(m, file=sys.stderr, flush=True),
+            stall_timeout=args.stall_timeout, posemb_resample=args.posemb_resample, log=lambda m: print(m, file=sys.stderr, flush=True),
         )
     except Exception as err:  # one-line errors for bad input; real bugs keep their traceback
         if _expected(err):
