@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module pipeline/cmd_<area>.py exposes register(subparsers).
-COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect", "export"]
+COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect", "export", "index"]
 
 
 def build_parser() -> argparse.ArgumentParser:

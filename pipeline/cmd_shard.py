@@ -43,8 +43,13 @@ def register(subparsers) -> None:
 def run_shard(args) -> int:
     from shards import ShardError, shard_dataset
     from shards.workers import usable_cores
+    from shards.index import looks_like_webdataset
     from shards.storage import StorageError
 
+    if looks_like_webdataset(args.source):
+        print(f"vitpipe shard: error: {args.source} already holds WebDataset shards (samples with .cls/.json); "
+              f"use them as they are with `vitpipe index {args.source}`", file=sys.stderr)
+        return 2
     try:
         shard_dataset(args.source, args.out_url, format=args.format, name=args.name, classes=args.classes,
                       shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes, resize=args.resize,

@@ -70,3 +70,21 @@ def write_reader_info(dataset_url: str, manifest: dict, *, image_exts: list[str]
     storage.write_json(storage.join(dataset_url, INFO), timm_info(manifest))
     if image_exts:
         storage.write_bytes(storage.join(dataset_url, CARD), dataset_card(manifest, image_exts=image_exts).encode())
+
+
+def reader_urls(dataset_url: str, *, expires: int = 3600) -> list[str]:
+    """URLs of the dataset's shards that stock readers open without this project: local paths, or
+    for ``s3://`` presigned ``https://`` GET URLs valid ``expires`` seconds (webdataset opens them
+    with curl; no credentials or AWS CLI needed on the reading side)."""
+    from shards.reader import shard_urls
+
+    urls = shard_urls(dataset_url)
+    if not storage.is_s3(dataset_url):
+        return urls
+    client = storage._client()  # the one configured client (endpoint, credentials)
+    out = []
+    for url in urls:
+        bucket, key = storage.split(url)
+        out.append(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                 ExpiresIn=int(expires)))
+    return out

@@ -11,6 +11,7 @@ import tarfile
 
 from shards import storage
 from shards.imaging import EXTENSIONS, BadImage, decode_check
+from shards.index import sample_key
 from shards.reader import DatasetError, load_manifest, shard_urls
 
 _IMAGE_EXTS = set(EXTENSIONS.values()) | {"jpeg", "tif"}
@@ -29,7 +30,10 @@ class _HashingReader:
         return data
 
 
-def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = True) -> list[str]:
+def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = True, foreign: bool = False,
+                 skipped: frozenset = frozenset()) -> list[str]:
+    """Problems of one shard. ``foreign``: shards made elsewhere (`vitpipe index`): a sample needs an image
+    and a label (.cls or .json), not both; samples listed in ``skipped`` (keys) are not checked."""
     problems = []
     name = entry["name"]
     try:
@@ -47,7 +51,7 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
                     if not member.isfile() or member.name.startswith("/") or ".." in member.name.split("/"):
                         problems.append(f"{name}: unexpected tar member {member.name!r}")
                         continue
-                    key, _, ext = member.name.partition(".")
+                    key, ext = sample_key(member.name)
                     samples.setdefault(key, set()).add(ext)
                     data = tar.extractfile(member).read()
                     if decode and ext in _IMAGE_EXTS:
@@ -55,7 +59,7 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
                             decode_check(data)
                         except BadImage as err:
                             problems.append(f"{name}: sample {key}: image {err}")
-                    elif ext == "json":
+                    elif ext == "json" and not foreign:
                         try:
                             meta = json.loads(data)
                             if not isinstance(meta.get("labels"), list):
@@ -72,7 +76,13 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
     if len(samples) != entry["samples"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry['samples']}")
     for key, exts in samples.items():
+        if key in skipped:
+            continue
         missing = []
+        if foreign:
+            if not exts & _IMAGE_EXTS or not exts & {"cls", "json"}:
+                problems.append(f"{name}: sample {key}: no image or no label, and not listed as skipped in the manifest")
+            continue
         if not exts & _IMAGE_EXTS:
             missing.append("image")
         if "json" not in exts:
@@ -94,12 +104,15 @@ def verify_dataset(dataset_url: str, *, decode: bool = True, progress: bool = Fa
     problems = []
     entries = manifest["shards"]
     iterator = zip(urls, entries)
+    foreign = manifest.get("format") == "webdataset"  # indexed by `vitpipe index`, not written here
+    skipped = frozenset(s.get("key") for s in manifest.get("skipped") or [] if foreign)
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(list(iterator), desc="verify", unit="shard")
     for url, entry in iterator:
-        problems.extend(verify_shard(url, entry, multi_label=bool(manifest.get("multi_label")), decode=decode))
+        problems.extend(verify_shard(url, entry, multi_label=bool(manifest.get("multi_label")), decode=decode,
+                                     foreign=foreign, skipped=skipped))
     total = sum(e["samples"] for e in entries)
     if total != manifest.get("num_samples", total):
         problems.append(f"manifest: num_samples {manifest.get('num_samples')} != sum over shards {total}")
