@@ -68,7 +68,7 @@ def run_get(args: argparse.Namespace) -> int:
     from shards.storage import StorageError
 
     try:
-        paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file)
+        paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file, progress=not getattr(args, "quiet", False))
         info = registry.resolve(args.ref, root=args.root)
     except (StorageError, registry.RegistryError) as err:
         print(f"vitpipe artifacts get: {err}", file=sys.stderr)

@@ -128,6 +128,7 @@ def evaluate(
     runs_root: str | None = None,
     work_dir: str | None = None,
     timeout: float | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate any checkpoint on any dataset at any resolution; returns the metrics dict.
 
@@ -147,7 +148,8 @@ def evaluate(
             )
     if nproc < 1:
         raise FinetuneError(f"--nproc {nproc}: must be >= 1")
-    job = EvalJob(source=source, data=data, img_size=img_size, batch_size=batch_size, report_dir=report_dir)
+    job = EvalJob(source=source, data=data, img_size=img_size, batch_size=batch_size, report_dir=report_dir,
+                  progress=progress)
     if nproc == 1:
         return run_eval_job(job)
     return _launch_eval(job, nproc=nproc, work_dir=work_dir, timeout=timeout)
@@ -337,7 +339,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report_dir = storage.join(args.out, "report") if is_run else args.out
     try:
         metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
-                           batch_size=args.batch_size, runs_root=args.runs_root)
+                           batch_size=args.batch_size, runs_root=args.runs_root, progress=not getattr(args, "quiet", False))
     except Exception as err:
         if _expected(err):
             return _fail(err)

@@ -56,7 +56,7 @@ def run_shard(args) -> int:
                       quality=args.quality, exclude=args.exclude, near_dup_threshold=args.near_dup_threshold,
                       dedup_within=args.dedup_within,
                       workers=usable_cores() if args.workers is None else args.workers, seed=args.seed, strict=args.strict, validate=args.validate,
-                      progress=True)
+                      progress=not getattr(args, "quiet", False))
     except (ShardError, StorageError, ValueError) as err:
         print(f"vitpipe shard: error: {err}", file=sys.stderr)
         return 1
@@ -66,7 +66,7 @@ def run_shard(args) -> int:
 def run_verify(args) -> int:
     from shards.verify import verify_dataset
 
-    problems = verify_dataset(args.url, decode=not args.no_decode, progress=True)
+    problems = verify_dataset(args.url, decode=not args.no_decode, progress=not getattr(args, "quiet", False))
     if problems:
         for line in problems:
             print(f"PROBLEM {line}", file=sys.stderr)
