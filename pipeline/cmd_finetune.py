@@ -24,7 +24,6 @@ from shards import storage
 
 RUN_ID = re.compile(r"^(pretrain|finetune)-\d{8}-\d{6}-[0-9a-f]{6}$")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
-TIMM_WEIGHTS = "model_timm.safetensors"
 # architecture fields a fine-tune preset may pin; compared with the checkpoint's
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pool", "class_token", "in_chans")
 
@@ -211,8 +210,8 @@ def finetune(
     """Fine-tune `pretrained` on `data` through the training launcher, evaluate on `val_data`.
 
     Writes into the fine-tune run folder: the eval report (`report/eval.json`,
-    `per_class.csv`, `confusion.csv`), `model_timm.safetensors` (timm's key layout), and the
-    metrics into run.json. Returns the scalar metrics + `run_id`, `run_url`.
+    `per_class.csv`, `confusion.csv`) and the metrics into run.json (the training ranks wrote
+    the weights and the timm model folder `timm/`). Returns the scalar metrics + `run_id`, `run_url`.
     """
     from pipeline.launcher import launch, make_run_config
     from vit.evaluate import check_same_class_index, scalar_metrics
@@ -248,22 +247,8 @@ def finetune(
                            work_dir=os.path.join(result.log_dir, "eval"))
         summary.update(scalar_metrics(metrics))
         summary["val_data"] = val_data
-    write_timm_weights(run.url)
     run.finish(status="complete", metrics={k: v for k, v in summary.items() if k not in ("run_id", "run_url")})
     return summary
-
-
-def write_timm_weights(run_url: str) -> str:
-    """`<run>/model_timm.safetensors`: the weights under timm's VisionTransformer key names."""
-    from safetensors.torch import save as st_save
-
-    from vit.checkpoint import load_model
-    from vit.interop import to_timm_state_dict
-
-    state = {k: v.contiguous() for k, v in to_timm_state_dict(load_model(run_url)).items()}
-    url = storage.join(run_url, TIMM_WEIGHTS)
-    storage.write_bytes(url, st_save(state, metadata={"format": "pt"}))
-    return url
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -92,3 +92,20 @@ def test_index_refuses_folders_without_usable_shards(tmp_path, capsys):
     assert cli_main(["index", str(tmp_path / "nolabels")]) == 2
     assert "no sample has an image and a label" in capsys.readouterr().err
     assert not (tmp_path / "nolabels" / "manifest.json").exists()
+
+
+@pytest.mark.integration
+def test_index_an_s3_prefix(s3, foreign, capsys):
+    from shards import storage
+
+    folder, labels = foreign
+    prefix = s3.url("index/foreign")
+    for tar in sorted(folder.glob("*.tar")):
+        storage.upload_file(tar, storage.join(prefix, tar.name))
+    assert cli_main(["index", prefix]) == 0
+    manifest = storage.read_json(storage.join(prefix, "manifest.json"))
+    local = {s.name: hashlib.sha256(s.read_bytes()).hexdigest() for s in folder.glob("*.tar")}
+    assert {s["name"]: s["sha256"] for s in manifest["shards"]} == local
+    assert manifest["num_samples"] == 121 and len(manifest["skipped"]) == 1
+    capsys.readouterr()
+    assert cli_main(["verify", prefix]) == 0, capsys.readouterr().err
