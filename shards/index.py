@@ -31,7 +31,9 @@ def sample_key(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
-class _Hashing:
+class HashingReader:
+    """A read-only stream wrapper that hashes (sha256) and counts what passes through it."""
+
     def __init__(self, stream):
         self.stream, self.digest, self.bytes = stream, hashlib.sha256(), 0
 
@@ -77,7 +79,7 @@ def _scan_shard(url: str) -> tuple[dict, list[tuple[str, list[int], list[str] | 
             samples.append((key, ids, names, ext))
 
     with storage.open_read(url) as raw:
-        reader = _Hashing(raw)
+        reader = HashingReader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:

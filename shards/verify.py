@@ -5,29 +5,15 @@ when single-label) with a decodable image. Returns the problems, one line each (
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 
 from shards import storage
 from shards.imaging import EXTENSIONS, BadImage, decode_check
-from shards.index import sample_key
+from shards.index import HashingReader, sample_key
 from shards.reader import DatasetError, load_manifest, shard_urls
 
 _IMAGE_EXTS = set(EXTENSIONS.values()) | {"jpeg", "tif"}
-
-
-class _HashingReader:
-    def __init__(self, stream):
-        self._stream = stream
-        self.digest = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, n=-1):
-        data = self._stream.read(n)
-        self.digest.update(data)
-        self.bytes += len(data)
-        return data
 
 
 def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = True, foreign: bool = False,
@@ -45,7 +31,7 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
     samples: dict[str, set[str]] = {}
     try:
         with storage.open_read(url) as raw:
-            reader = _HashingReader(raw)
+            reader = HashingReader(raw)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile() or member.name.startswith("/") or ".." in member.name.split("/"):
