@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 import traceback
 
+from pipeline.console import LEVELS, LOG, setup_logging, version
 from pipeline.interrupts import Interrupted, signals_raise
 from shards.errors import VitpipeError
 
 # Each module pipeline/cmd_<area>.py exposes register(subparsers).
-COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect"]
+COMMANDS = ["demo", "shard", "objectstore", "train", "finetune", "artifacts", "flows", "inspect", "export", "index"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (also VITPIPE_DEBUG=1)")
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, help="log level (default: INFO)")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only; no progress bars")
+    parser.add_argument("--version", action="version", version=f"vitpipe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for area in COMMANDS:
         try:
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("VITPIPE_DEBUG", "") not in ("", "0")
-    _log_to_stderr()
+    setup_logging(args.log_level, quiet=args.quiet)
+    LOG.debug("vitpipe %s (%s)", args.command, version())
     try:
         with signals_raise():
             if args.s3_endpoint:
@@ -65,21 +69,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(stop.line(args.command), file=sys.stderr, flush=True)
         return stop.exit_code
-
-
-def _log_to_stderr() -> None:
-    """Progress of the stages and ranks (logger "vitpipe") on stderr, once per process."""
-    logger = logging.getLogger("vitpipe")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
-        logger.setLevel(logging.INFO)
-
-
-class _Stderr(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (a StreamHandler keeps the stream it was given)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(record.getMessage(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def run_ls(args: argparse.Namespace) -> int:
 def run_get(args: argparse.Namespace) -> int:
     from pipeline import registry
 
-    paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file)
+    paths = registry.get_run(args.ref, args.dest, root=args.root, file=args.file, progress=not args.quiet)
     info = registry.resolve(args.ref, root=args.root)
     print(f"{info.run_id} ({info.kind}, {info.status}): {len(paths)} file(s) -> {args.dest}, sha256 checked")
     lineage = ", ".join(f"{k}={v}" for k, v in sorted(info.lineage.items()))

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--img-size", type=int, default=None, help="fine-tune resolution (default: the preset's)")
     p.add_argument("--eval-batch-size", type=int, default=_EVAL["batch_size"].default, help="evaluation batch size per rank")
     add_launch_args(p)
+    p.add_argument("--posemb-resample", choices=["bicubic", "scipy_linear"], default=None,
+                   help="position-embedding resampling to the new grid: timm's bicubic (the preset's default) or "
+                        "scipy_linear (the official code's scipy.ndimage.zoom(order=1)); config key model.posemb_resample")
     p.set_defaults(func=run_finetune)
 
     e = subparsers.add_parser("evaluate", help="evaluate any checkpoint on any dataset at any resolution")
@@ -50,6 +53,8 @@ def register(subparsers) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from pipeline.stages import train_stage
 
+    if args.posemb_resample:
+        args.sets = [*args.sets, f"model.posemb_resample={args.posemb_resample}"]
     if args.check:  # --pretrained is named in the config, not opened
         return check_config(args, train_params(args, img_size=args.img_size), init_from=args.pretrained)
     out = train_stage(train_params(args, img_size=args.img_size), kind="finetune", root=args.out, dataset_url=args.data,
@@ -79,7 +84,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         is_run = storage.exists(storage.join(args.out, "run.json"))
         report_dir = storage.join(args.out, "report") if is_run else args.out
     metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
-                       batch_size=args.batch_size, runs_root=args.runs_root)
+                       batch_size=args.batch_size, runs_root=args.runs_root, progress=not args.quiet)
     line = scalar_metrics(metrics)
     line.update(source=metrics.get("source"), world_size=metrics.get("world_size", 1))
     if report_dir:

@@ -67,7 +67,7 @@ def run_shard(args) -> int:
 def run_verify(args) -> int:
     from shards.verify import verify_dataset
 
-    problems = verify_dataset(args.url, decode=not args.no_decode, progress=True)
+    problems = verify_dataset(args.url, decode=not args.no_decode, progress=not getattr(args, "quiet", False))
     if problems:
         for line in problems:
             print(f"PROBLEM {line}", file=sys.stderr)

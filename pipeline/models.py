@@ -1,9 +1,9 @@
-"""The weights of a run or file: find them, check they fit, evaluate them, export them for timm.
+"""The weights of a run or file: find them, check they fit, evaluate them.
 
 `resolve_source` turns a run id / run folder / weights file into a URL `vit.checkpoint.load_model`
 accepts; `check_architecture` refuses a checkpoint the preset cannot fine-tune; `evaluate` scores
-any checkpoint on any dataset (in this process, or on DeepSpeed ranks); `write_timm_weights` is
-the timm export the stage layer calls once per training run.
+any checkpoint on any dataset (in this process, or on DeepSpeed ranks). (The timm export of a run's
+final weights is `vit.export.export_timm`, written by rank 0 beside model.safetensors.)
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from shards import storage
 from shards.errors import VitpipeError
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
-TIMM_WEIGHTS = "model_timm.safetensors"
 # architecture fields a fine-tune preset may pin; compared with the checkpoint's
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "pool", "class_token", "in_chans")
 
@@ -118,6 +117,7 @@ def evaluate(
     runs_root: str | None = None,
     work_dir: str | None = None,
     timeout: float | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate any checkpoint on any dataset at any resolution; returns the metrics dict.
 
@@ -131,7 +131,8 @@ def evaluate(
         check_resolution(source, img_size)
     if nproc < 1:
         raise FinetuneError(f"--nproc {nproc}: must be >= 1")
-    job = EvalJob(source=source, data=data, img_size=img_size, batch_size=batch_size, report_dir=report_dir)
+    job = EvalJob(source=source, data=data, img_size=img_size, batch_size=batch_size, report_dir=report_dir,
+                  progress=progress)
     if nproc == 1:
         return run_eval_job(job)
     return _launch_eval(job, nproc=nproc, work_dir=work_dir, timeout=timeout)
@@ -169,16 +170,3 @@ def _launch_eval(job, *, nproc: int, work_dir: str | None, timeout: float | None
     metrics = storage.read_json(result_path)
     metrics["world_size"] = nproc
     return metrics
-
-
-def write_timm_weights(run_url: str) -> str:
-    """`<run>/model_timm.safetensors`: the weights under timm's VisionTransformer key names."""
-    from safetensors.torch import save as st_save
-
-    from vit.checkpoint import load_model
-    from vit.interop import to_timm_state_dict
-
-    state = {k: v.contiguous() for k, v in to_timm_state_dict(load_model(run_url)).items()}
-    url = storage.join(run_url, TIMM_WEIGHTS)
-    storage.write_bytes(url, st_save(state, metadata={"format": "pt"}))
-    return url

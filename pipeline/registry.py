@@ -154,11 +154,12 @@ def read_file_index(url: str) -> dict[str, dict[str, Any]]:
     return storage.read_json(index_url)
 
 
-def get_run(ref: str, dest: str, *, root: str | None = None, file: str | None = None) -> list[str]:
+def get_run(ref: str, dest: str, *, root: str | None = None, file: str | None = None,
+            progress: bool = False) -> list[str]:
     """Download a run (or one named file of it) to the local folder ``dest``; check every sha256.
 
     Returns the local paths written. A file whose checksum does not match is deleted and
-    raises RegistryError.
+    raises RegistryError. ``progress``: a bar of bytes on stderr.
     """
     import hashlib
 
@@ -173,6 +174,14 @@ def get_run(ref: str, dest: str, *, root: str | None = None, file: str | None = 
         wanted = index
     out = []
     os.makedirs(dest, exist_ok=True)
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(e["bytes"] for e in wanted.values()), desc=f"get {info.run_id}", unit="B",
+                   unit_scale=True, dynamic_ncols=True, file=sys.stderr)
     for rel, entry in sorted(wanted.items()):
         local = os.path.join(dest, *rel.split("/"))
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
@@ -185,6 +194,10 @@ def get_run(ref: str, dest: str, *, root: str | None = None, file: str | None = 
             os.remove(local)
             raise RegistryError(f"{info.run_id}/{rel}: sha256 mismatch (stored file changed or corrupt); re-run the stage")
         out.append(local)
+        if bar is not None:
+            bar.update(entry["bytes"])
+    if bar is not None:
+        bar.close()
     if file is None:
         storage.write_json(os.path.join(dest, RUN_JSON), storage.read_json(storage.join(info.url, RUN_JSON)))
         out.append(os.path.join(dest, RUN_JSON))

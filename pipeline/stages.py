@@ -128,6 +128,12 @@ def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, pr
     if params.source is None:
         raise StageError(f"{params.url}: no manifest.json and no source to shard; set source (a class-folder tree) "
                          "or shard it with `vitpipe shard`")
+    from shards.index import looks_like_webdataset
+    from shards.sources import SourceError
+
+    if looks_like_webdataset(params.source):
+        raise SourceError(f"{params.source} already holds WebDataset shards (samples with .cls/.json); use them as they "
+                          f"are with `vitpipe index {params.source}`")
     written: list[dict] = []
     try:
         manifest = shard_dataset(params.source, params.url, name=params.name, shard_size=params.shard_size,
@@ -277,11 +283,13 @@ def _check_finetune_inputs(params: TrainParams, *, root: str, dataset_url: str, 
 
 def _finish_training(folder, cfg, *, final: dict, val_data: str | None, eval_params: EvalParams) -> dict:
     """After the ranks exit 0: evaluation (fine-tune with val_data), the timm export, files.json, complete."""
-    from pipeline.models import evaluate, write_timm_weights
+    from pipeline.models import evaluate
     from vit.evaluate import scalar_metrics
+    from vit.export import TIMM_FOLDER
 
-    if not storage.exists(folder.model):
-        raise StageError(f"{folder.url}: the ranks exited but wrote no model.safetensors; see the rank logs")
+    for path in (folder.model, storage.join(folder.url, TIMM_FOLDER, "config.json")):  # rank 0 writes both last
+        if not storage.exists(path):
+            raise StageError(f"{folder.url}: the ranks exited but wrote no {path}; see the rank logs")
     metrics = {"steps": final.get("steps", cfg.schedule.total_steps), "final_loss": final.get("final_loss"),
                "corrupt_samples": final.get("corrupt", 0), "img_size": cfg.model.img_size}
     if val_data:
@@ -291,8 +299,6 @@ def _finish_training(folder, cfg, *, final: dict, val_data: str | None, eval_par
                           report_dir=folder.report, batch_size=eval_params.batch_size,
                           work_dir=os.path.join(cfg.log_dir, "eval"))
         metrics.update(scalar_metrics(result), val_data=val_data)
-    if not storage.read_json(folder.model_config).get("representation_size"):  # timm's ViT has no pre-logits layer
-        write_timm_weights(folder.url)  # the one place the timm export of a run's final weights is made
     return complete_run(folder.url, metrics=metrics)["metrics"]
 
 

@@ -248,6 +248,23 @@ def _tar_number(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
+class HashingReader:
+    """A read-only stream wrapper that hashes (sha256) and counts every byte that passes through it
+    (verify and index check a whole shard, tar end padding included, in one read)."""
+
+    def __init__(self, stream):
+        self.stream, self.digest, self.bytes = stream, hashlib.sha256(), 0
+
+    def seekable(self) -> bool:
+        return False  # every byte goes through the hash
+
+    def read(self, n=-1):
+        data = self.stream.read(n)
+        self.digest.update(data)
+        self.bytes += len(data)
+        return data
+
+
 class TarMembers:
     """The regular-file members of a tar stream, as ``(name, size)``; ``read()`` gives the current one's bytes.
 

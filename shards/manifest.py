@@ -4,7 +4,8 @@ from __future__ import annotations
 import datetime as dt
 
 from shards import storage
-from shards.format import FORMAT, FORMAT_VERSION, MANIFEST
+from shards.describe import write_reader_info
+from shards.format import FORMAT, FORMAT_VERSION, IMAGE_EXTS, MANIFEST
 from shards.plan import ShardError, ShardPlan
 
 
@@ -39,8 +40,19 @@ def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
     }
 
 
+def image_extensions(plan: ShardPlan) -> list[str]:
+    """The image members' extensions the shards can hold: the sources' own (pass-through); re-encoding
+    keeps jpg/png/webp and turns the rest into jpg, or png when transparent (shards.imaging.resize_encode)."""
+    codes = {int(c) for t in plan.tasks for c in set((t.ext if t.rows is None else t.ext[t.rows]).tolist())}
+    exts = {IMAGE_EXTS[c] for c in codes}
+    if plan.settings.get("resize") and exts - {"jpg", "png", "webp"}:
+        exts |= {"jpg", "png"}
+    return sorted(exts)
+
+
 def finish_dataset(plan: ShardPlan, entries: list[dict]) -> dict:
     """Check every shard is there, then publish manifest.json (the last write). Returns the manifest."""
     manifest = build_manifest(plan, entries)
+    write_reader_info(plan.out_url, manifest, image_exts=image_extensions(plan))
     storage.write_json(storage.join(plan.out_url, MANIFEST), manifest)
     return manifest

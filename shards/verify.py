@@ -5,33 +5,19 @@ when single-label) with a decodable image. Returns the problems, one line each (
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 
 from shards import storage
-from shards.format import IMAGE_EXTS, DatasetError, TarMembers, image_ext, split_name
+from shards.format import IMAGE_EXTS, DatasetError, HashingReader, TarMembers, image_ext, split_name
 from shards.imaging import BadImage, decode_check
 from shards.reader import load_manifest, shard_urls
 
 
-class _HashingReader:
-    def __init__(self, stream):
-        self._stream = stream
-        self.digest = hashlib.sha256()
-        self.bytes = 0
-
-    def seekable(self) -> bool:
-        return False  # every byte goes through the hash
-
-    def read(self, n=-1):
-        data = self._stream.read(n)
-        self.digest.update(data)
-        self.bytes += len(data)
-        return data
-
-
-def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = True) -> list[str]:
+def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = True, foreign: bool = False,
+                 skipped: frozenset = frozenset()) -> list[str]:
+    """Problems of one shard. ``foreign``: shards made elsewhere (`vitpipe index`): a sample needs an image
+    and a label (.cls or .json), not both; samples listed in ``skipped`` (keys) are not checked."""
     problems = []
     name = entry["name"]
     try:
@@ -43,7 +29,7 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
     samples: dict[str, set[str]] = {}
     try:
         with storage.open_read(url) as raw:
-            reader = _HashingReader(raw)
+            reader = HashingReader(raw)
             members = TarMembers(reader)
             for member, _ in members:
                 if member.startswith("/") or ".." in member.split("/"):
@@ -57,7 +43,7 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
                         decode_check(data)
                     except BadImage as err:
                         problems.append(f"{name}: sample {key}: image {err}")
-                elif ext == "json":
+                elif ext == "json" and not foreign:
                     try:
                         meta = json.loads(data)
                         if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
@@ -75,7 +61,13 @@ def verify_shard(url: str, entry: dict, *, multi_label: bool, decode: bool = Tru
     if len(samples) != entry["samples"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry['samples']}")
     for key, exts in samples.items():
+        if key in skipped:
+            continue
         missing = []
+        if foreign:
+            if image_ext(exts) is None or not exts & {"cls", "json"}:
+                problems.append(f"{name}: sample {key}: no image or no label, and not listed as skipped in the manifest")
+            continue
         if image_ext(exts) is None:
             missing.append("image")
         if "json" not in exts:
@@ -97,10 +89,16 @@ def verify_dataset(dataset_url: str, *, decode: bool = True, progress: bool = Fa
     problems = []
     entries = manifest["shards"]
     iterator = zip(urls, entries)
+    foreign = manifest.get("format") == "webdataset"  # indexed by `vitpipe index`, not written here
+    skipped = frozenset(s.get("key") for s in manifest.get("skipped") or [] if foreign)
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(list(iterator), desc="verify", unit="shard")
     for url, entry in iterator:
-        problems.extend(verify_shard(url, entry, multi_label=bool(manifest.get("multi_label")), decode=decode))
+        problems.extend(verify_shard(url, entry, multi_label=bool(manifest.get("multi_label")), decode=decode,
+                                     foreign=foreign, skipped=skipped))
+    total = sum(e["samples"] for e in entries)
+    if total != manifest.get("num_samples", total):
+        problems.append(f"manifest: num_samples {manifest.get('num_samples')} != sum over shards {total}")
     return problems

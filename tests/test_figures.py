@@ -308,3 +308,15 @@ def test_bad_inputs_name_the_file(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ReportError, match=r"broken\.png: not a readable image"):
         load_photos(str(tmp_path), img_size=(32, 32))
+
+
+def test_curves_have_labelled_axes_with_units():
+    from vit.figures import draw_curves
+
+    fig = draw_curves({"run": {"loss": [(1, 2.3), (2, 2.0)], "lr": [(1, 1e-3), (2, 5e-4)],
+                               "images_per_sec": [(1, 100.0), (2, 110.0)], "mfu": [(1, 0.4), (2, 0.5)]}})
+    labels = {ax.get_title(): (ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes}
+    assert labels == {"loss": ("optimizer step", "training loss (nats)"),
+                      "lr": ("optimizer step", "learning rate (per step)"),
+                      "images_per_sec": ("optimizer step", "throughput (images/s, all ranks)"),
+                      "mfu": ("optimizer step", "model FLOPs utilisation (fraction of peak)")}

@@ -162,21 +162,19 @@ def test_first_finetune_loss_is_ln_k(finetuned):
 
 
 @pytest.mark.integration
-def test_timm_layout_weights_load_into_timm(finetuned, digit_sets):
-    import timm  # noqa: F401  (registers the model classes)
-    from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+def test_finetuned_run_is_a_timm_model_folder(finetuned, digit_sets):
+    """`vitpipe finetune` (16 -> 32 px, new head) leaves <run>/timm: timm's own loader gives the same logits."""
+    import timm
 
     from vit.checkpoint import load_model
-    from vit.interop import timm_kwargs
 
     run_url = finetuned["line"]["run_url"]
     ours = load_model(run_url).eval()
-    theirs = TimmViT(**timm_kwargs(ours.config)).eval()
-    theirs.load_state_dict(load_file(os.path.join(run_url, "model_timm.safetensors")), strict=True)
+    theirs = timm.create_model(f"local-dir:{run_url}/timm", pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5)
+        assert torch.equal(theirs(x), ours(x))
+    assert theirs.pretrained_cfg["num_classes"] == 5 and tuple(theirs.pretrained_cfg["input_size"]) == (3, 32, 32)
 
 
 @pytest.mark.integration

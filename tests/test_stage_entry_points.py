@@ -2,7 +2,7 @@
 leave the same run folder (files, run.json schema), and `vitpipe artifacts get` works for both.
 
 Issue 14's defects reproduced here: pretrain/finetune runs made by the CLI had no files.json
-(`artifacts get` refused them); the finetune flow wrote no model_timm.safetensors and no eval
+(`artifacts get` refused them); the finetune flow wrote no timm weights and no eval
 report; the shard command and flow had different default shard sizes.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def finetuned(pretrained, digits_shards, roots):
 def test_finetune_cli_and_flow_leave_the_same_run_folder(finetuned, tmp_path):
     _same_run_folder(finetuned["cli"], finetuned["flow"], tmp_path)
     for url in (finetuned["cli"], finetuned["flow"]):  # complete only after the evaluation and the timm export
-        assert {"model_timm.safetensors", "report/eval.json", "report/confusion.csv"} <= _files(url)
+        assert {"timm/model.safetensors", "timm/config.json", "report/eval.json", "report/confusion.csv"} <= _files(url)
         assert "top1" in registry.read_run(url).metrics
     assert finetuned["line"]["top1"] == registry.read_run(finetuned["cli"]).metrics["top1"]
 

@@ -163,6 +163,8 @@ def test_two_nodes_over_loopback_to_s3(digits_shards, s3, tmp_path):
     assert [int(r["step"]) for r in read_metrics(run.metrics)] == list(range(1, 13))
     assert results[0].final["event"] == results[1].final["event"] == "finished"  # each node's ranks, from their status
     assert storage.exists(run.model) and storage.exists(run.model_config)
+    assert storage.exists(storage.join(run.url, "timm", "model.safetensors"))  # the timm model folder, in S3 too
+    assert storage.read_json(storage.join(run.url, "timm", "config.json"))["architecture"] == "vit_tiny_patch16_224"
     names = storage.listdir(run.file("checkpoints", "step00000012"))
     assert any("zero_pp_rank_0" in n for n in names) and any("zero_pp_rank_1" in n for n in names)
     assert storage.read_bytes(run.file("checkpoints", "latest")).decode() == "step00000012"

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import vit
@@ -70,6 +71,13 @@ def test_finetune_digits_from_pretrained_weights(digits_shards, tmp_path):
     assert tuned.config["representation_size"] is None  # pre-logits dropped for fine-tuning
     cfg_json = json.loads(Path(run.url, "launch", "config-node0.json").read_text())  # what the ranks were given
     assert cfg_json["optim"]["name"] == "sgd" and cfg_json["optim"]["weight_decay"] == 0.0
+    # the run's timm model folder: timm's own loader gives the project's logits, with the class names
+    theirs = timm.create_model(f"local-dir:{run.url}/timm", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs(x), tuned.eval()(x))
+    classes = json.loads((Path(digits_shards) / "manifest.json").read_text())["classes"]
+    assert theirs.pretrained_cfg["label_names"] == classes
 
 
 def test_sigmoid_head_bias_from_label_priors():

@@ -40,6 +40,9 @@ class ModelConfig:
     # architecture overrides passed to vit.create_model (patch_size, embed_dim, depth, num_heads,
     # mlp_ratio, representation_size, pool, drop_rate, ...)
     overrides: dict = field(default_factory=dict)
+    # fine-tuning: how position embeddings are resampled to a new grid (vit.resample_pos_embed's mode):
+    # timm's "bicubic", or "scipy_linear" = the official code's scipy.ndimage.zoom(order=1)
+    posemb_resample: str = "bicubic"
 
     @property
     def patch_size(self) -> int:
@@ -51,6 +54,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.img_size > 0, f"model.img_size={self.img_size} must be positive")
+        _choice("model.posemb_resample", self.posemb_resample, ("bicubic", "scipy_linear"))
         p = self.patch_size
         _check(
             self.img_size % p == 0,

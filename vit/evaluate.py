@@ -207,6 +207,7 @@ def evaluate_model(
     world_size: int = 1,
     class_names: list[str] | None = None,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Evaluate ``model`` on every sample of the dataset at ``dataset_url`` (resize + centre crop).
 
@@ -238,11 +239,20 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     sums = _Sums(num_classes=len(classes), multi_label=multi_label)
+    bar = None
+    if progress:  # on stderr; the metrics line stays alone on stdout
+        from tqdm import tqdm
+
+        bar = tqdm(total=stream.num_samples, desc="evaluate", unit="img", dynamic_ncols=True, file=sys.stderr)
     try:
         for batch in stream:
             sums.add(model(batch.images.to(device, non_blocking=True)), batch.targets)
+            if bar is not None:
+                bar.update(len(batch.targets))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     reduced = sums.reduce()
     out = sums.metrics(classes)
     out.update(class_names=classes, dataset_url=dataset_url, img_size=img_size)
@@ -361,6 +371,7 @@ class EvalJob:
     report_dir: str | None = None  # where rank 0 writes the eval report (None: nowhere)
     result: str | None = None  # where rank 0 writes the metrics JSON (None: nowhere)
     num_workers: int = 0
+    progress: bool = False  # rank 0 shows a progress bar on stderr
 
     def __post_init__(self):
         if not self.source or not self.data:
@@ -378,7 +389,8 @@ def run_eval_job(job: EvalJob, *, rank: int = 0, world_size: int = 1) -> dict:
         model = model.cuda()
     img_size = job.img_size or _model_img_size(model)
     metrics = evaluate_model(
-        model, job.data, img_size=img_size, batch_size=job.batch_size, rank=rank, world_size=world_size, num_workers=job.num_workers
+        model, job.data, img_size=img_size, batch_size=job.batch_size, rank=rank, world_size=world_size, num_workers=job.num_workers,
+        progress=job.progress and rank == 0,
     )
     metrics["source"] = job.source
     if rank == 0:

@@ -272,13 +272,28 @@ def draw_curves(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> Figu
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, ms=3, label=label)
         ax.set_title(column, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylabel(CURVE_LABELS.get(column, column), fontsize=8)
         if column == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if len(curves) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# metrics.csv / eval columns -> y-axis label with its unit
+CURVE_LABELS = {
+    "loss": "training loss (nats)",
+    "eval_loss": "eval loss (nats)",
+    "top1": "top-1 accuracy (fraction)",
+    "eval_top1": "eval top-1 accuracy (fraction)",
+    "val_top1": "val top-1 accuracy (fraction)",
+    "lr": "learning rate (per step)",
+    "images_per_sec": "throughput (images/s, all ranks)",
+    "mfu": "model FLOPs utilisation (fraction of peak)",
+    "epoch": "epoch (passes over the data)",
+}
 
 
 def curve_order(column: str) -> tuple[int, str]:

@@ -114,7 +114,8 @@ def build_model(cfg: RunConfig, *, num_classes: int) -> torch.nn.Module:
         from vit.checkpoint import load_model
 
         model = load_model(cfg.init_from)
-        return vit.prepare_for_finetune(model, num_classes=num_classes, img_size=cfg.model.img_size)
+        return vit.prepare_for_finetune(model, num_classes=num_classes, img_size=cfg.model.img_size,
+                                        mode=cfg.model.posemb_resample)
     return vit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, **cfg.model.overrides)
 
 
@@ -451,10 +452,12 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
         keys_file.close()
     result = {"final_loss": last_loss, "steps": total, "corrupt_samples": corrupt}
     from vit.checkpoint import save_model
+    from vit.export import TIMM_FOLDER, export_timm
 
     with _full_params(engine, zero_stage=cfg.launch.zero_stage):  # every rank takes part under ZeRO-3
         if is0:
             save_model(engine.module, run.url)
+            export_timm(engine.module, storage.join(run.url, TIMM_FOLDER), label_names=list(stream.info.classes))
     if is0:
         metrics.close()
         io.push_logs()
