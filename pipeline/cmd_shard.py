@@ -57,7 +57,7 @@ def run_shard(args) -> int:
     params = DatasetParams(source=args.source, url=args.out_url, name=args.name, shard_size=args.shard_size,
                            workers=args.workers,
                            settings={k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
-    manifest = shard_stage(params, progress=True)
+    manifest = shard_stage(params, progress=not args.quiet)
     if manifest["skipped_stage"]:
         print(f"{args.out_url} already holds this dataset (same source fingerprint and settings): "
               f"{manifest['num_samples']} samples in {manifest['num_shards']} shards; nothing to do")
@@ -67,7 +67,7 @@ def run_shard(args) -> int:
 def run_verify(args) -> int:
     from shards.verify import verify_dataset
 
-    problems = verify_dataset(args.url, decode=not args.no_decode, progress=not getattr(args, "quiet", False))
+    problems = verify_dataset(args.url, decode=not args.no_decode, progress=not args.quiet)
     if problems:
         for line in problems:
             print(f"PROBLEM {line}", file=sys.stderr)
