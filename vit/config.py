@@ -213,6 +213,28 @@ class LaunchConfig:
         return self.precision
 
 
+@dataclass
+class FewshotConfig:
+    """Few-shot linear evaluation during pretraining (vit.fewshot): rank 0, every `every_steps` (0: off)
+    and at the last step; shots drawn from `data`, accuracy on `val_data`, written to metrics.csv."""
+
+    every_steps: int = 0
+    data: str = ""
+    val_data: str = ""
+    shots: tuple = (1, 5, 10, 25)
+    l2: float = 1.0
+    draws: int = 5
+
+    def __post_init__(self) -> None:
+        self.shots = tuple(int(k) for k in self.shots)
+        _check(self.every_steps >= 0, "fewshot.every_steps must be >= 0 (0 turns the evaluation off)")
+        _check(bool(self.shots) and all(k >= 1 for k in self.shots), f"fewshot.shots={list(self.shots)}: give shot counts >= 1")
+        _check(self.l2 > 0 and self.draws >= 1, "fewshot.l2 must be > 0 and fewshot.draws >= 1")
+        if self.every_steps:
+            _check(bool(self.data and self.val_data), "fewshot.every_steps is set but fewshot.data / fewshot.val_data "
+                   "is empty; set both to dataset URLs (shots are drawn from data, accuracy is measured on val_data)")
+
+
 SUBCONFIGS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -221,6 +243,7 @@ SUBCONFIGS = {
     "batch": BatchConfig,
     "checkpoint": CheckpointConfig,
     "launch": LaunchConfig,
+    "fewshot": FewshotConfig,
 }
 
 
@@ -240,6 +263,7 @@ class RunConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     seed: int = 0
     log_every: int = 1
     peak_flops: float | None = None  # per-rank peak FLOP/s for MFU; None: measured (CPU) / table (GPU)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from shards import storage
 from vit.config import RunConfig, deepspeed_config
+from vit.fewshot import fewshot_columns, fewshot_due, fewshot_metrics
 from vit.runs import RunFolder
 
 METRIC_FIELDS = ["step", "epoch", "loss", "lr", "images_per_sec", "mfu"]
@@ -166,7 +167,7 @@ class RunIO:
 class MetricsLog:
     """Rank 0: metrics.csv (append, trimmed to the resumed step), TensorBoard, one-line progress."""
 
-    def __init__(self, path: str, tb_dir: str, *, resume_step: int) -> None:
+    def __init__(self, path: str, tb_dir: str, *, resume_step: int, fields: list[str] = METRIC_FIELDS) -> None:
         self.path = path
         rows = []
         if os.path.exists(path):
@@ -174,12 +175,12 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         tmp = path + ".tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, path)
         self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=fields)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(tb_dir)
@@ -189,6 +190,8 @@ class MetricsLog:
         self.file.flush()
         for k in ("loss", "lr", "images_per_sec", "mfu"):
             self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+        for k in row.keys() - METRIC_FIELDS:  # evaluations (few-shot accuracy)
+            self.tb.add_scalar(f"eval/{k}", row[k], row["step"])
 
     def close(self) -> None:
         self.file.close()
@@ -304,7 +307,8 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
     if is0:
         storage.write_json(run.config, cfg.to_dict())
         run.start(kind=cfg.task, parent=cfg.parent, lineage=_lineage(cfg))
-        metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step)
+        metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step,
+                             fields=METRIC_FIELDS + fewshot_columns(cfg.fewshot))
     keys_file = None
     if cfg.log_keys:
         os.makedirs(os.path.join(io.local, "keys"), exist_ok=True)
@@ -349,9 +353,15 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
             if step == 0:
                 k = stream.num_classes
                 log(f"[vit.train] first loss {last_loss:.4f} (ln K = ln {k} = {math.log(k):.4f})")
-            if done % cfg.log_every == 0 or done == total:
-                metrics.write({"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
-                               "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"})
+            fewshot = fewshot_due(cfg.fewshot, done, total)
+            if done % cfg.log_every == 0 or done == total or fewshot:
+                row = {"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
+                       "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"}
+                if fewshot:
+                    accuracies = fewshot_metrics(engine.module, cfg.fewshot)
+                    row.update(accuracies)
+                    log(f"[vit.train] few-shot linear accuracy at step {done}: {accuracies}")
+                metrics.write(row)
                 log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
         stopping = cfg.stop_after is not None and cfg.stop_after <= done < total
         if done % cfg.checkpoint.every_steps == 0 or done == total or stopping:
