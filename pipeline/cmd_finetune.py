@@ -3,6 +3,7 @@
     vitpipe finetune --preset digits_tiny_ft --pretrained RUN_ID_OR_URL_OR_FILE --data TRAIN_URL \
         --val-data VAL_URL --out RUNS_ROOT [--img-size S] [--nproc N] [--steps N] [--run-id ID]
     vitpipe evaluate CHECKPOINT_OR_RUN --data DATASET_URL [--img-size S] [--nproc N] [--out DIR_OR_RUN]
+    vitpipe evaluate CHECKPOINT_OR_RUN --fewshot 1,5,10,25 --data TRAIN_URL --val-data VAL_URL
 
 Both end with ONE JSON line on stdout holding the metrics (machine-readable; everything else
 printed before it is for humans). The work lives in plain functions (`finetune`,
@@ -290,6 +291,9 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, help="where to write the report: a directory, or a run folder (-> its report/)")
     e.add_argument("--runs-root", default=None, help="runs root to resolve a bare run id")
     e.add_argument("--batch-size", type=int, default=64, help="evaluation batch size per rank")
+    e.add_argument("--fewshot", default=None, metavar="SHOTS",
+                   help="few-shot linear accuracy (vit.fewshot) instead, e.g. 1,5,10,25: shots from --data, scored on --val-data")
+    e.add_argument("--val-data", default=None, help="with --fewshot: the held-out dataset")
     e.set_defaults(func=run_evaluate)
 
 
@@ -322,6 +326,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_fewshot(args: argparse.Namespace, report_dir: str | None) -> int:
+    from vit.fewshot import fewshot_checkpoint, parse_shots
+
+    try:
+        if not args.val_data:
+            raise FinetuneError("--fewshot needs --val-data VAL (the held-out set scored; shots are drawn from --data)")
+        line = fewshot_checkpoint(resolve_source(args.checkpoint, runs_root=args.runs_root), args.data, args.val_data,
+                                  shots=parse_shots(args.fewshot), img_size=args.img_size, report_dir=report_dir)
+    except Exception as err:
+        if _expected(err):
+            return _fail(err)
+        raise
+    print(json.dumps(line), flush=True)
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from vit.evaluate import scalar_metrics
 
@@ -329,6 +349,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         is_run = storage.exists(storage.join(args.out, "run.json"))
         report_dir = storage.join(args.out, "report") if is_run else args.out
+    if args.fewshot:
+        return run_fewshot(args, report_dir)
     try:
         metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
                            batch_size=args.batch_size, runs_root=args.runs_root)

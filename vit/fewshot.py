@@ -105,6 +105,21 @@ def fewshot_eval(model: torch.nn.Module, train_url: str, val_url: str, *, shots:
             for k in shots}
 
 
+def fewshot_checkpoint(source: str, train_url: str, val_url: str, *, shots: Sequence[int], img_size: int | None = None,
+                       l2: float = 1.0, draws: int = 5, report_dir: str | None = None) -> dict:
+    """`vitpipe evaluate SOURCE --fewshot ...`: any checkpoint `vit.checkpoint.load_model` reads, at its own
+    resolution or `img_size`; writes `fewshot.json` to `report_dir` when given."""
+    from shards import storage
+    from vit.checkpoint import load_model
+
+    model = load_model(source, img_size=img_size)
+    out = {"source": source, "img_size": model.img_size[0], "train_data": train_url, "val_data": val_url, "l2": l2,
+           "draws": draws, **fewshot_eval(model, train_url, val_url, shots=shots, l2=l2, draws=draws)}
+    if report_dir:
+        storage.write_json(storage.join(report_dir, "fewshot.json"), out)
+    return out
+
+
 def metric_name(shots: int) -> str:
     return f"fewshot_{shots}shot"
 
