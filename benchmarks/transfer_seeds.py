@@ -4,14 +4,14 @@
 
 Per seed s (``seed`` and ``data.seed`` = s), the recipe of tests/test_finetune.py:
 
-1. ``vitpipe pretrain --preset digits_tiny`` on digits 0-4 (train split) at 16 px, PT_STEPS steps, with
+1. ``vitpipe pretrain --preset digits_tiny_aug`` on digits 0-4 (train split) at 16 px, PT_STEPS steps, with
    the few-shot evaluator on (shots from 0-4 train, scored on 0-4 val);
 2. ``vitpipe finetune --preset digits_tiny_ft`` on digits 5-9 at 32 px, FT_STEPS steps: top-1 on held-out 5-9;
 3. from scratch: ``digits_tiny`` at 32 px on 5-9 for the same FT_STEPS steps and batch: top-1 on held-out 5-9;
 4. 10-shot linear accuracy (``vitpipe evaluate RUN --fewshot``) of the pretraining, and of the same
    model with random weights (seed s), on 0-4 (the pretraining's classes, held-out images) and on
    5-9 (classes it never saw);
-5. even/odd: ``digits_tiny`` on all ten digits (PT_STEPS), fine-tuned on parity at 32 px (FT_STEPS).
+5. even/odd: ``digits_tiny_aug`` on all ten digits, fine-tuned (``digits_tiny_ft``) on parity at 32 px.
 
 Prints one row per seed and mean / std / min of each column. Each launch takes 30-90 s on 2 cores.
 """
@@ -31,7 +31,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_finetune import FEWSHOT_EVERY, FT_LR, FT_STEPS, PT_STEPS, free_port  # noqa: E402  (the test's recipe)
+from vit.presets import get_preset  # noqa: E402
+
+PT_PRESET, FT_PRESET, SCRATCH_PRESET = "digits_tiny_aug", "digits_tiny_ft", "digits_tiny"  # as tests/test_finetune.py
+PT_STEPS = get_preset(PT_PRESET).schedule.total_steps
+FT_STEPS = get_preset(FT_PRESET).schedule.total_steps
+FEWSHOT_EVERY = 50
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def vitpipe(*args) -> dict:
@@ -75,14 +88,14 @@ def one_seed(seed: int, sets: dict[str, str], out: str, *, parity: bool) -> dict
     sets_args = [a for s in seed_sets for a in ("--set", s)]
     runs = os.path.join(out, "runs")
     pt_id, scratch_id = f"pretrain-20260101-000000-{seed:06x}", f"pretrain-20260101-000001-{seed:06x}"
-    vitpipe("pretrain", "--preset", "digits_tiny", "--data", sets["a_train"], "--out", out, "--run-id", pt_id,
+    vitpipe("pretrain", "--preset", PT_PRESET, "--data", sets["a_train"], "--out", out, "--run-id", pt_id,
             "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port(), *sets_args,
             "--set", f"fewshot.every_steps={FEWSHOT_EVERY}", "--set", f"fewshot.data={sets['a_train']}",
             "--set", f"fewshot.val_data={sets['a_val']}", "--set", "fewshot.shots=[10]")
-    ft = vitpipe("finetune", "--preset", "digits_tiny_ft", "--pretrained", pt_id, "--data", sets["b_train"],
+    ft = vitpipe("finetune", "--preset", FT_PRESET, "--pretrained", pt_id, "--data", sets["b_train"],
                  "--val-data", sets["b_val"], "--out", out, "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1,
-                 "--set", f"optim.lr={FT_LR}", "--set", f"launch.master_port={free_port()}", *sets_args)
-    vitpipe("pretrain", "--preset", "digits_tiny", "--data", sets["b_train"], "--out", out, "--run-id", scratch_id,
+                 "--set", f"launch.master_port={free_port()}", *sets_args)
+    vitpipe("pretrain", "--preset", SCRATCH_PRESET, "--data", sets["b_train"], "--out", out, "--run-id", scratch_id,
             "--steps", FT_STEPS, "--nproc", 1, "--set", "model.img_size=32", "--master-port", free_port(), *sets_args)
     scratch = vitpipe("evaluate", scratch_id, "--runs-root", out, "--data", sets["b_val"])
     row = {"seed": seed, "finetuned": ft["top1"], "scratch": scratch["top1"]}
@@ -93,11 +106,11 @@ def one_seed(seed: int, sets: dict[str, str], out: str, *, parity: bool) -> dict
         row[f"10shot {tag} random"] = random_weights_fewshot(pt_url, sets[train], sets[val])
     if parity:
         all_id = f"pretrain-20260101-000002-{seed:06x}"
-        vitpipe("pretrain", "--preset", "digits_tiny", "--data", sets["all_train"], "--out", out, "--run-id", all_id,
+        vitpipe("pretrain", "--preset", PT_PRESET, "--data", sets["all_train"], "--out", out, "--run-id", all_id,
                 "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port(), *sets_args)
-        eo = vitpipe("finetune", "--preset", "digits_tiny_ft", "--pretrained", all_id, "--data", sets["parity_train"],
+        eo = vitpipe("finetune", "--preset", FT_PRESET, "--pretrained", all_id, "--data", sets["parity_train"],
                      "--val-data", sets["parity_val"], "--out", out, "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1,
-                     "--set", f"optim.lr={FT_LR}", "--set", f"launch.master_port={free_port()}", *sets_args)
+                     "--set", f"launch.master_port={free_port()}", *sets_args)
         row["even/odd"] = eo["top1"]
     return row
 
@@ -110,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="transfer-seeds-")
     sets = make_sets(Path(out) / "data")
-    print(f"recipe: pretrain {PT_STEPS} steps at 16 px, fine-tune / scratch {FT_STEPS} steps at 32 px, lr {FT_LR}; "
+    print(f"recipe: {PT_PRESET} {PT_STEPS} steps at 16 px, {FT_PRESET} / from scratch ({SCRATCH_PRESET}) "
+          f"{FT_STEPS} steps at 32 px; "
           f"work folder {out}", flush=True)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -64,11 +64,11 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 2
     lanes: int = 8
-    augment: str = "pretrain"  # pretrain | finetune | none
+    augment: str = "pretrain"  # pretrain | finetune | crop | none (vit.augment.build_transform)
     label_mode: str = "auto"  # auto | softmax | sigmoid
 
     def __post_init__(self) -> None:
-        _choice("data.augment", self.augment, ("pretrain", "finetune", "none"))
+        _choice("data.augment", self.augment, ("pretrain", "finetune", "crop", "none"))
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.lanes >= 1, "data.lanes must be >= 1")

@@ -103,6 +103,21 @@ def digits_tiny() -> RunConfig:
     )
 
 
+def digits_tiny_aug() -> RunConfig:
+    """digits_tiny with random resized crops (25-100 % of the area, no flip: augment='crop'), 150 steps:
+    the pretraining of the transfer recipe (tests/test_finetune.py, benchmarks/transfer_seeds.py).
+
+    A zoom of up to 2x shows the model its 4 px patches at more than one scale, so the 16 px
+    pretraining still helps at 32 px. Plain digits_tiny stays as it is: its loss falls fastest,
+    which is what the short distributed tests need.
+    """
+    cfg = digits_tiny()
+    cfg.preset = "digits_tiny_aug"
+    cfg.data.augment = "crop"
+    cfg.schedule.total_steps = 150
+    return cfg
+
+
 def _finetune(
     *, preset: str, img_size: int, total_steps: int, lr: float, warmup_steps: int = 500, model: str = "vit_base_patch16",
     micro_batch_size: int = 16, zero_stage: int = 0,
@@ -182,10 +197,10 @@ def digits_tiny_ft() -> RunConfig:
         init_from="",
         model=model,
         data=DataConfig(augment="none", num_workers=1, lanes=4),
-        # 80 steps at lr 0.1: measured on held-out digits 5-9 (tests/test_finetune.py), 96.6% top-1
-        # vs 88.8% at 60 steps / lr 0.03 would miss the issue's 90% target.
+        # 120 steps at lr 0.1 from digits_tiny_aug: see benchmarks/transfer_seeds.py for the figures over
+        # 5 seeds (README); 80 steps left some seeds below 90 % on held-out digits 5-9.
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
-        schedule=ScheduleConfig(total_steps=80, warmup_steps=5, decay="cosine"),
+        schedule=ScheduleConfig(total_steps=120, warmup_steps=5, decay="cosine"),
         batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
         checkpoint=CheckpointConfig(every_steps=40),
     )
@@ -201,6 +216,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         jft_vit_l16,
         jft_vit_h14,
         digits_tiny,
+        digits_tiny_aug,
         imagenet_384_ft,
         cifar10_384_ft,
         cifar100_384_ft,

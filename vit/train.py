@@ -361,6 +361,7 @@ def train(cfg: RunConfig, dist_info: Dist) -> dict:
                     accuracies = fewshot_metrics(engine.module, cfg.fewshot)
                     row.update(accuracies)
                     log(f"[vit.train] few-shot linear accuracy at step {done}: {accuracies}")
+                    t_last = time.perf_counter()  # the next step's img/s leaves the evaluation out
                 metrics.write(row)
                 log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
         stopping = cfg.stop_after is not None and cfg.stop_after <= done < total
