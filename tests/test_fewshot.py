@@ -86,3 +86,14 @@ def test_cli_fewshot_needs_val_data(digits_features, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "m"), "--fewshot", "5,x", "--data", digits_features["url"],
                  "--val-data", digits_features["url"]]) == 1
     assert "--fewshot '5,x'" in capsys.readouterr().err
+
+
+def test_fewshot_config_names_what_is_missing():
+    from vit.config import ConfigError, apply_overrides
+    from vit.presets import get_preset
+
+    with pytest.raises(ConfigError, match=r"fewshot.every_steps is set but fewshot.data / fewshot.val_data is empty"):
+        apply_overrides(get_preset("digits_tiny"), ["fewshot.every_steps=50"])
+    with pytest.raises(ConfigError, match=r"ZeRO-3 partitions; use launch.zero_stage <= 2"):
+        apply_overrides(get_preset("digits_tiny"), ["fewshot.every_steps=50", 'fewshot.data="a"', 'fewshot.val_data="b"',
+                                                    "launch.zero_stage=3"])

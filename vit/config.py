@@ -283,6 +283,9 @@ class RunConfig:
         _choice("task", self.task, ("pretrain", "finetune"))
         _check(self.log_every >= 1, "log_every must be >= 1")
         self.batch.grad_accum(self.launch.world_size)  # raises with a fix-it message
+        _check(not (self.fewshot.every_steps and self.launch.zero_stage == 3),
+               "fewshot.every_steps needs the whole model on rank 0, which ZeRO-3 partitions; "
+               "use launch.zero_stage <= 2 or evaluate the saved model with `vitpipe evaluate RUN --fewshot`")
         _check(
             self.batch.global_batch_size % self.launch.world_size == 0,
             f"batch.global_batch_size={self.batch.global_batch_size} is not divisible by the {self.launch.world_size} ranks",
