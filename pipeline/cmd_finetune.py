@@ -4,6 +4,7 @@
         --val-data VAL_URL --out RUNS_ROOT [--img-size S] [--nproc N] [--steps N] [--run-id ID]
     vitpipe evaluate CHECKPOINT_OR_RUN --data DATASET_URL [--img-size S] [--nproc N] [--out DIR_OR_RUN]
     vitpipe evaluate RUN --data DATASET_URL --root ROOT      (an `evaluate` run under ROOT/runs/)
+    vitpipe evaluate CHECKPOINT_OR_RUN --fewshot 1,5,10,25 --data TRAIN_URL --val-data VAL_URL
 
 Both end with ONE JSON line on stdout holding the metrics (machine-readable; everything else
 printed before it is for humans).
@@ -47,6 +48,9 @@ def register(subparsers) -> None:
     e.add_argument("--root", default=None,
                    help="record an `evaluate` run under ROOT/runs/ (the stage the flows run: skipped when equal)")
     e.add_argument("--batch-size", type=int, default=_EVAL["batch_size"].default, help="evaluation batch size per rank")
+    e.add_argument("--fewshot", default=None, metavar="SHOTS",
+                   help="few-shot linear accuracy (vit.fewshot) instead, e.g. 1,5,10,25: shots from --data, scored on --val-data")
+    e.add_argument("--val-data", default=None, help="with --fewshot: the held-out dataset")
     e.set_defaults(func=run_evaluate)
 
 
@@ -67,6 +71,18 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_fewshot(args: argparse.Namespace, report_dir: str | None) -> int:
+    from pipeline.models import FinetuneError, resolve_source
+    from vit.fewshot import fewshot_checkpoint, parse_shots
+
+    if not args.val_data:
+        raise FinetuneError("--fewshot needs --val-data VAL (the held-out set scored; shots are drawn from --data)")
+    line = fewshot_checkpoint(resolve_source(args.checkpoint, runs_root=args.runs_root), args.data, args.val_data,
+                              shots=parse_shots(args.fewshot), img_size=args.img_size, report_dir=report_dir)
+    print(json.dumps(line), flush=True)
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipeline.models import evaluate
     from vit.evaluate import scalar_metrics
@@ -83,6 +99,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         is_run = storage.exists(storage.join(args.out, "run.json"))
         report_dir = storage.join(args.out, "report") if is_run else args.out
+    if args.fewshot:
+        return run_fewshot(args, report_dir)
     metrics = evaluate(args.checkpoint, args.data, img_size=args.img_size, nproc=args.nproc, report_dir=report_dir,
                        batch_size=args.batch_size, runs_root=args.runs_root, progress=not args.quiet)
     line = scalar_metrics(metrics)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -30,8 +31,11 @@ def in_split(index: int, split: str | None) -> bool:
 
 
 def write_digits_tree(root: str | os.PathLike, *, split: str | None = None, size: int = 32,
-                      limit: int | None = None) -> Path:
-    """Write the digits as `root/<class>/<key>.png` (RGB, upscaled to `size` px); returns `root`."""
+                      limit: int | None = None, digits: Iterable[int] | None = None, parity: bool = False) -> Path:
+    """Write the digits as `root/<class>/<key>.png` (RGB, upscaled to `size` px); returns `root`.
+
+    `digits`: only these digits (e.g. range(5, 10)); `parity`: class folders "even" / "odd" instead of
+    the digit (a task that is a function of the digit)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use None, 'train' or 'val'")
     if size < 8:
@@ -39,12 +43,13 @@ def write_digits_tree(root: str | os.PathLike, *, split: str | None = None, size
     root = Path(root)
     images, labels = digits_arrays()
     written = 0
+    keep = None if digits is None else {int(d) for d in digits}
     for index, (pixels, label) in enumerate(zip(images, labels)):
-        if not in_split(index, split):
+        if not in_split(index, split) or (keep is not None and int(label) not in keep):
             continue
         if limit is not None and written >= limit:
             break
-        folder = root / str(int(label))
+        folder = root / (("even", "odd")[int(label) % 2] if parity else str(int(label)))
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
         image.save(folder / f"digit_{index:04d}.png", optimize=False)

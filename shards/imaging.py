@@ -149,6 +149,19 @@ def dhash(image: Image.Image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+THUMB_SIZE = 8
+
+
+def thumbnail(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The picture at THUMB_SIZE x THUMB_SIZE RGB (box-averaged, int16): what near-duplicate
+    confirmation compares. dHash keeps only the signs of neighbour differences, which on flat
+    images (skies, silhouettes, scans of paper) are noise; absolute colours at this scale are not."""
+    image = _open(data, max_pixels)
+    if image.format == "JPEG":
+        image.draft("RGB", (THUMB_SIZE * 8, THUMB_SIZE * 8))
+    return np.asarray(image.convert("RGB").resize((THUMB_SIZE, THUMB_SIZE), Image.BOX), dtype=np.int16)
+
+
 def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     """Validate by decoding; raises BadImage with the skip reason."""
     image = _open(data, max_pixels)

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from shards import storage
-from shards.dedup import HashIndex, load_exclude
+from shards.dedup import HashIndex, confirm_with, load_exclude
 from shards.errors import VitpipeError
 from shards.format import IMAGE_EXTS
-from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
+from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe, thumbnail
 from shards.sources import Listing, SourceError, list_source
 from shards.table import RecordTable
 
@@ -532,6 +532,10 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     first_of = _exact_copies(table, scan, workers=workers, pool=pool)
     keep = scan.ok.copy()
     near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
+
+    def read_row(j: int) -> bytes:  # a near-duplicate candidate's bytes, read again to confirm it
+        return storage.read_record(*table.locations([j])[0])
+
     for i in _rows_to_check(table, scan, label_map, first_of, every=exclude is not None or near is not None):
         def skip(kind, reason):
             skipped.append({"key": table.key(i), "path": table.path(i), "reason": reason, "kind": kind})
@@ -547,7 +551,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
             skip("unknown_class", f"class {missing!r} is not in the class index (--classes)")
             continue
         if exclude is not None:
-            reason = exclude.match(scan.sha[i].tobytes().hex(), int(scan.dhash[i]))
+            reason = exclude.match(scan.sha[i].tobytes().hex(), int(scan.dhash[i]), lambda: read_row(i))
             if reason:
                 skip("excluded_exact" if reason.startswith("exact") else "excluded_near", reason)
                 continue
@@ -555,11 +559,11 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
             skip("duplicate_exact", f"exact duplicate of {table.path(int(first_of[i]))}")
             continue
         if near is not None:
-            hit = near.find(int(scan.dhash[i]))
+            hit = near.find(int(scan.dhash[i]), confirm_with(lambda: read_row(i), lambda j: thumbnail(read_row(j))))
             if hit is not None:
                 skip("duplicate_near", f"near duplicate of {hit[0]} (dHash distance {hit[1]})")
                 continue
-            near.add(int(scan.dhash[i]), table.path(i))
+            near.add(int(scan.dhash[i]), table.path(i), payload=i)
     del first_of, near
     scan.dhash = scan.ok = None
     if cfg.strict and skipped:

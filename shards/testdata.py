@@ -53,6 +53,39 @@ def photo_crops(count: int, *, size: tuple[int, int] = (160, 120), seed: int = 0
     return out
 
 
+# Distinct low-texture pictures (skies, silhouettes, documents, plain colours) from the images that
+# ship with scikit-image and scikit-learn: (image, grid, row, column) names one cell of a grid x grid cut,
+# grid 1 the whole image. Hand-picked: each shows something else (the clock's plain wall appears once).
+LOW_TEXTURE = (
+    ("moon", 1, 0, 0), ("moon", 3, 0, 1), ("moon", 3, 0, 2), ("moon", 3, 1, 0), ("moon", 3, 1, 1), ("moon", 3, 1, 2),
+    ("moon", 3, 2, 0), ("moon", 3, 2, 2), ("page", 3, 2, 2), ("text", 3, 0, 2), ("text", 3, 2, 2),
+    ("rocket", 3, 0, 0), ("rocket", 3, 0, 1), ("rocket", 3, 0, 2), ("rocket", 3, 1, 0), ("rocket", 3, 1, 2),
+    ("camera", 3, 0, 2), ("camera", 3, 2, 2), ("hubble_deep_field", 1, 0, 0), ("hubble_deep_field", 3, 0, 0),
+    ("hubble_deep_field", 3, 0, 2), ("hubble_deep_field", 3, 2, 2), ("clock", 3, 0, 0), ("clock", 3, 0, 1),
+    ("clock", 3, 0, 2), ("clock", 3, 1, 2), ("clock", 3, 2, 1), ("clock", 3, 2, 2), ("china.jpg", 3, 0, 2),
+    ("flower.jpg", 3, 0, 2), ("colorwheel", 3, 0, 1), ("horse", 1, 0, 0), ("horse", 4, 0, 0), ("horse", 4, 1, 1),
+    ("horse", 4, 3, 1), ("logo", 4, 0, 0), ("logo", 4, 3, 3),
+)
+
+
+def low_texture_images() -> dict[str, Image.Image]:
+    """The LOW_TEXTURE cells as RGB images, named "image/grid-row-column"."""
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    out = {}
+    for name, grid, row, col in LOW_TEXTURE:
+        image = load_sample_image(name) if name.endswith(".jpg") else np.asarray(getattr(data, name)())
+        if image.dtype != np.uint8:
+            image = (255 * (image.astype(np.float64) / max(1, image.max()))).astype(np.uint8)
+        if image.ndim == 2:
+            image = np.stack([image] * 3, -1)
+        h, w = image.shape[:2]
+        cell = image[row * h // grid:(row + 1) * h // grid, col * w // grid:(col + 1) * w // grid, :3]
+        out[f"{name.split('.')[0]}/{grid}-{row}-{col}"] = Image.fromarray(np.ascontiguousarray(cell))
+    return out
+
+
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buffer = io.BytesIO()
     if fmt == "JPEG":

@@ -15,6 +15,7 @@ from vit.config import (
     apply_overrides,
     deepspeed_config,
 )
+from vit.model import ViTConfig, model_args
 from vit.presets import PRESETS, deepspeed_examples, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,28 @@ def test_paper_finetune_recipe():
     assert cfg.task == "finetune" and cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
     assert cfg.optim.weight_decay == 0.0 and cfg.optim.grad_clip == 1.0
     assert cfg.schedule.decay == "cosine" and cfg.batch.global_batch_size == 512 and cfg.model.img_size == 384
+
+
+FINETUNE_PRESETS = {"imagenet_vit_b32_384_ft": ("vit_base_patch32", 384), "imagenet_vit_l16_384_ft": ("vit_large_patch16", 384),
+                    "imagenet_vit_l32_384_ft": ("vit_large_patch32", 384), "imagenet_vit_h14_518_ft": ("vit_huge_patch14", 518)}
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE_PRESETS))
+@pytest.mark.parametrize("ranks", [(8, 1), (8, 8)])
+def test_every_model_has_a_paper_finetune_preset_valid_at_8_and_64_ranks(name, ranks):
+    """The paper fine-tunes every model (App. B.1.1): SGD m=0.9, batch 512, no wd, clip 1; 384 px, H/14 at 518 px."""
+    model, img_size = FINETUNE_PRESETS[name]
+    per_node, nodes = ranks
+    cfg = apply_overrides(get_preset(name), [f"launch.nproc_per_node={per_node}", f"launch.num_nodes={nodes}",
+                                             'data.url="s3://b/imagenet"', 'run_url="s3://b/runs/r"', 'init_from="s3://b/pt"'])
+    cfg.check_ready()
+    assert (cfg.model.name, cfg.model.img_size, cfg.task) == (model, img_size, "finetune")
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 0.0
+    assert cfg.optim.grad_clip == 1.0 and cfg.schedule.decay == "cosine" and cfg.batch.global_batch_size == 512
+    ds = deepspeed_config(cfg, accelerator="cuda")
+    assert ds["train_batch_size"] == 512 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * per_node * nodes
+    grid = ViTConfig(name=model, num_classes=1000, img_size=img_size, **model_args(model)).grid  # validates the size
+    assert grid == (img_size // cfg.model.patch_size,) * 2
 
 
 def test_unknown_preset_lists_known_ones():

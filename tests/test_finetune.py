@@ -1,12 +1,14 @@
 """Fine-tuning and evaluation end to end: `vitpipe pretrain` -> `vitpipe finetune` -> `vitpipe evaluate`.
 
 The transfer experiment on scikit-learn's digits (real 8x8 scans), designed so transfer is
-meaningful: the pretraining run sees ONLY digits 0-4 (train split) at 16 px; the fine-tune
-run learns digits 5-9 - classes it never saw, on different images - at 32 px (position
-embeddings resampled 4x4 -> 8x8, zero-initialised 5-way head), and is scored on the held-out
-val split of 5-9 (same class index). The baseline trains the same model from scratch at 32 px
-on the same data for the same number of steps and batch size (with the from-scratch recipe,
-AdamW). Every training run is a real DeepSpeed launch (CPU, gloo) through the CLI.
+meaningful: the pretraining run (preset digits_tiny_aug) sees ONLY digits 0-4 (train split) at
+16 px; the fine-tune run (digits_tiny_ft) learns digits 5-9 - classes it never saw, on different
+images - at 32 px (position embeddings resampled 4x4 -> 8x8, zero-initialised 5-way head), and is
+scored on the held-out val split of 5-9 (same class index). Every training run is a real
+DeepSpeed launch (CPU, gloo) through the CLI. The comparison with the same model trained from
+scratch on the same budget is a property of the mean over seeds (a from-scratch run lands above
+some fine-tuned seeds): benchmarks/transfer_seeds.py measures it over 5 seeds, with the
+same recipe (the presets), and the README quotes it.
 """
 from __future__ import annotations
 
@@ -22,11 +24,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from vit.presets import get_preset
+
 ROOT = Path(__file__).resolve().parent.parent
 VITPIPE = [sys.executable, "-m", "pipeline.cli"]
-PT_STEPS = 150  # pretraining on digits 0-4 at 16 px
-FT_STEPS = 80  # fine-tune on 5-9 at 32 px; the scratch baseline gets the same budget
-FT_LR = 0.1
+PT_PRESET, FT_PRESET = "digits_tiny_aug", "digits_tiny_ft"  # the transfer recipe: the presets' steps and lr
+PT_STEPS = get_preset(PT_PRESET).schedule.total_steps  # pretraining on digits 0-4 at 16 px
+FT_STEPS = get_preset(FT_PRESET).schedule.total_steps  # fine-tune on 5-9 at 32 px
+# Over 5 seeds (benchmarks/transfer_seeds.py) every fine-tuned seed scored >= FT_TOP1_MIN + 0.02
+FT_TOP1_MIN = 0.93
+FEWSHOT_EVERY = 50  # few-shot linear evaluation during the pretraining (on 0-4: shots from train, scored on val)
+# 10-shot accuracy on held-out 0-4 over 5 seeds (benchmarks/transfer_seeds.py): pretrained >= MIN + margin,
+# the same model with random weights <= MAX - margin
+FEWSHOT_TRAINED_MIN, FEWSHOT_RANDOM_MAX = 0.90, 0.85
 
 
 def vitpipe(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -63,19 +73,16 @@ def finetune(*, pretrained: str, data: str, out: str):
 
 @pytest.fixture(scope="module")
 def digit_sets(tmp_path_factory) -> dict[str, str]:
-    """Label sets of the digits: A = 0-4 (train), B = 5-9 (train / val), and a val set with another class index."""
+    """Label sets of the digits: A = 0-4 (train / val), B = 5-9 (train / val), and a val set with another class index."""
     from shards import shard_dataset
     from shards.digits import write_digits_tree
 
     root = tmp_path_factory.mktemp("digit-sets")
-    for split in ("train", "val"):
-        write_digits_tree(root / f"all_{split}", split=split, size=32)
     sets = {}
-    for name, split, digits in [("a_train", "train", range(0, 5)), ("b_train", "train", range(5, 10)),
-                                ("b_val", "val", range(5, 10)), ("b_val_other_index", "val", range(4, 9))]:
-        tree = root / f"tree_{name}"
-        for d in digits:
-            shutil.copytree(root / f"all_{split}" / str(d), tree / str(d))
+    for name, split, digits in [("a_train", "train", range(0, 5)), ("a_val", "val", range(0, 5)),
+                                ("b_train", "train", range(5, 10)), ("b_val", "val", range(5, 10)),
+                                ("b_val_other_index", "val", range(4, 9))]:
+        tree = write_digits_tree(root / f"tree_{name}", split=split, size=32, digits=digits)
         shard_dataset(str(tree), str(root / name), name=name, shard_size=100, seed=0)
         sets[name] = str(root / name)
     return sets
@@ -90,8 +97,10 @@ def runs_root(tmp_path_factory) -> str:
 def pretrained(digit_sets, runs_root) -> dict:
     t0 = time.monotonic()
     run_id = "pretrain-20260101-000000-0a0a0a"
-    vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["a_train"], "--out", runs_root,
-            "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port())
+    vitpipe("pretrain", "--preset", PT_PRESET, "--data", digit_sets["a_train"], "--out", runs_root,
+            "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port(),
+            "--set", f"fewshot.every_steps={FEWSHOT_EVERY}", "--set", f"fewshot.data={digit_sets['a_train']}",
+            "--set", f"fewshot.val_data={digit_sets['a_val']}", "--set", "fewshot.shots=[1,5,10]")
     return {"run_id": run_id, "url": os.path.join(runs_root, "runs", run_id), "seconds": time.monotonic() - t0}
 
 
@@ -99,39 +108,60 @@ def pretrained(digit_sets, runs_root) -> dict:
 def finetuned(digit_sets, runs_root, pretrained) -> dict:
     t0 = time.monotonic()
     # the pretraining run is named by its run id only: resolved under --out/runs/<id>
-    proc = vitpipe("finetune", "--preset", "digits_tiny_ft", "--pretrained", pretrained["run_id"],
+    proc = vitpipe("finetune", "--preset", FT_PRESET, "--pretrained", pretrained["run_id"],
                    "--data", digit_sets["b_train"], "--val-data", digit_sets["b_val"], "--out", runs_root,
-                   "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1, "--set", f"optim.lr={FT_LR}",
-                   "--set", f"launch.master_port={free_port()}")
+                   "--img-size", 32, "--steps", FT_STEPS, "--nproc", 1, "--set", f"launch.master_port={free_port()}")
     return {"line": last_json_line(proc.stdout), "seconds": time.monotonic() - t0}
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_transfer_beats_scratch_at_higher_resolution(digit_sets, runs_root, pretrained, finetuned):
+def test_transfer_to_unseen_digits_at_higher_resolution(digit_sets, pretrained, finetuned):
     from shards.reader import load_manifest
 
     ft = finetuned["line"]
     val_n = load_manifest(digit_sets["b_val"])["num_samples"]
     assert ft["count"] == val_n  # every held-out image scored exactly once
     assert ft["img_size"] == 32 and ft["steps"] == FT_STEPS
-
-    t0 = time.monotonic()
-    scratch_id = "pretrain-20260101-000000-5c5c5c"
-    vitpipe("pretrain", "--preset", "digits_tiny", "--data", digit_sets["b_train"], "--out", runs_root,
-            "--run-id", scratch_id, "--steps", FT_STEPS, "--nproc", 1, "--set", "model.img_size=32",
-            "--master-port", free_port())
-    scratch_train_s = time.monotonic() - t0
-    proc = vitpipe("evaluate", scratch_id, "--runs-root", runs_root, "--data", digit_sets["b_val"])
-    scratch = last_json_line(proc.stdout)
-    assert scratch["count"] == val_n and scratch["img_size"] == 32
-
-    figures = {"finetuned_top1": ft["top1"], "scratch_top1": scratch["top1"], "pretrain_steps": PT_STEPS,
-               "finetune_steps": FT_STEPS, "pretrain_s": round(pretrained["seconds"], 1),
-               "finetune_s": round(finetuned["seconds"], 1), "scratch_s": round(scratch_train_s, 1), "val_images": val_n}
+    figures = {"finetuned_top1": ft["top1"], "pretrain_steps": PT_STEPS, "finetune_steps": FT_STEPS,
+               "pretrain_s": round(pretrained["seconds"], 1), "finetune_s": round(finetuned["seconds"], 1),
+               "val_images": val_n}
     print("digits transfer:", json.dumps(figures))
-    assert ft["top1"] >= 0.90, figures
-    assert ft["top1"] > scratch["top1"], figures
+    assert ft["top1"] >= FT_TOP1_MIN, figures
+
+
+def test_fewshot_accuracy_during_pretraining_and_through_evaluate(digit_sets, runs_root, pretrained, capsys):
+    """metrics.csv gets the few-shot columns every FEWSHOT_EVERY steps (and TensorBoard, and the report curves);
+    `vitpipe evaluate RUN --fewshot` on the final weights gives the last row's numbers; the pretrained
+    features beat the same model with random weights."""
+    import csv
+
+    import vit
+    from pipeline.cli import main
+    from vit.config import RunConfig
+    from vit.fewshot import fewshot_eval
+    from vit.report import read_curves
+    from vit.runs import RunFolder
+
+    run = RunFolder(pretrained["url"])
+    rows = [r for r in csv.DictReader(Path(run.metrics).open()) if r["fewshot_10shot"]]
+    assert [int(r["step"]) for r in rows] == list(range(FEWSHOT_EVERY, PT_STEPS + 1, FEWSHOT_EVERY))
+    assert set(read_curves(run)) >= {"loss", "fewshot_1shot", "fewshot_5shot", "fewshot_10shot"}
+    tb_files = list(Path(run.url, "tb").glob("events.out.tfevents.*"))
+    assert tb_files and any(b"eval/fewshot_10shot" in f.read_bytes() for f in tb_files)
+
+    assert main(["evaluate", pretrained["run_id"], "--runs-root", runs_root, "--fewshot", "1,5,10",
+                 "--data", digit_sets["a_train"], "--val-data", digit_sets["a_val"]]) == 0
+    line = last_json_line(capsys.readouterr().out)
+    for k in (1, 5, 10):  # the same weights, the same draws
+        assert line[f"fewshot_{k}shot"] == pytest.approx(float(rows[-1][f"fewshot_{k}shot"]), abs=0.005)
+
+    cfg = RunConfig.from_dict(json.loads(Path(run.config).read_text()))
+    torch.manual_seed(cfg.seed)
+    untrained = vit.create_model(cfg.model.name, num_classes=5, img_size=cfg.model.img_size, **cfg.model.overrides)
+    random_10 = fewshot_eval(untrained, digit_sets["a_train"], digit_sets["a_val"], shots=[10])["fewshot_10shot"]
+    print("digits 10-shot:", json.dumps({"pretrained": line["fewshot_10shot"], "random_weights": random_10}))
+    assert line["fewshot_10shot"] >= FEWSHOT_TRAINED_MIN and random_10 <= FEWSHOT_RANDOM_MAX, (line, random_10)
 
 
 @pytest.mark.integration

@@ -151,11 +151,18 @@ class ResizeCenterCrop:
         return _to_array(_crop_resize(img, (left, top, left + side, top + side), self.img_size))
 
 
+AUGMENTS = ("pretrain", "finetune", "crop", "none")
+
+
 def build_transform(kind: str, *, img_size: int, crop_pct: float = 0.875):
     """``pretrain`` / ``finetune``: inception crop + flip (the paper's code uses one training
-    transform for both); ``none``: deterministic resize + centre crop."""
+    transform for both); ``crop``: random resized crop of 25-100 % of the area, no flip (for images
+    that a mirror changes, such as digits: a zoom of up to 2x, so the model sees its patches at
+    more than one scale); ``none``: deterministic resize + centre crop."""
     if kind in ("pretrain", "finetune"):
         return InceptionCrop(img_size=img_size)
+    if kind == "crop":
+        return InceptionCrop(img_size=img_size, scale=(0.25, 1.0), flip=False)
     if kind == "none":
         return ResizeCenterCrop(img_size=img_size, crop_pct=crop_pct)
-    raise ValueError(f"augment={kind!r} is not known; use 'pretrain', 'finetune' or 'none'")
+    raise ValueError(f"augment={kind!r} is not known; use one of {', '.join(AUGMENTS)}")

@@ -71,14 +71,14 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 2
     lanes: int = 8  # 0: derived from the world size at launch (pipeline.cluster.fit_layout)
-    augment: str = "pretrain"  # pretrain | finetune | none
+    augment: str = "pretrain"  # pretrain | finetune | crop | none (vit.augment.build_transform)
     label_mode: str = "auto"  # auto | softmax | sigmoid
     # the run fails when more than this share of the samples seen could not be read (each is replaced
     # by a neighbour, so a few are harmless; many mean a broken dataset: run `vitpipe verify`)
     max_corrupt_share: float = 0.001
 
     def __post_init__(self) -> None:
-        _choice("data.augment", self.augment, ("pretrain", "finetune", "none"))
+        _choice("data.augment", self.augment, ("pretrain", "finetune", "crop", "none"))
         _check(0 <= self.max_corrupt_share <= 1, f"data.max_corrupt_share={self.max_corrupt_share} must be in [0, 1]")
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -224,6 +224,28 @@ class LaunchConfig:
         return self.precision
 
 
+@dataclass
+class FewshotConfig:
+    """Few-shot linear evaluation during pretraining (vit.fewshot): rank 0, every `every_steps` (0: off)
+    and at the last step; shots drawn from `data`, accuracy on `val_data`, written to metrics.csv."""
+
+    every_steps: int = 0
+    data: str = ""
+    val_data: str = ""
+    shots: tuple = (1, 5, 10, 25)
+    l2: float = 1.0
+    draws: int = 5
+
+    def __post_init__(self) -> None:
+        self.shots = tuple(int(k) for k in self.shots)
+        _check(self.every_steps >= 0, "fewshot.every_steps must be >= 0 (0 turns the evaluation off)")
+        _check(bool(self.shots) and all(k >= 1 for k in self.shots), f"fewshot.shots={list(self.shots)}: give shot counts >= 1")
+        _check(self.l2 > 0 and self.draws >= 1, "fewshot.l2 must be > 0 and fewshot.draws >= 1")
+        if self.every_steps:
+            _check(bool(self.data and self.val_data), "fewshot.every_steps is set but fewshot.data / fewshot.val_data "
+                   "is empty; set both to dataset URLs (shots are drawn from data, accuracy is measured on val_data)")
+
+
 SUBCONFIGS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -232,6 +254,7 @@ SUBCONFIGS = {
     "batch": BatchConfig,
     "checkpoint": CheckpointConfig,
     "launch": LaunchConfig,
+    "fewshot": FewshotConfig,
 }
 
 
@@ -251,6 +274,7 @@ class RunConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     seed: int = 0
     log_every: int = 1
     peak_flops: float | None = None  # per-rank peak FLOP/s for MFU; None: measured (CPU) / table (GPU)
@@ -266,6 +290,9 @@ class RunConfig:
         _choice("task", self.task, ("pretrain", "finetune"))
         _check(self.log_every >= 1, "log_every must be >= 1")
         self.batch.grad_accum(self.launch.world_size)  # raises with a fix-it message
+        _check(not (self.fewshot.every_steps and self.launch.zero_stage == 3),
+               "fewshot.every_steps needs the whole model on rank 0, which ZeRO-3 partitions; "
+               "use launch.zero_stage <= 2 or evaluate the saved model with `vitpipe evaluate RUN --fewshot`")
         _check(
             self.batch.global_batch_size % self.launch.world_size == 0,
             f"batch.global_batch_size={self.batch.global_batch_size} is not divisible by the {self.launch.world_size} ranks",

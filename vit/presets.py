@@ -103,8 +103,24 @@ def digits_tiny() -> RunConfig:
     )
 
 
+def digits_tiny_aug() -> RunConfig:
+    """digits_tiny with random resized crops (25-100 % of the area, no flip: augment='crop'), 150 steps:
+    the pretraining of the transfer recipe (tests/test_finetune.py, benchmarks/transfer_seeds.py).
+
+    A zoom of up to 2x shows the model its 4 px patches at more than one scale, so the 16 px
+    pretraining still helps at 32 px. Plain digits_tiny stays as it is: its loss falls fastest,
+    which is what the short distributed tests need.
+    """
+    cfg = digits_tiny()
+    cfg.preset = "digits_tiny_aug"
+    cfg.data.augment = "crop"
+    cfg.schedule.total_steps = 150
+    return cfg
+
+
 def _finetune(
-    *, preset: str, img_size: int, total_steps: int, lr: float, warmup_steps: int = 500, model: str = "vit_base_patch16"
+    *, preset: str, img_size: int, total_steps: int, lr: float, warmup_steps: int = 500, model: str = "vit_base_patch16",
+    micro_batch_size: int = 16, zero_stage: int = 0,
 ) -> RunConfig:
     return RunConfig(
         preset=preset,
@@ -114,8 +130,9 @@ def _finetune(
         data=DataConfig(augment="finetune", num_workers=8, lanes=0),  # lanes: world size x workers (pipeline.cluster)
         optim=OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
         schedule=ScheduleConfig(total_steps=total_steps, warmup_steps=warmup_steps, decay="cosine"),
-        batch=BatchConfig(global_batch_size=512, micro_batch_size=16),
+        batch=BatchConfig(global_batch_size=512, micro_batch_size=micro_batch_size),
         checkpoint=CheckpointConfig(every_steps=1000),
+        launch=LaunchConfig(zero_stage=zero_stage),
     )
 
 
@@ -139,6 +156,36 @@ def pets_384_ft() -> RunConfig:
     return _finetune(preset="pets_384_ft", img_size=384, total_steps=500, lr=0.03, warmup_steps=50)
 
 
+# The other models of the paper, fine-tuned to ImageNet-1k as Appendix B.1.1 does every model: SGD momentum
+# 0.9, batch 512, no weight decay, clip 1, cosine, 20k steps, 384 px (ViT-H/14: 518 px, Table 2). Micro
+# batch 8 (4 for H/14) divides the 512 images at 8 and 64 ranks (tests/test_config.py); unverified on GPU.
+
+
+def imagenet_vit_b32_384_ft() -> RunConfig:
+    """Fine-tune ViT-B/32 to ImageNet-1k at 384 px (144 patches): 20k steps (paper Table 4)."""
+    return _finetune(preset="imagenet_vit_b32_384_ft", img_size=384, total_steps=20_000, lr=0.03,
+                     model="vit_base_patch32", micro_batch_size=8)
+
+
+def imagenet_vit_l16_384_ft() -> RunConfig:
+    """Fine-tune ViT-L/16 to ImageNet-1k at 384 px (576 patches): 20k steps (paper Table 4)."""
+    return _finetune(preset="imagenet_vit_l16_384_ft", img_size=384, total_steps=20_000, lr=0.03,
+                     model="vit_large_patch16", micro_batch_size=8)
+
+
+def imagenet_vit_l32_384_ft() -> RunConfig:
+    """Fine-tune ViT-L/32 to ImageNet-1k at 384 px (144 patches): 20k steps (paper Table 4)."""
+    return _finetune(preset="imagenet_vit_l32_384_ft", img_size=384, total_steps=20_000, lr=0.03,
+                     model="vit_large_patch32", micro_batch_size=8)
+
+
+def imagenet_vit_h14_518_ft() -> RunConfig:
+    """Fine-tune ViT-H/14 to ImageNet-1k at 518 px (37x37 patches, Table 2): 20k steps; ZeRO-1 shards
+    the momentum of its 632M parameters across ranks."""
+    return _finetune(preset="imagenet_vit_h14_518_ft", img_size=518, total_steps=20_000, lr=0.03,
+                     model="vit_huge_patch14", micro_batch_size=4, zero_stage=1)
+
+
 def digits_tiny_ft() -> RunConfig:
     """Fine-tune a digits_tiny run at 2x the resolution (16 -> 32 px), zero head, SGD + cosine."""
     model = _digits_model()
@@ -150,10 +197,10 @@ def digits_tiny_ft() -> RunConfig:
         init_from="",
         model=model,
         data=DataConfig(augment="none", num_workers=1, lanes=4),
-        # 80 steps at lr 0.1: measured on held-out digits 5-9 (tests/test_finetune.py), 96.6% top-1
-        # vs 88.8% at 60 steps / lr 0.03 would miss the issue's 90% target.
+        # 120 steps at lr 0.1 from digits_tiny_aug: see benchmarks/transfer_seeds.py for the figures over
+        # 5 seeds (README); 80 steps left some seeds below 90 % on held-out digits 5-9.
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
-        schedule=ScheduleConfig(total_steps=80, warmup_steps=5, decay="cosine"),
+        schedule=ScheduleConfig(total_steps=120, warmup_steps=5, decay="cosine"),
         batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
         checkpoint=CheckpointConfig(every_steps=40),
     )
@@ -169,10 +216,15 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         jft_vit_l16,
         jft_vit_h14,
         digits_tiny,
+        digits_tiny_aug,
         imagenet_384_ft,
         cifar10_384_ft,
         cifar100_384_ft,
         pets_384_ft,
+        imagenet_vit_b32_384_ft,
+        imagenet_vit_l16_384_ft,
+        imagenet_vit_l32_384_ft,
+        imagenet_vit_h14_518_ft,
         digits_tiny_ft,
     )
 }

@@ -272,7 +272,7 @@ def add_curves(out: Analysis, runs: dict[str, RunFolder]) -> None:
             summary["steps"] = int(c["loss"][-1][0])
         if c.get("images_per_sec"):
             summary["median_images_per_sec"] = statistics.median(v for _, v in c["images_per_sec"])
-        for key in ("top1", "eval_top1", "val_top1"):
+        for key in ("top1", "eval_top1", "val_top1", *(k for k in c if k.startswith("fewshot_"))):
             if c.get(key):
                 summary[f"final_{key}"] = c[key][-1][1]
         out.numbers.setdefault("training", {})[label] = summary

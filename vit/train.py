@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from shards import storage
 from shards.errors import JobFailed, VitpipeError
 from vit.config import RunConfig, deepspeed_config
+from vit.fewshot import fewshot_columns, fewshot_due, fewshot_metrics
 from vit.runs import RunFolder
 from vit.status import StatusWriter, status_path
 
@@ -207,7 +208,7 @@ class RunIO:
 class MetricsLog:
     """Rank 0: metrics.csv (append, trimmed to the resumed step), TensorBoard, one-line progress."""
 
-    def __init__(self, path: str, tb_dir: str, *, resume_step: int) -> None:
+    def __init__(self, path: str, tb_dir: str, *, resume_step: int, fields: list[str] = METRIC_FIELDS) -> None:
         self.path = path
         rows = []
         if os.path.exists(path):
@@ -215,12 +216,12 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         tmp = path + ".tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, path)
         self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=fields)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(tb_dir)
@@ -230,6 +231,8 @@ class MetricsLog:
         self.file.flush()
         for k in ("loss", "lr", "images_per_sec", "mfu"):
             self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+        for k in row.keys() - METRIC_FIELDS:  # evaluations (few-shot accuracy)
+            self.tb.add_scalar(f"eval/{k}", row[k], row["step"])
 
     def close(self) -> None:
         self.file.close()
@@ -364,7 +367,8 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     total = cfg.schedule.total_steps
     status.write("started", rank=rank, world_size=world, start_step=start_step, total_steps=total)
     if is0:
-        metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step)
+        metrics = MetricsLog(io.metrics_path, os.path.join(io.local, "tb"), resume_step=start_step,
+                             fields=METRIC_FIELDS + fewshot_columns(cfg.fewshot))
     keys_file = None
     if fault.keys:
         os.makedirs(os.path.join(io.local, "keys"), exist_ok=True)
@@ -414,12 +418,20 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
             if step == 0:
                 k = stream.num_classes
                 log(f"[vit.train] first loss {last_loss:.4f} (ln K = ln {k} = {math.log(k):.4f})")
-            if logging_step:
-                metrics.write({"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
-                               "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"})
+            fewshot = fewshot_due(cfg.fewshot, done, total)
+            if logging_step or fewshot:
+                row = {"step": done, "epoch": epoch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
+                       "images_per_sec": f"{ips:.2f}", "mfu": f"{mfu:.4f}"}
+                if fewshot:
+                    accuracies = fewshot_metrics(engine.module, cfg.fewshot)
+                    row.update(accuracies)
+                    log(f"[vit.train] few-shot linear accuracy at step {done}: {accuracies}")
+                    t_last = time.perf_counter()  # the next step's img/s leaves the evaluation out
+                metrics.write(row)
                 log(f"step {done}/{total} epoch {epoch} loss {last_loss:.4f} lr {lr:.3g} img/s {ips:.1f} mfu~{mfu:.3f}")
-                status.write("step", step=done, total_steps=total, epoch=epoch, loss=round(last_loss, 6), lr=lr,
-                             images_per_sec=round(ips, 2), corrupt=corrupt, samples=samples)
+                if logging_step:  # `corrupt` is counted (collectively) on logging steps only
+                    status.write("step", step=done, total_steps=total, epoch=epoch, loss=round(last_loss, 6), lr=lr,
+                                 images_per_sec=round(ips, 2), corrupt=corrupt, samples=samples)
         stopping = cfg.stop_after is not None and cfg.stop_after <= done < total
         if done % cfg.checkpoint.every_steps == 0 or done == total or stopping:
             ckpt_tag = f"step{done:08d}"
