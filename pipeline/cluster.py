@@ -21,7 +21,6 @@ import json
 import os
 from pathlib import Path
 
-from shards.errors import VitpipeError
 from vit.config import ConfigError
 
 # the cluster sizes every preset is checked at (tests/test_cluster.py)

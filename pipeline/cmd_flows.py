@@ -159,13 +159,9 @@ def next_runs(cron: str, *, timezone: str = "UTC", after=None, count: int = 3) -
 
 
 def deploy_cmd(args: argparse.Namespace) -> int:
-    from pipeline.deploy_steps import StepError, deploy
+    from pipeline.deploy_steps import deploy
 
-    try:
-        return deploy(args.file, only=args.only)
-    except (DeploymentFileError, StepError) as err:
-        print(f"vitpipe deploy: {err}", file=sys.stderr)
-        return 2
+    return deploy(args.file, only=args.only)  # DeploymentFileError / StepError: one line, exit 2 (cli.main)
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

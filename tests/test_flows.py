@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import flows, registry, stages
 from pipeline.objectstore import free_port
-from pipeline.settings import DatasetParams, PipelineConfig, TaskRunnerParams
+from pipeline.settings import DatasetParams, PipelineConfig
 from pipeline.stages import shard_stage
 from shards import storage
 from shards.digits import write_digits_tree

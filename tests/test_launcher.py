@@ -7,7 +7,6 @@ Slurm cannot run here, so for them only the argv is checked.
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 from pathlib import Path
 

@@ -12,7 +12,6 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards import shard_dataset
 from shards.format import (IMAGE_EXTS, IMAGE_FORMATS, MTIME, DatasetError, TarMembers, iter_samples, split_name,
                            tar_header, ustar_headers)
 from shards.testdata import encode, photo_crops

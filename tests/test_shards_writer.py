@@ -3,7 +3,6 @@ out in one buffer (images larger than a chunk, metadata longer than a block), fi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import re
@@ -11,7 +10,6 @@ import shutil
 import tarfile
 import threading
 
-import numpy as np
 import pytest
 
 from shards import ShardError, plan_shards, shard_dataset, write_shard
