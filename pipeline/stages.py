@@ -208,9 +208,13 @@ def train_stage(params: TrainParams, *, kind: str, root: str, dataset_url: str, 
     LaunchResult; a transient failure is retried ``params.retries`` times, each attempt resuming
     from the last checkpoint in the same run folder. Returns {run_id, run_url, skipped, attempts, metrics}.
     """
+    from pipeline.cluster import launch_overrides
     from pipeline.launcher import check_dataset, launch
     from vit.runs import RunFolder
 
+    # the cluster shape first: a launch that would be another size than asked is refused before any I/O
+    launch_overrides(nnodes=params.nnodes, nproc=params.nproc_per_node, hostfile=params.hostfile, no_ssh=params.no_ssh,
+                     node_rank=params.node_rank, master_addr=params.master_addr)
     check_dataset(dataset_url)
     init_from = parent = None
     extra: dict = {}

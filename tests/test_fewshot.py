@@ -80,11 +80,11 @@ def test_cli_fewshot_needs_val_data(digits_features, tmp_path, capsys):
     from vit.checkpoint import save_model
 
     save_model(digits_features["model"], str(tmp_path / "m"))
-    assert main(["evaluate", str(tmp_path / "m"), "--fewshot", "1,5", "--data", digits_features["url"]]) == 1
+    assert main(["evaluate", str(tmp_path / "m"), "--fewshot", "1,5", "--data", digits_features["url"]]) == 2  # bad input
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--fewshot needs --val-data" in err
     assert main(["evaluate", str(tmp_path / "m"), "--fewshot", "5,x", "--data", digits_features["url"],
-                 "--val-data", digits_features["url"]]) == 1
+                 "--val-data", digits_features["url"]]) == 2
     assert "--fewshot '5,x'" in capsys.readouterr().err
 
 
