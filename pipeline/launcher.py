@@ -206,10 +206,12 @@ class Progress:
         self.path, self.run_id, self.every = path, run_id, every
         self.step, self.changed, self.shown = -1, time.monotonic(), 0.0
         self.first: tuple[int, float] | None = None
+        self.offset = 0  # read only what was appended since the last poll (a long run writes many records)
 
     def poll(self) -> bool:
         """Read new records; True when rank 0 reported a new step since the last poll."""
-        record = last(read_status(self.path), "step")
+        records, self.offset = read_status(self.path, offset=self.offset)
+        record = last(records, "step")
         if record is None or record["step"] == self.step:
             return False
         now = time.monotonic()

@@ -40,20 +40,24 @@ class StatusWriter:
         self._file.close()
 
 
-def read_status(path: str) -> list[dict]:
-    """Every complete record of a status file ([] if there is none yet); a line being written is ignored."""
+def read_status(path: str, *, offset: int | None = None):
+    """Every complete record of a status file ([] if there is none yet); a line being written is ignored.
+
+    With `offset` (bytes already read), only the records after it: returns (records, new offset)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
+        with open(path, "rb") as fh:
+            fh.seek(offset or 0)
+            data = fh.read()
     except FileNotFoundError:
-        return []
+        data = b""
+    complete = data[: data.rfind(b"\n") + 1]  # a line without its newline is still being written
     records = []
-    for line in lines:
+    for line in complete.decode("utf-8", errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return records
+    return records if offset is None else (records, (offset or 0) + len(complete))
 
 
 def last(records: list[dict], *events: str) -> dict | None:
