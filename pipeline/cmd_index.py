@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,15 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from shards import ShardError
     from shards.index import index_dataset
-    from shards.storage import StorageError
 
-    try:
-        manifest = index_dataset(args.url, name=args.name, progress=not getattr(args, "quiet", False))
-    except (ShardError, StorageError) as err:
-        print(f"vitpipe index: error: {err}", file=sys.stderr)
-        return 2
+    manifest = index_dataset(args.url, name=args.name, progress=not args.quiet)
     print(f"{args.url}: {manifest['num_samples']} samples in {manifest['num_shards']} shards, "
           f"{manifest['num_classes']} classes, skipped {len(manifest['skipped'])}; manifest.json written")
     return 0
@@ -40,13 +33,7 @@ def run_index(args: argparse.Namespace) -> int:
 
 def run_urls(args: argparse.Namespace) -> int:
     from shards.describe import reader_urls
-    from shards.reader import DatasetError
-    from shards.storage import StorageError
 
-    try:
-        urls = reader_urls(args.url, expires=args.expires)
-    except (DatasetError, StorageError) as err:
-        print(f"vitpipe urls: error: {err}", file=sys.stderr)
-        return 2
+    urls = reader_urls(args.url, expires=args.expires)
     print("\n".join(urls))
     return 0

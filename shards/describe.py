@@ -78,13 +78,4 @@ def reader_urls(dataset_url: str, *, expires: int = 3600) -> list[str]:
     with curl; no credentials or AWS CLI needed on the reading side)."""
     from shards.reader import shard_urls
 
-    urls = shard_urls(dataset_url)
-    if not storage.is_s3(dataset_url):
-        return urls
-    client = storage._client()  # the one configured client (endpoint, credentials)
-    out = []
-    for url in urls:
-        bucket, key = storage.split(url)
-        out.append(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                 ExpiresIn=int(expires)))
-    return out
+    return [storage.presigned_url(url, expires=expires) for url in shard_urls(dataset_url)]

@@ -143,7 +143,9 @@ def test_stock_webdataset_reads_presigned_urls_the_cli_prints(s3, s3_digits):
     import sys
 
     urls = subprocess.run([sys.executable, "-m", "pipeline.cli", "urls", s3_digits], capture_output=True, text=True,
-                          check=True, env=os.environ).stdout.split()
+                          env=os.environ)
+    assert urls.returncode == 0, urls.stderr
+    urls = urls.stdout.split()
     assert len(urls) == 5 and all(u.startswith(s3.endpoint + "/") and "Signature=" in u for u in urls)
     body = f"""
 import webdataset as wds

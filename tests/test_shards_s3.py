@@ -120,7 +120,7 @@ def test_cli_shards_to_s3_and_prints_manifest_url(s3, small_tree, monkeypatch, c
     assert s3.secret_key not in out.out + out.err
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     assert json.loads(storage.read_bytes(f"{url}/manifest.json"))["num_shards"] == 2
-    assert main(["shard", str(small_tree), s3.url("datasets/strict"), "--strict"]) == 1
+    assert main(["shard", str(small_tree), s3.url("datasets/strict"), "--strict"]) == 2  # bad records: input
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("vitpipe shard: error:")]
     assert len(errors) == 1 and "--strict" in errors[0] and "broken.jpg" in errors[0]

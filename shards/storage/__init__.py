@@ -103,6 +103,17 @@ def split(url: str) -> tuple[str, str]:
     return s3.split(url)
 
 
+def presigned_url(url: str | os.PathLike, *, expires: int = 3600) -> str:
+    """A URL a stock reader opens without this project or credentials: a local path as it is, an
+    ``s3://`` object as a presigned ``https://`` GET valid ``expires`` seconds."""
+    store, url = backend(url)
+    if store is LOCAL:
+        return url
+    bucket, key = split(url)
+    return s3._client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                               ExpiresIn=int(expires))
+
+
 def join(url: str | os.PathLike, *parts: str) -> str:
     store, target = backend(url)
     if store is S3:

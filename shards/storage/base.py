@@ -19,6 +19,7 @@ class StorageError(VitpipeError, RuntimeError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+        self.exit_code = 1 if transient else 2  # a store that is down fails the job; a bad URL, bucket or key is input
 
 
 class StorageNotFound(StorageError, FileNotFoundError):
