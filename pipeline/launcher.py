@@ -264,6 +264,7 @@ def launch(cfg: RunConfig, *, stall_timeout: float | None = None, timeout: float
                                       log_path=launcher_log, log_tail=_tail(launcher_log))
         except BaseException:
             _kill_group(proc)
+            progress.poll()  # the last step reached, also when stopped by a signal or a stall
             raise
     progress.poll()
     if proc.returncode != 0:

@@ -82,9 +82,10 @@ def test_pretrain_stops_its_ranks_on_sigterm_and_says_what_it_kept(tmp_path):
     shard_dataset(str(write_digits_tree(tmp_path / "tree", size=16)), str(data), name="digits", shard_size=200)
     proc = _start(["pretrain", "--preset", "digits_tiny", "--data", str(data), "--out", str(out), "--run-id", "sig",
                    "--steps", "2000", "--nproc", "1", "--master-port", str(free_port()),
-                   "--set", "checkpoint.every_steps=2", "--set", "launch.cpu_threads_per_rank=1"], log)
+                   "--set", "checkpoint.every_steps=2", "--set", "log_every=1", "--set", "launch.cpu_threads_per_rank=1"], log)
     status = out / "runs" / "sig" / "logs" / "node0" / "status-rank0.jsonl"
-    steps = lambda: [json.loads(x) for x in status.read_text().splitlines() if '"step"' in x] if status.exists() else []  # noqa: E731
+    steps = lambda: ([r for r in map(json.loads, status.read_text().splitlines()) if r["event"] == "step"]  # noqa: E731
+                     if status.exists() else [])
     _wait_for(lambda: len(steps()) >= 4, timeout=300, proc=proc, log=log, what="4 steps", poll=0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(40)
