@@ -61,6 +61,8 @@ def print_result(out: dict) -> None:
     print(f"run folder: {out['run_url']}")
     if out["skipped"]:
         print("a complete run with the same inputs exists: nothing to do")
+    elif out.get("node_rank"):
+        print(f"node {out['node_rank']}: its ranks finished; node 0 completes the run")
     elif out.get("stopped"):
         print(f"stopped at step {m.get('steps')} (stop_after); re-run the same command to resume")
     else:

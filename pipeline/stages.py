@@ -231,7 +231,8 @@ def train_stage(params: TrainParams, *, kind: str, root: str, dataset_url: str, 
     launch_fn = launch_fn or (lambda c: launch(c, stall_timeout=params.stall_timeout))
     if cfg.launch.node_rank:  # another node of a --no-ssh launch: it runs its ranks; node 0 owns the run folder
         launch_fn(cfg)
-        return {"run_id": plan["run_id"], "run_url": folder.url, "skipped": False, "attempts": 1, "metrics": {}}
+        return {"run_id": plan["run_id"], "run_url": folder.url, "skipped": False, "attempts": 1, "metrics": {},
+                "node_rank": cfg.launch.node_rank}
     from pipeline.launcher import preflight
 
     preflight(cfg)  # bad input fails here, before the run folder exists
