@@ -130,6 +130,7 @@ def test_transfer_to_unseen_digits_at_higher_resolution(digit_sets, pretrained, 
     assert ft["top1"] >= FT_TOP1_MIN, figures
 
 
+@pytest.mark.integration  # the pretrained fixture launches DeepSpeed ranks
 def test_fewshot_accuracy_during_pretraining_and_through_evaluate(digit_sets, runs_root, pretrained, capsys):
     """metrics.csv gets the few-shot columns every FEWSHOT_EVERY steps (and TensorBoard, and the report curves);
     `vitpipe evaluate RUN --fewshot` on the final weights gives the last row's numbers; the pretrained
