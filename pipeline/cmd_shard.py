@@ -37,6 +37,11 @@ def register(subparsers) -> None:
                    help="pass-through check: header + end marker (fast, default) or decode every image")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: every CPU core this process may use)")
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="list, scan and write on the Dask cluster at ADDRESS (tcp://host:8786; default: "
+                        "$VITPIPE_DASK_ADDRESS, else --workers local processes); the shards are the same bytes")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="pieces the source is cut into for listing and scanning (default: 4 per worker)")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the global shuffle (default: {_S.seed})")
     p.add_argument("--strict", action="store_true", default=None, help="fail instead of skipping any bad record")
     p.set_defaults(func=run_shard)
@@ -55,7 +60,7 @@ def run_shard(args) -> int:
     from pipeline.stages import shard_stage
 
     params = DatasetParams(source=args.source, url=args.out_url, name=args.name, shard_size=args.shard_size,
-                           workers=args.workers,
+                           workers=args.workers, dask_address=args.dask, partitions=args.partitions,
                            settings={k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
     manifest = shard_stage(params, progress=not args.quiet)
     if manifest["skipped_stage"]:

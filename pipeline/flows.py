@@ -95,7 +95,8 @@ def shard_dataset(params: DatasetParams) -> dict:
         print(f"sharding {params.source} -> {params.url}: {len(tasks)} shards, one task each")
         return write_shard_task.map([_Boxed(t) for t in tasks]).result()
 
-    manifest = stages.shard_stage(params, map_shards=map_shards)
+    # on a Dask cluster (params.dask_address or $VITPIPE_DASK_ADDRESS) its workers list, scan and write
+    manifest = stages.shard_stage(params, map_shards=None if stages.dask_address(params) else map_shards)
     verb = "exists, skipped" if manifest["skipped_stage"] else "written"
     print(f"dataset {params.url} {verb}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
           f"{len(manifest['classes'])} classes")
@@ -247,7 +248,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                                        dashboard_address=None))
             params = params.model_copy(update={"address": cluster.scheduler_address})
         shard = shard_dataset.with_options(task_runner=make_task_runner(params))
-        datasets = {name: shard(getattr(config, name)) for name in ("pretrain_data", "finetune_data", "eval_data")}
+        cluster_of = (lambda data: data if data.dask_address or params.kind != "dask"
+                      else data.model_copy(update={"dask_address": params.address}))
+        datasets = {name: shard(cluster_of(getattr(config, name))) for name in ("pretrain_data", "finetune_data", "eval_data")}
     pre = pretrain(config.pretrain, config.root, config.pretrain_data.url)
     ft = finetune(config.finetune, config.root, config.finetune_data.url, pre["run_url"], config.eval_data.url,
                   config.evaluate)

@@ -32,6 +32,10 @@ class DatasetParams(_Params):
     shard_size: int = Field(ShardSettings.shard_size, gt=0, description="samples per shard")
     settings: dict[str, Any] = Field(default_factory=dict, description="further keyword settings of shards.ShardSettings")
     workers: int | None = Field(None, ge=1, description="processes that plan and write (None: every usable core)")
+    dask_address: str | None = Field(None, description="Dask scheduler (tcp://host:8786) whose workers list, scan and write "
+                                                       "(None: $VITPIPE_DASK_ADDRESS, else local processes)")
+    partitions: int | None = Field(None, ge=1, description="pieces the source is cut into for listing and scanning "
+                                                           "(None: 4 per worker; the shards do not depend on it)")
 
 
 class TrainParams(_Params):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any, Callable
 
 from pipeline import registry
@@ -112,6 +113,11 @@ def existing_dataset(params: DatasetParams) -> dict | None:
     return manifest
 
 
+def dask_address(params: DatasetParams) -> str | None:
+    """The Dask scheduler a shard stage runs on: the params', else $VITPIPE_DASK_ADDRESS; None: local processes."""
+    return params.dask_address or os.environ.get("VITPIPE_DASK_ADDRESS") or None
+
+
 def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, progress: bool = False) -> dict:
     """Shard ``params.source`` into ``params.url`` unless the same dataset is already there.
 
@@ -138,7 +144,8 @@ def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, pr
     try:
         manifest = shard_dataset(params.source, params.url, name=params.name, shard_size=params.shard_size,
                                  workers=params.workers or usable_cores(), progress=progress, map_shards=map_shards,
-                                 on_shard_done=written.append, **params.settings)
+                                 on_shard_done=written.append, dask=dask_address(params),
+                                 partitions=params.partitions, **params.settings)
     except Interrupted as stop:
         stop.kept = f"kept {len(written)} complete shard(s) in {params.url} (no manifest yet)"
         raise

@@ -18,7 +18,7 @@ __all__ = ["shard_dataset", "plan_shards", "write_shard", "finish_dataset", "sou
 
 
 def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, on_shard_done=None,
-                  map_shards=None, **settings) -> dict:
+                  map_shards=None, dask: str | None = None, partitions: int | None = None, **settings) -> dict:
     """Shard `source` into `out_url` (local folder or s3:// prefix); returns the manifest dict.
 
     `settings` are ShardSettings fields (name, shard_size, max_shard_bytes, resize, quality, seed,
@@ -27,6 +27,11 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     this process after each shard is published. `map_shards(tasks) -> entries` writes the shards
     elsewhere (Prefect tasks); the pool then only plans. On an exception (a signal included) no
     new shard starts: queued writes are cancelled, running ones finish and publish.
+
+    `dask`: a Dask scheduler's address (tcp://host:8786): its workers list, scan and write (they
+    need no shared file system when source and destination are on S3); else `workers` local
+    processes. `partitions`: how many pieces the source is cut into for listing and scanning
+    (default: 4 per worker); the dataset's bytes do not depend on it, nor on the workers.
     """
     import time
 
@@ -49,19 +54,29 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
         stack.callback(setattr, writer, "HASH_IN_THREAD", writer.HASH_IN_THREAD)
         writer.HASH_IN_THREAD = workers < usable_cores()
         pool = None
-        if workers > 1:  # one pool for scanning and writing, forked while this process is still small
+        if dask:
+            from shards.workers import DaskPool
+
+            pool = stack.enter_context(DaskPool(dask))
+            writer.HASH_IN_THREAD = False
+        elif workers > 1:  # one pool for scanning and writing, forked while this process is still small
             from shards.workers import process_pool
 
             pool = stack.enter_context(process_pool(workers))
-        plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, **settings)
+        plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, partitions=partitions,
+                           **settings)
         manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done, map_shards=map_shards)
+    from shards.partitions import remove_records
+
+    remove_records(plan.out_url)  # the dataset is complete: no re-plan needed
     if progress:
         from shards.storage import join
 
         elapsed = time.monotonic() - start
         print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards "
               f"({manifest['total_bytes'] / 1e6:.1f} MB, {len(manifest['classes'])} classes) in {elapsed:.1f}s "
-              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s with {workers} worker{'s' if workers > 1 else ''}); "
+              f"({manifest['num_samples'] / max(elapsed, 1e-9):.0f} img/s with "
+              f"{f'the Dask cluster at {dask}' if dask else f'{workers} worker' + ('s' if workers > 1 else '')}); "
               f"skipped {len(manifest['skipped'])}"
               + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
         print(f"manifest: {join(plan.out_url, 'manifest.json')}")

@@ -17,7 +17,7 @@ from shards.dedup import HashIndex, confirm_with, load_exclude
 from shards.errors import VitpipeError
 from shards.format import IMAGE_EXTS
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe, thumbnail
-from shards.sources import Listing, SourceError, list_source
+from shards.sources import SourceError
 from shards.table import RecordTable
 
 _TAR_BLOCK = 512
@@ -148,6 +148,9 @@ class ShardPlan:
     dropped: dict
     fingerprint: str
     label_histogram: list[int] = field(default_factory=list)
+    split: object = None  # the shards.partitions.SourceSplit it was planned from
+    scan_args: tuple = ()
+    units_reused: int = 0  # units whose scan came from their record (a re-run)
 
     @property
     def shards(self) -> list[ShardTask]:
@@ -343,19 +346,6 @@ def _call(job):
     return fn(*args)
 
 
-def scan_all(table: RecordTable, *, max_pixels: int, workers: int, decode: bool = True, progress=None,
-             pool=None, stats: bool = False) -> ScanResults:
-    """Scan every record, in `workers` processes (or in `pool`, an executor the caller keeps for more
-    work). `stats`: keep each file's size and mtime (ScanResults.file_size, .mtime)."""
-    results = ScanResults(len(table), decode, stats)
-    for start, part in _map_chunks(_scan_part, table, range(len(table)), (max_pixels, decode, stats),
-                                   workers=workers, pool=pool):
-        results.put_part(start, part)
-        if progress is not None:
-            progress(len(part.ok))
-    return results
-
-
 # ----------------------------------------------------------------------------- class index
 
 def load_class_index(spec: str) -> list[str]:
@@ -493,35 +483,81 @@ def _rows_to_check(table: RecordTable, scan: ScanResults, label_map: np.ndarray,
     return np.flatnonzero(flags).tolist()
 
 
+def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, pool=None, progress=None):
+    """(listing, scan results, partitions taken from their records): every partition of `split`
+    listed and scanned by the workers (`pool`: an executor, a local process pool or a Dask
+    cluster's; else `workers` processes, or this one), merged in order as they come back."""
+    from contextlib import nullcontext
+
+    from shards import partitions
+    from shards.workers import ordered_map, process_pool
+
+    jobs = ((part, scan_args, out_url) for part in split.partitions)
+    scans, reused = [], 0
+
+    def listings(results):
+        nonlocal reused
+        for listing, scan, was_reused in results:
+            scans.append(scan)
+            reused += was_reused
+            if progress is not None:
+                progress(len(scan.ok))
+            yield listing
+
+    if pool is None and (workers <= 1 or len(split.partitions) == 1):
+        listing = partitions.merge(split, listings(map(partitions._scan_job, jobs)))
+    else:
+        with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
+            listing = partitions.merge(split, listings(ordered_map(executor, partitions._scan_job, jobs,
+                                                                   ahead=2 * executor._max_workers)))
+    scan = ScanResults(len(listing.records), scan_args[1])
+    start = 0
+    for part in scans:
+        scan.put_part(start, part)
+        start += len(part.ok)
+    return listing, scan, reused
+
+
+def default_partitions(workers: int) -> int:
+    """Partitions to cut a source into for `workers` workers: a few each (an even finish)."""
+    return 4 * max(1, workers)
+
+
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
-                **settings) -> ShardPlan:
-    """List + scan + dedup + shuffle + split. Returns the plan; writes nothing. `pool`: an executor
-    to scan in (else one of `workers` processes is made for the scan)."""
+                partitions: int | None = None, **settings) -> ShardPlan:
+    """List + scan + dedup + shuffle + split. Returns the plan; writes nothing but the partitions' scan
+    records (see shards.partitions). `pool`: an executor to list and scan the partitions in (else
+    one of `workers` processes is made for it). `partitions`: how many to cut the source into
+    (default: default_partitions); the plan does not depend on it."""
+    from shards.partitions import split_source
+
     cfg = ShardSettings(**settings)
     out_url = storage.normalize(out_url)
+    cores = pool._max_workers if pool is not None else workers
     try:
-        listing: Listing = list_source(source, format=cfg.format, defer_stats=True, pool=pool)
+        split = split_source(source, format=cfg.format, partitions=partitions or default_partitions(cores))
     except SourceError as err:
         raise ShardError(str(err)) from None
-    except storage.StorageError as err:
-        raise ShardError(str(err)) from None
-    table = listing.records
-    n = len(table)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, desc="scan", unit="img", dynamic_ncols=True)
+        bar = tqdm(desc="list+scan", unit="img", dynamic_ncols=True)
+    decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
+    scan_args = (cfg.max_pixels, decode)
     try:
-        decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
-        scan = scan_all(table, max_pixels=cfg.max_pixels, workers=workers, decode=decode, pool=pool,
-                        progress=bar.update if bar else None, stats=listing.deferred_runs is not None)
+        listing, scan, reused = scan_partitions(split, scan_args, out_url, workers=workers, pool=pool,
+                                                progress=None if bar is None else bar.update)
+    except (SourceError, storage.StorageError) as err:
+        raise ShardError(str(err)) from None
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
-    if listing.deferred_runs is not None:
-        listing.complete_fingerprint(scan.file_size, scan.mtime)
-        scan.file_size = scan.mtime = None
+    if progress and reused:
+        print(f"plan: {reused} unit(s) of the source (class folders, tars, manifest blocks) taken from their scan "
+              "records instead of scanned again")
+    table = listing.records
+    n = len(table)
     classes = load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
     class_ids = {name: i for i, name in enumerate(classes)}
     # label name id (table-local) -> class id, -1 when the class index does not have it
@@ -615,4 +651,4 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
                      source=source, settings=settings_out, skipped=skipped,
                      dropped=dict(sorted(Counter(s["kind"] for s in skipped).items())),
                      fingerprint=settings_fingerprint(listing.fingerprint, cfg, exclude.fingerprint if exclude else ""),
-                     label_histogram=histogram.tolist())
+                     label_histogram=histogram.tolist(), split=split, scan_args=scan_args, units_reused=reused)

@@ -88,12 +88,19 @@ _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps(ensure_ascii=Fa
 class _Fingerprint:
     """Incremental hash of listing entries (nothing kept in memory)."""
 
-    def __init__(self, kind: str):
-        self._digest = hashlib.sha256(kind.encode())
+    def __init__(self, kind: str | None):
+        # kind None: keep the bytes instead (a partition's share, hashed in order by the coordinator)
+        self._digest = None if kind is None else hashlib.sha256(kind.encode())
+        self.data = bytearray() if kind is None else None
+
+    def update(self, data: bytes) -> None:
+        if self._digest is None:
+            self.data += data
+        else:
+            self._digest.update(data)
 
     def append(self, entry) -> None:
-        self._digest.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        self._digest.update(b"\n")
+        self.update(json.dumps(entry, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
 
     def extend_files(self, folder: str, names: list[str], sizes: list[int], mtimes: list[float]) -> None:
         """append([folder + name, size, mtime]) for each file (int sizes, float mtimes), hashing the same bytes
@@ -115,7 +122,7 @@ class _Fingerprint:
             for n, s, m in zip(names, sizes, mtimes):
                 self.append([folder + n, s, m])
             raise
-        self._digest.update(data)
+        self.update(data)
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -286,6 +293,21 @@ def _list_imagefolder(url: str, kind: str, *, defer_stats: bool = False) -> List
         for name in storage.listdir(url):
             if not name.startswith(".") and os.path.isdir(os.path.join(url, name)):
                 class_files.setdefault(name, 0)
+    _add_folder_runs(folders, root, records, skipped, entries, class_files, runs)
+    empty = sorted(c for c, n in class_files.items() if n == 0)
+    if empty:
+        raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"
+                          + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    if not class_files:
+        raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
+    return Listing(kind, url, records, skipped, "" if runs is not None else entries.hexdigest(), sorted(class_files),
+                   deferred_runs=runs)
+
+
+def _add_folder_runs(folders, root: str, records: RecordTable, skipped: list, entries: _Fingerprint,
+                     class_files: dict, runs: list | None = None) -> None:
+    """Add the runs (folder, names, sizes, mtimes) of an imagefolder walk: records, skips, the fingerprint's
+    entries (or, `runs` given, the deferred runs) and each class folder's file count."""
     for folder, names, sizes, mtimes in folders:
         cls = folder.split("/", 1)[0]
         record = bool(folder) and not cls.startswith(".")
@@ -303,14 +325,6 @@ def _list_imagefolder(url: str, kind: str, *, defer_stats: bool = False) -> List
             continue
         class_files[cls] = class_files.get(cls, 0) + len(names)
         records.extend_files(root=root, folder=folder, names=names, label=cls)  # keys derived from the paths
-    empty = sorted(c for c, n in class_files.items() if n == 0)
-    if empty:
-        raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"
-                          + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
-    if not class_files:
-        raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
-    return Listing(kind, url, records, skipped, "" if runs is not None else entries.hexdigest(), sorted(class_files),
-                   deferred_runs=runs)
 
 
 # ----------------------------------------------------------------------------- i21k tars
@@ -465,7 +479,18 @@ def _parse_labels(value, *, where: str) -> tuple[str, ...]:
 
 def _list_manifest(url: str, kind: str) -> Listing:
     raw = storage.read_bytes(url)
-    text = raw.decode("utf-8-sig")
+    records, entries = RecordTable(), _Fingerprint(kind)
+    entries.append([storage.basename(url), hashlib.sha256(raw).hexdigest()])
+    add_manifest_rows(url, kind, raw.decode("utf-8-sig"), records, entries)
+    if not len(records):
+        raise SourceError(f"{url}: empty manifest (no records)")
+    return Listing(kind, url, records, [], entries.hexdigest(), sorted(records.label_names))
+
+
+def add_manifest_rows(url: str, kind: str, text: str, records: RecordTable, entries: _Fingerprint,
+                      first_line: int = 1) -> None:
+    """Add the rows of manifest text (all of a csv; whole lines of a jsonl, the first of them line
+    `first_line` of the file) to `records`, and their entries to the fingerprint."""
     base = storage.parent(url)
     rows: list[tuple[int, dict]] = []
     if kind == "csv":
@@ -474,7 +499,7 @@ def _list_manifest(url: str, kind: str) -> Listing:
             raise SourceError(f"{url}: CSV needs columns 'path' and 'labels'; found {reader.fieldnames}")
         rows = [(i + 2, row) for i, row in enumerate(reader)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), first_line):
             if not line.strip():
                 continue
             try:
@@ -484,8 +509,6 @@ def _list_manifest(url: str, kind: str) -> Listing:
             if not isinstance(obj, dict):
                 raise SourceError(f"{url}:{lineno}: expected a JSON object with 'path' and 'labels'")
             rows.append((lineno, obj))
-    records, entries = RecordTable(), _Fingerprint(kind)
-    entries.append([storage.basename(url), hashlib.sha256(raw).hexdigest()])
     for lineno, row in rows:
         where = f"{url}:{lineno}"
         path = row.get("path") or row.get("image")
@@ -506,11 +529,10 @@ def _list_manifest(url: str, kind: str) -> Listing:
                 entries.append([path, None, None])
         key = make_key(str(row["key"])) if row.get("key") else make_key(path.split("://", 1)[-1])
         records.append(key=key, root="" if absolute else base, path=path, labels=labels)
-    if not len(records):
-        raise SourceError(f"{url}: empty manifest (no records)")
-    return Listing(kind, url, records, [], entries.hexdigest(), sorted(records.label_names))
 
 
 def source_fingerprint(source: str, *, format: str | None = None) -> str:
     """Stable hash of the source listing (paths, sizes, mtimes; a manifest's contents): unchanged input, same hash."""
-    return list_source(source, format=format).fingerprint
+    from shards.partitions import source_listing
+
+    return source_listing(source, format=format).fingerprint

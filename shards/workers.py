@@ -104,3 +104,67 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     with gc_frozen():  # a fork pool starts all its processes at the first submit
         pool.submit(_ready).result()
     return pool
+
+
+class DaskPool:
+    """A Dask cluster as the executor the planner and the writers use (submit -> a concurrent.futures
+    Future; `_max_workers`: its worker threads). Each call first applies this process's storage
+    settings (the S3 endpoint) in the worker; a worker lost mid-task has its task run again by the
+    scheduler, and tasks are idempotent (a partition's scan record, a shard's completion record)."""
+
+    def __init__(self, address: str):
+        from distributed import Client
+
+        try:
+            self.client = Client(address, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as err:
+            from shards.errors import VitpipeError
+
+            raise VitpipeError(f"--dask {address}: no Dask scheduler answers there ({type(err).__name__}); start "
+                               "`dask scheduler` and workers, or leave --dask/VITPIPE_DASK_ADDRESS unset for local "
+                               "processes") from None
+        self._max_workers = max(1, sum(self.client.nthreads().values()))
+        self._settings = storage.settings_dict()
+
+    def submit(self, fn, *args):
+        return _DaskFuture(self.client.submit(_configured, self._settings, fn, *args, pure=False))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        return False
+
+
+class _DaskFuture:
+    """A concurrent.futures.Future that follows a Dask future (and cancels it when cancelled)."""
+
+    def __new__(cls, remote):
+        from concurrent.futures import Future
+
+        local = Future()
+        local.remote = remote  # kept: a Dask future nobody holds is forgotten by the scheduler
+        local.set_running_or_notify_cancel()
+
+        def done(fut):
+            try:
+                local.set_result(fut.result())
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits on it
+                if not local.done():
+                    local.set_exception(err)
+
+        remote.add_done_callback(done)
+        cancel = local.cancel
+        local.cancel = lambda: (remote.cancel(), cancel())[1]
+        return local
+
+
+_applied: list = [None]  # the storage settings this worker process last applied (configure drops its S3 clients)
+
+
+def _configured(settings: dict, fn, *args):
+    if settings != _applied[0]:
+        storage.configure(**settings)
+        _applied[0] = settings
+    return fn(*args)

@@ -95,8 +95,9 @@ def test_killed_s3_writer_rerun_finishes_identically(s3, digits_tree, tmp_path):
     assert not storage.exists(f"{url}/manifest.json")
     with pytest.raises(Exception, match="a dataset without a manifest does not exist"):
         load_manifest(url)
-    assert storage.listdir(url) == ["_progress", "d-000000.tar", "d-000001.tar"]
+    assert storage.listdir(url) == ["_plan", "_progress", "d-000000.tar", "d-000001.tar"]  # _plan: scan records
     finished = shard_dataset(str(digits_tree), url, name="d", shard_size=300, seed=9, workers=2)
+    assert not list(storage.iter_files(f"{url}/_plan"))  # the dataset is complete: its scan records are gone
     reference = shard_dataset(str(digits_tree), str(tmp_path / "ref"), name="d", shard_size=300, seed=9)
     assert finished["shards"] == reference["shards"]
     for shard in reference["shards"]:

@@ -14,6 +14,7 @@ from PIL import Image
 
 import shards.plan as plan
 from shards import shard_dataset
+from shards.sources import list_source
 from shards.imaging import BadImage, header_probe
 from shards.testdata import encode, photo_crops
 
@@ -268,10 +269,11 @@ def test_a_file_name_that_is_not_utf8_is_a_one_line_error_naming_it(tmp_path):
 
 
 def test_the_fingerprint_from_scan_stats_equals_the_listed_one_and_a_broken_link_is_a_counted_skip(tmp_path):
-    """plan_shards lists a local tree without a stat per file and takes sizes and mtimes from the
-    files the scan opens: the manifest's fingerprint must still be source_fingerprint's (flows compare
-    the two to skip finished work), with files that are not records (at the root, in a dot folder,
-    in a subfolder) and a broken link, which is skipped as unreadable instead of stopping the listing."""
+    """plan_shards lists a local tree in partitions (class folders, each adding its share of the
+    listing's hash): the manifest's fingerprint must still be source_fingerprint's and one whole
+    listing's (flows compare them to skip finished work), for any partition count, with files that
+    are not records (at the root, in a dot folder, in a subfolder) and a broken link, which is
+    skipped as unreadable instead of stopping the listing."""
     from shards import source_fingerprint
 
     crops = photo_crops(4, size=(32, 24), seed=9)
@@ -282,8 +284,12 @@ def test_the_fingerprint_from_scan_stats_equals_the_listed_one_and_a_broken_link
     _write(tmp_path / "src" / ".cache" / "x.bin", b"x" * 7)
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "src" / "b c" / "broken.jpg")
     manifest = shard_dataset(str(tmp_path / "src"), str(tmp_path / "out"), shard_size=10)
-    assert plan.list_source(str(tmp_path / "src"), defer_stats=True).fingerprint == ""  # listed by names alone
     assert manifest["source"]["fingerprint"] == source_fingerprint(str(tmp_path / "src"))
+    assert manifest["source"]["fingerprint"] == list_source(str(tmp_path / "src")).fingerprint
+    for partitions in (2, 3):
+        again = shard_dataset(str(tmp_path / "src"), str(tmp_path / f"out{partitions}"), shard_size=10,
+                              partitions=partitions)
+        assert again["source"]["fingerprint"] == manifest["source"]["fingerprint"]
     assert manifest["num_samples"] == 4
     assert [(s["path"], s["kind"]) for s in manifest["skipped"] if s["kind"] == "unreadable"] == [("b c/broken.jpg", "unreadable")]
     # and it follows the files: a touched file changes it

@@ -283,6 +283,37 @@ class S3Storage(Storage):
                             Range=f"bytes={offset}-{offset + length - 1}")
         return _s3_call(url, response["Body"].read)
 
+    def read_ends(self, url, head, tail, offset=None, length=None):
+        """Ranged GETs: the first `head` bytes (and with them the size), then the last `tail` bytes
+        only when the head did not hold everything; None for an empty object (no range to ask for)."""
+        from botocore import exceptions as bx
+
+        bucket, key = split(url)
+        base = offset or 0
+        want = head if length is None else min(head, length)
+        if want <= 0:
+            return None
+        try:
+            response = _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={base}-{base + want - 1}")
+        except bx.ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "InvalidRange":
+                return None
+            if err.response.get("Error", {}).get("Code") == "NoSuchKey":
+                raise StorageNotFound(f"{url}: not found") from None
+            raise _s3_error(err, url) from None
+        except bx.BotoCoreError as err:
+            raise _s3_error(err, url) from None
+        first = _s3_call(url, response["Body"].read)
+        total = response.get("ContentRange", "").rpartition("/")[2]
+        size = length if length is not None else int(total) if total.isdigit() else int(response["ContentLength"])
+        mtime = response["LastModified"].timestamp() if length is None else None
+        if size <= len(first) or not tail:
+            return first[:size], b"", size, mtime
+        start = base + size - tail
+        last = _s3_call(url, lambda: _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + tail - 1}")
+                        ["Body"].read())
+        return first, last, size, mtime
+
     def read_into(self, url, offset, length, out):
         data = self.read_bytes(url) if offset < 0 else self.read_range(url, offset, length)
         if len(data) <= len(out):

@@ -1,0 +1,333 @@
+"""Partitioned listing and scanning: the source is cut into partitions that workers list and scan
+themselves (a Dask cluster's, or local processes).
+
+Units are the source's own pieces, in listing order: the class folders of a tree (local or S3 key
+prefixes, after the files lying in its root), the tars of a folder of per-synset tars, runs of
+whole lines of a jsonl manifest (cut at a newline every `_MANIFEST_BLOCK` bytes). A partition is
+a run of consecutive units. Each unit adds its share to the listing's fingerprint, so the
+records, their order and the fingerprint are those of one listing of the whole source, however
+many partitions there are; the plan made from them (and so every shard's bytes) is the same for
+any number of partitions and workers. A csv manifest and a tar of tars are one unit each.
+
+Each unit's scan is kept as a record in the destination (`_plan/<key>.pkl`) until the dataset is
+complete: a planner killed mid-plan (or a worker killed mid-partition) re-lists the units (cheap)
+and takes the scan of each whose listing is unchanged from its record instead of reading its
+images again, whatever the partitions are this time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+
+from shards import storage
+from shards.sources import (FORMATS, Listing, SourceError, _add_folder_runs, _Fingerprint, _index_tar_job,
+                            _list_tars, _local_folder, _local_folders, _s3_folders, _TarJob, add_manifest_rows,
+                            detect_format)
+from shards.table import RecordTable
+
+PLAN_DIR = "_plan"  # in the destination: one scan record per partition while the dataset is being made
+_MANIFEST_BLOCK = 16 << 20  # a jsonl manifest is cut into units of about this many bytes (whole lines)
+
+
+@dataclass
+class Partition:
+    index: int
+    kind: str
+    url: str
+    units: tuple  # imagefolder: folder names ("": the root's own files); i21k-tars: steps; jsonl: (start, stop, line)
+
+
+@dataclass
+class SourceSplit:
+    """What the coordinator keeps of a source: its partitions, and what it listed itself."""
+
+    kind: str
+    url: str
+    partitions: list[Partition]
+    head: bytes = b""  # the fingerprint's entries before the partitions' (a tars folder's tars; a manifest's hash)
+    class_files: dict = field(default_factory=dict)  # class folders seen at the top (a local tree's empty ones count)
+    class_names: list[str] = field(default_factory=list)  # a tars folder's synsets
+
+
+@dataclass
+class PartListing:
+    records: RecordTable
+    skipped: list[dict]
+    fp: bytes | None  # the partition's share of the fingerprint's bytes; None: `fingerprint` is the whole one
+    fingerprint: str = ""
+    class_files: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """What a scan record is checked against: the listing (paths, offsets, sizes and mtimes)."""
+        h = hashlib.sha256(self.fp if self.fp is not None else self.fingerprint.encode())
+        h.update(bytes(self.records.paths.buf))
+        h.update(self.records.offset.tobytes() + self.records.length.tobytes())
+        h.update(json.dumps(self.skipped, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+def split_source(url: str, *, format: str | None = None, partitions: int = 1) -> SourceSplit:
+    """The source's units, grouped into about `partitions` partitions (one LIST of the top level,
+    or one read of a jsonl manifest; no image is read). Raises SourceError as list_source does."""
+    try:
+        url = storage.normalize(url)
+        present = storage.exists(url)
+    except storage.StorageError as err:
+        raise SourceError(str(err)) from None
+    if not present:
+        raise SourceError(f"{url}: source not found; check the path or URL")
+    kind = format or detect_format(url)
+    if kind not in FORMATS:
+        raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
+    out = SourceSplit(kind, url, [])
+    if kind == "imagefolder":
+        units = _folder_units(url, out)
+    elif kind == "i21k-tars" and not (url.lower().endswith(".tar") and not storage.isdir(url)):
+        units = _tar_units(url, out)
+    elif kind == "jsonl":
+        units = _manifest_units(url, out)
+    else:  # a csv manifest, a tar of tars: one unit
+        units = [None]
+    per = -(-len(units) // max(1, min(partitions, len(units))))
+    out.partitions = [Partition(i, kind, url, tuple(units[lo:lo + per])) for i, lo in enumerate(range(0, len(units), per))]
+    return out
+
+
+def _folder_units(url: str, out: SourceSplit) -> list:
+    if storage.is_s3(url):
+        bucket, key = storage.split(url)
+        strip = len(key.rstrip("/") + "/") if key else 0
+        from shards.storage.s3 import _iter_objects
+
+        folders = [item["Prefix"][strip:].rstrip("/") for item in _iter_objects(url, delimiter="/") if "Prefix" in item]
+        return [""] + sorted(folders, key=lambda name: name + "/")  # key order, as a LIST gives the files
+    top = storage.as_local_path(url)
+    if not os.path.isdir(top):
+        raise SourceError(f"{url}: not a folder")
+    with os.scandir(top) as it:
+        entries = list(it)
+    out.class_files = {e.name: 0 for e in entries if not e.name.startswith(".") and os.path.isdir(e.path)}
+    # walked as os.walk does: sorted, links to folders left out
+    return [""] + sorted(e.name for e in entries if e.is_dir() and not e.is_symlink())
+
+
+def _tar_units(url: str, out: SourceSplit) -> list:
+    entries, steps = _Fingerprint(None), []
+    for item in storage.iter_files(url):
+        name = item["url"].rstrip("/").rsplit("/", 1)[-1]
+        entries.append([name, item["size"], item["mtime"]])
+        if name.lower().endswith(".tar"):
+            steps.append(_TarJob(item["url"], name[:-4], name[:-4]))
+        elif not name.startswith("."):
+            steps.append({"path": name, "reason": "not a per-synset tar"})
+    if not any(isinstance(step, _TarJob) for step in steps):
+        raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
+    out.head, out.class_names = bytes(entries.data), sorted({s.synset for s in steps if isinstance(s, _TarJob)})
+    return steps
+
+
+def _manifest_units(url: str, out: SourceSplit) -> list:
+    """(start, stop, first line) of runs of whole lines, and the manifest's hash (one streamed read)."""
+    digest, units, start, line, carry = hashlib.sha256(), [], 0, 1, b""
+    with storage.open_read(url) as f:
+        while True:
+            block = f.read(_MANIFEST_BLOCK)
+            digest.update(block)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            if cut:
+                text = data[:cut].decode("utf-8-sig" if start == 0 else "utf-8", "replace")
+                units.append((start, start + cut, line))
+                start, line = start + cut, line + len(text.splitlines())
+            carry = data[cut:]
+            if not block:
+                break
+    entries = _Fingerprint(None)
+    entries.append([storage.basename(url), digest.hexdigest()])
+    out.head = bytes(entries.data)
+    return units
+
+
+def list_unit(kind: str, url: str, unit) -> PartListing:
+    """List one unit of a source (in a worker: no image is read)."""
+    try:
+        return _list_unit(kind, url, unit)
+    except storage.StorageError as err:
+        raise SourceError(str(err)) from None
+    except UnicodeEncodeError:  # a name the OS gave as undecodable bytes: the whole listing's message
+        from shards.sources import list_source
+
+        list_source(url, format=kind)
+        raise
+
+
+def _list_unit(kind: str, url: str, unit) -> PartListing:
+    records, skipped, entries = RecordTable(), [], _Fingerprint(None)
+    if kind == "imagefolder":
+        s3 = storage.is_s3(url)
+        root = url.rstrip("/") if s3 else url.rstrip(os.sep)
+        class_files: dict = {}
+        if unit:
+            runs = _s3_folders(storage.join(url, unit), root) if s3 else _local_folders(os.path.join(root, unit), root)
+        else:
+            runs = _root_files(url, root, s3)
+        _add_folder_runs(runs, root, records, skipped, entries, class_files)
+        return PartListing(records, skipped, bytes(entries.data), class_files=class_files)
+    if kind == "jsonl":
+        start, stop, line = unit
+        text = storage.read_range(url, start, stop - start).decode("utf-8-sig" if start == 0 else "utf-8")
+        add_manifest_rows(url, kind, text, records, entries, first_line=line)
+        return PartListing(records, skipped, bytes(entries.data))
+    if kind == "i21k-tars" and unit is not None:  # a step of a folder of tars
+        if isinstance(unit, dict):
+            return PartListing(records, [unit], b"")
+        records, skipped = _index_tar_job(unit)
+        if not len(records):
+            raise SourceError(f"{unit.url}: class tar has no images; remove it or fix the tar")
+        return PartListing(records, skipped, b"")
+    # one unit: a csv manifest or a tar of tars, listed whole
+    from shards.sources import _list_manifest
+
+    listing = _list_manifest(url, kind) if kind == "csv" else _list_tars(url, kind)
+    return PartListing(listing.records, listing.skipped, None, listing.fingerprint, class_names=listing.class_names)
+
+
+def _concat(listings: list[PartListing]) -> PartListing:
+    """The listing of consecutive units as one."""
+    if len(listings) == 1:
+        return listings[0]
+    records, skipped, fp, class_files = RecordTable(), [], bytearray(), {}
+    for unit in listings:
+        records.extend(unit.records)
+        skipped.extend(unit.skipped)
+        fp += unit.fp
+        for name, count in unit.class_files.items():
+            class_files[name] = class_files.get(name, 0) + count
+    return PartListing(records, skipped, bytes(fp), class_files=class_files)
+
+
+def _root_files(url: str, root: str, s3: bool):
+    """The run of the files lying in the root of a tree (not records: each is a skip)."""
+    if s3:
+        bucket, key = storage.split(url)
+        strip = len(key.rstrip("/") + "/") if key else 0
+        from shards.storage.s3 import _iter_objects
+
+        items = [item for item in _iter_objects(url, delimiter="/") if "Key" in item]
+        if items:
+            yield ("", [item["Key"][strip:] for item in items], [int(item["Size"]) for item in items],
+                   [item["LastModified"].timestamp() for item in items])
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield from _local_folder(root, fd, root, True)
+    finally:
+        os.close(fd)
+
+
+def merge(split: SourceSplit, parts) -> Listing:
+    """One Listing from the partitions' listings (in order): the same as list_source's."""
+    parts = list(parts)
+    if split.kind in ("csv",) or split.partitions[0].units == (None,):
+        only = parts[0]
+        listing = Listing(split.kind, split.url, only.records, only.skipped, only.fingerprint, only.class_names)
+    else:
+        digest = _Fingerprint(split.kind)
+        digest.update(split.head)
+        records = parts[0].records if len(parts) == 1 else RecordTable()
+        skipped, class_files = [], dict(split.class_files)
+        for part in parts:
+            digest.update(part.fp)
+            if len(parts) > 1:
+                records.extend(part.records)
+            skipped.extend(part.skipped)
+            for name, count in part.class_files.items():
+                class_files[name] = class_files.get(name, 0) + count
+        names = split.class_names if split.kind == "i21k-tars" else sorted(records.label_names)
+        if split.kind == "imagefolder":
+            empty = sorted(c for c, n in class_files.items() if n == 0)
+            if empty:
+                raise SourceError(f"{storage.join(split.url, empty[0])}: class folder has no images; add images or "
+                                  "remove the folder" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
+            if not class_files:
+                raise SourceError(f"{split.url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
+            names = sorted(class_files)
+        elif split.kind == "jsonl" and not len(records):
+            raise SourceError(f"{split.url}: empty manifest (no records)")
+        listing = Listing(split.kind, split.url, records, skipped, digest.hexdigest(), names)
+    if not len(listing.records) and not listing.skipped:
+        raise SourceError(f"{split.url}: empty source (no images found as {split.kind})")
+    listing.records.make_keys_unique()
+    return listing
+
+
+def source_listing(url: str, *, format: str | None = None) -> Listing:
+    """The whole source listed through its partitions, in this process."""
+    split = split_source(url, format=format)
+    return merge(split, (_concat([list_unit(split.kind, split.url, unit) for unit in part.units])
+                         for part in split.partitions))
+
+
+# ----------------------------------------------------------------------------- scanning a partition
+
+def record_url(out_url: str, kind: str, url: str, unit, scan_args: tuple) -> str:
+    """Where the scan record of one unit goes (named by the unit and the scan's settings)."""
+    key = hashlib.sha256(repr((kind, url, unit, scan_args)).encode()).hexdigest()[:32]
+    return storage.join(out_url, PLAN_DIR, f"{key}.pkl")
+
+
+def scan_partition(part: Partition, scan_args: tuple, out_url: str):
+    """(listing, scan results, units reused): list each unit of the partition, then take its scan
+    from its record when its listing is unchanged, else scan it (`scan_args`: max_pixels, decode)
+    and write the record. Records are per unit, so a re-run with other partitions still finds them."""
+    from shards.plan import ScanResults
+
+    listings, scans, reused = [], [], 0
+    for unit in part.units:
+        listing, scan, was_reused = _scan_unit(part.kind, part.url, unit, scan_args, out_url)
+        listings.append(listing)
+        scans.append(scan)
+        reused += was_reused
+    if len(scans) == 1:
+        return listings[0], scans[0], reused
+    listing = _concat(listings)
+    scan, start = ScanResults(len(listing.records), scan_args[1]), 0
+    for part_scan in scans:
+        scan.put_part(start, part_scan)
+        start += len(part_scan.ok)
+    return listing, scan, reused
+
+
+def _scan_unit(kind: str, url: str, unit, scan_args: tuple, out_url: str):
+    from shards.plan import _scan_part
+
+    listing = list_unit(kind, url, unit)
+    record, digest = record_url(out_url, kind, url, unit, scan_args), listing.digest()
+    try:
+        saved = pickle.loads(storage.read_bytes(record)) if storage.exists(record) else None
+    except (storage.StorageError, pickle.UnpicklingError, EOFError, ValueError):  # cut short: scan again
+        saved = None
+    if isinstance(saved, dict) and saved.get("listing") == digest:
+        return listing, saved["scan"], True
+    records = listing.records
+    scan = _scan_part(records.locations(range(len(records))), *scan_args, False)
+    if len(records):
+        storage.write_bytes(record, pickle.dumps({"listing": digest, "scan": scan}, protocol=5), durable=False)
+    return listing, scan, False
+
+
+def _scan_job(job):
+    return scan_partition(*job)
+
+
+def remove_records(out_url: str) -> None:
+    """Delete the scan records (the dataset is complete), those of earlier plans too."""
+    folder = storage.join(out_url, PLAN_DIR)
+    for item in storage.iter_files(folder) if storage.exists(folder) else ():
+        storage.delete(item["url"])
+    if not storage.is_s3(folder) and os.path.isdir(folder):
+        os.rmdir(folder)
