@@ -168,3 +168,71 @@ def _configured(settings: dict, fn, *args):
         storage.configure(**settings)
         _applied[0] = settings
     return fn(*args)
+
+
+class LoopbackCluster:
+    """A real `dask scheduler` and `workers` `dask worker` processes (one thread each, no nanny: a
+    killed worker stays dead) on 127.0.0.1 with free ports, for tests and benchmarks; stopped on exit.
+    `env`: the workers' environment (the S3 endpoint and credentials)."""
+
+    def __init__(self, workers: int, *, env: dict | None = None, log_dir: str | None = None):
+        self.n, self.env, self.log_dir = workers, dict(env or os.environ), log_dir
+        self.procs: list = []
+        self.address = ""
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        import tempfile
+
+        from pipeline.objectstore import free_port
+
+        dask = os.path.join(os.path.dirname(sys.executable), "dask")
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        logs = self.log_dir or tempfile.mkdtemp(prefix="vitpipe-dask-")
+        common = {"env": self.env, "stdin": subprocess.DEVNULL, "start_new_session": True}
+        try:
+            self.procs.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                                self.address.rsplit(":", 1)[1], "--no-dashboard"],
+                                               stdout=open(os.path.join(logs, "scheduler.log"), "wb"),
+                                               stderr=subprocess.STDOUT, **common))
+            for i in range(self.n):
+                self.add_worker(logs, dask, common, i)
+            self.wait_for(self.n)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def add_worker(self, logs, dask, common, i):
+        import subprocess
+
+        self.procs.append(subprocess.Popen([dask, "worker", self.address, "--nthreads", "1", "--no-nanny",
+                                            "--no-dashboard", "--memory-limit", "0", "--host", "127.0.0.1",
+                                            "--name", f"w{i}"],
+                                           stdout=open(os.path.join(logs, f"worker{i}.log"), "wb"),
+                                           stderr=subprocess.STDOUT, **common))
+
+    @property
+    def workers(self) -> list:
+        """The worker processes (Popen), in start order."""
+        return self.procs[1:]
+
+    def wait_for(self, n: int, timeout: float = 60.0) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout=f"{timeout}s", set_as_default=False) as client:
+            client.wait_for_workers(n, timeout=timeout)
+
+    def __exit__(self, *exc):
+        import subprocess
+
+        for proc in reversed(self.procs):  # workers first (they hold no state worth a graceful close)
+            if proc.poll() is None:
+                proc.kill() if proc is not self.procs[0] else proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return False
