@@ -227,3 +227,31 @@ def test_a_rerun_removes_the_staging_file_of_a_writer_killed_mid_upload(s3, digi
     assert proc.returncode == 0, proc.stderr
     assert _staging_files(tmpdir) == []
     assert load_manifest(url)["num_samples"] == 1797
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_path):
+    """An S3 source costs one GET of each whole image (the writer's); the scan asks for ranges of
+    the ends only: one ranged GET for an image that fits in the head it reads, two for a larger one."""
+    src = s3.url("sources/gets")
+    sizes = []
+    for i, crop in enumerate(photo_crops(12, size=(320, 240), seed=4) + photo_crops(4, size=(32, 24), seed=5)):
+        data = encode(crop, "JPEG", quality=95)
+        storage.write_bytes(f"{src}/{'ab'[i % 2]}/{i}.jpg", data)
+        sizes.append(len(data))
+    large = sum(size > 16384 for size in sizes)
+    assert 0 < large < len(sizes)
+    gets: list[str | None] = []
+    client = storage.s3._client()
+    handler = lambda params, **_: gets.append(params.get("Range"))  # noqa: E731 - the call's own arguments
+    client.meta.events.register("provide-client-params.s3.GetObject", handler)
+    try:
+        manifest = shard_dataset(src, str(tmp_path / "out"), shard_size=100, workers=1)
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
+    assert manifest["num_samples"] == len(sizes)
+    assert sum(r is None for r in gets) == len(sizes)  # whole objects: one per image
+    ranged = [r for r in gets if r is not None]
+    assert len(ranged) == len(sizes) + large
+    assert all(r.startswith("bytes=") for r in ranged)

@@ -293,8 +293,10 @@ class S3Storage(Storage):
         want = head if length is None else min(head, length)
         if want <= 0:
             return None
+        whole = length is None and want >= 1 << 40  # all of it asked for: one plain GET
         try:
-            response = _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={base}-{base + want - 1}")
+            response = (_client().get_object(Bucket=bucket, Key=key) if whole else
+                        _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={base}-{base + want - 1}"))
         except bx.ClientError as err:
             if err.response.get("Error", {}).get("Code") == "InvalidRange":
                 return None
