@@ -247,6 +247,9 @@ def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_pat
     handler = lambda params, **_: gets.append(params.get("Range"))  # noqa: E731 - the call's own arguments
     client.meta.events.register("provide-client-params.s3.GetObject", handler)
     try:
+        decoded = shard_dataset(src, str(tmp_path / "decoded"), shard_size=100, workers=1, validate="decode")
+        assert gets == [None] * 2 * len(sizes)  # a decoding scan needs every byte: one plain GET of each, then the writer's
+        gets.clear()
         manifest = shard_dataset(src, str(tmp_path / "out"), shard_size=100, workers=1)
     finally:
         client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
@@ -255,3 +258,4 @@ def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_pat
     ranged = [r for r in gets if r is not None]
     assert len(ranged) == len(sizes) + large
     assert all(r.startswith("bytes=") for r in ranged)
+    assert manifest["shards"] == decoded["shards"]
