@@ -1,0 +1,240 @@
+"""Sharding at scale, measured side by side in one run (ratios; medians of --repeats, interleaved).
+
+1. memory: the coordinator's peak RSS (ru_maxrss of a fresh process that plans and writes, the
+   scan and the writes in 2 worker processes) at 50k / 200k / 1M tiny distinct JPEGs (short
+   paths), bytes per record between the sizes, and that slope extrapolated to ImageNet-21k (14M)
+   and JFT-300M (300M);
+2. gets: GET requests per image for an S3 source (real SeaweedFS): whole-object GETs and ranged
+   GETs of the ends (the scan);
+3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
+   workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
+   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects);
+4. first: time to the first shard written for a 200k-record source vs a 50k one.
+
+    .venv/bin/python benchmarks/shard_scale.py [--sections memory,gets,dask,first] [--memory-sizes 50000,200000,1000000]
+        [--images 600] [--repeats 3] [--workdir DIR]
+
+The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
+ratios of parallel runs are bounded by what the other processes leave.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from shard_throughput import _make_corpus, _median_times  # noqa: E402
+
+from shards import shard_dataset, storage  # noqa: E402
+
+_TINY_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from shards.testdata import encode, photo_crops
+base = encode(photo_crops(1, size=(8, 8), seed=1)[0], "JPEG", quality=80)
+root, count = Path(sys.argv[1]), int(sys.argv[2])
+for c in range(100):
+    (root / f"c{c:02d}").mkdir(parents=True, exist_ok=True)
+for i in range(count):  # distinct files: a comment segment holding the number, after the SOI marker
+    note = str(i).encode()
+    (root / f"c{i % 100:02d}" / f"{i}.jpg").write_bytes(base[:2] + b"\\xff\\xfe" + (len(note) + 2).to_bytes(2, "big")
+                                                      + note + base[2:])
+"""
+_MEMORY_CHILD = """
+import resource, sys
+sys.path.insert(0, sys.argv[3])
+from shards import shard_dataset
+shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+_BUCKET = "bench"
+
+
+def _load() -> str:
+    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
+def _tiny_tree(root: Path, count: int) -> None:
+    if not root.exists():
+        subprocess.run([sys.executable, "-c", _TINY_CHILD, str(root), str(count), str(ROOT)], check=True)
+
+
+def memory(work: Path, sizes: list[int]) -> None:
+    peaks = {}
+    for n in sizes:
+        tree = work / f"tiny{n}"
+        _tiny_tree(tree, n)
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tree), str(work / "mem_out"), str(ROOT)],
+                              capture_output=True, text=True, check=True)
+        shutil.rmtree(work / "mem_out", ignore_errors=True)
+        peaks[n] = int(proc.stdout.strip().splitlines()[-1]) * 1024
+        print(f"memory: {n:>8} records  coordinator peak RSS {peaks[n] / 1e6:7.1f} MB   ({_load()})", flush=True)
+    lo, hi = min(sizes), max(sizes)
+    slope = (peaks[hi] - peaks[lo]) / (hi - lo)
+    print(f"memory: {hi // 1000}k/{lo // 1000}k peak ratio {peaks[hi] / peaks[lo]:.2f}x; {slope:.0f} bytes per record; "
+          f"extrapolated: ImageNet-21k 14M {(peaks[lo] + slope * (14e6 - lo)) / 1e9:.1f} GB, "
+          f"JFT-300M {(peaks[lo] + slope * (300e6 - lo)) / 1e9:.1f} GB", flush=True)
+
+
+def _store(work: Path):
+    from pipeline.objectstore import start_seaweedfs
+
+    store = start_seaweedfs(work / "seaweedfs", access_key="bench", secret_key="bench-secret", buckets=(_BUCKET,))
+    os.environ.update(store.env())
+    storage.reset_clients()
+    return store
+
+
+def _upload(corpus: Path, url: str) -> int:
+    if not any(True for _ in storage.iter_files(url)):
+        storage.copy_tree(str(corpus), url)
+    return sum(1 for _ in storage.iter_files(url))
+
+
+def gets(work: Path, corpus: Path) -> None:
+    src = f"s3://{_BUCKET}/gets"
+    n = _upload(corpus, src)
+    ranges: list = []
+    client = storage.s3._client()
+    handler = lambda params, **_: ranges.append(params.get("Range"))  # noqa: E731
+    client.meta.events.register("provide-client-params.s3.GetObject", handler)
+    try:
+        shard_dataset(src, str(work / "gets_out"), shard_size=1000, workers=1)
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
+    shutil.rmtree(work / "gets_out", ignore_errors=True)
+    whole = sum(r is None for r in ranges)
+    print(f"gets: {n} S3 images: {whole / n:.2f} whole-object GETs per image, {(len(ranges) - whole) / n:.2f} ranged "
+          "GETs of the ends per image (the scan)", flush=True)
+
+
+def _boto_loop(keys: list[str], src: str, dst: str) -> None:
+    """A bare GET+PUT per object (what a hand-written copy does), run on each worker for its half."""
+    from shards.storage.s3 import _client, split
+
+    bucket, prefix = split(src)
+    _, out = split(dst)
+    client = _client()
+    for key in keys:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        client.put_object(Bucket=bucket, Key=out + "/" + key.rsplit("/", 1)[-1], Body=body)
+
+
+def dask(work: Path, corpus: Path, repeats: int) -> None:
+    from distributed import Client
+
+    from shards.storage.s3 import split
+    from shards.workers import LoopbackCluster
+
+    src = f"s3://{_BUCKET}/photos"
+    n = _upload(corpus, src)
+    env = dict(os.environ)
+    with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one:
+        def run(cluster, tag, **kw):
+            url = f"s3://{_BUCKET}/out/{tag}"
+            return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=200, **kw))
+
+        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64)},
+                              repeats)
+        print(f"dask: --resize 64 on {n} photos: 2 workers {n / times['resize 2 workers']:.1f} img/s, 1 worker "
+              f"{n / times['resize 1 worker']:.1f} img/s: {times['resize 1 worker'] / times['resize 2 workers']:.2f}x "
+              f"({_load()})", flush=True)
+        keys = [split(item["url"])[1] for item in storage.iter_files(src)]
+        with Client(two.address, set_as_default=False) as client:
+            def bare():
+                halves = [keys[0::2], keys[1::2]]
+                futures = [client.submit(_boto_loop, half, src, f"s3://{_BUCKET}/out/bare", pure=False)
+                           for half in halves]
+                client.gather(futures)
+
+            times = _median_times({"pass-through 2 workers": run(two, "p2"), "boto3 GET+PUT 2 workers": bare}, repeats)
+        ratio = times["boto3 GET+PUT 2 workers"] / times["pass-through 2 workers"]
+        print(f"dask: pass-through S3->S3 on 2 workers {n / times['pass-through 2 workers']:.1f} img/s vs a bare boto3 "
+              f"GET+PUT loop per worker {n / times['boto3 GET+PUT 2 workers']:.1f} img/s: {ratio:.2f}x ({_load()})",
+              flush=True)
+
+
+def _clear(url: str) -> None:
+    for item in list(storage.iter_files(url)) if storage.exists(url) else []:
+        storage.delete(item["url"])
+
+
+def first(work: Path, sizes: list[int]) -> None:
+    out = {}
+    for n in sizes:
+        tree = work / f"tiny{n}"
+        _tiny_tree(tree, n)
+        dest = work / f"first{n}"
+        shutil.rmtree(dest, ignore_errors=True)
+        seen: list[float] = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                if dest.exists() and any(name.endswith(".tar") for name in os.listdir(dest)):
+                    seen.append(time.perf_counter())
+                    return
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        start = time.perf_counter()
+        watcher.start()
+        shard_dataset(str(tree), str(dest), shard_size=10000, workers=2)
+        stop.set()
+        watcher.join()
+        out[n] = (seen[0] if seen else time.perf_counter()) - start
+        shutil.rmtree(dest, ignore_errors=True)
+        print(f"first: {n:>8} records: first shard after {out[n]:.1f} s ({_load()})", flush=True)
+    lo, hi = min(sizes), max(sizes)
+    print(f"first: {hi // 1000}k vs {lo // 1000}k: {out[hi] / out[lo]:.2f}x the time for {hi / lo:.0f}x the records",
+          flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="memory,gets,dask,first")
+    ap.add_argument("--memory-sizes", default="50000,200000,1000000")
+    ap.add_argument("--first-sizes", default="50000,200000")
+    ap.add_argument("--images", type=int, default=600, help="photos for the gets and dask sections (default 600)")
+    ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vitpipe-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / f"photos{args.images}"
+    store = None
+    try:
+        if "memory" in sections:
+            memory(work, [int(v) for v in args.memory_sizes.split(",")])
+        if sections & {"gets", "dask"}:
+            _make_corpus(corpus, count=args.images, size=args.size, classes=20)
+            store = _store(work)
+        if "gets" in sections:
+            gets(work, corpus)
+        if "dask" in sections:
+            dask(work, corpus, args.repeats)
+        if "first" in sections:
+            first(work, [int(v) for v in args.first_sizes.split(",")])
+    finally:
+        if store is not None:
+            store.stop()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
