@@ -23,9 +23,9 @@ import pickle
 from dataclasses import dataclass, field
 
 from shards import storage
-from shards.sources import (FORMATS, Listing, SourceError, _add_folder_runs, _Fingerprint, _index_tar_job,
-                            _list_tars, _local_folder, _local_folders, _s3_folders, _TarJob, add_manifest_rows,
-                            detect_format)
+from shards.sources import (Listing, SourceError, _add_folder_runs, _Fingerprint, _index_tar_job, _list_tars,
+                            _local_folder, _local_folders, _s3_folders, _TarJob, add_manifest_rows, source_kind,
+                            tar_steps)
 from shards.table import RecordTable
 
 PLAN_DIR = "_plan"  # in the destination: one scan record per partition while the dataset is being made
@@ -73,16 +73,7 @@ class PartListing:
 def split_source(url: str, *, format: str | None = None, partitions: int = 1) -> SourceSplit:
     """The source's units, grouped into about `partitions` partitions (one LIST of the top level,
     or one read of a jsonl manifest; no image is read). Raises SourceError as list_source does."""
-    try:
-        url = storage.normalize(url)
-        present = storage.exists(url)
-    except storage.StorageError as err:
-        raise SourceError(str(err)) from None
-    if not present:
-        raise SourceError(f"{url}: source not found; check the path or URL")
-    kind = format or detect_format(url)
-    if kind not in FORMATS:
-        raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
+    url, kind = source_kind(url, format)
     out = SourceSplit(kind, url, [])
     if kind == "imagefolder":
         units = _folder_units(url, out)
@@ -116,16 +107,8 @@ def _folder_units(url: str, out: SourceSplit) -> list:
 
 
 def _tar_units(url: str, out: SourceSplit) -> list:
-    entries, steps = _Fingerprint(None), []
-    for item in storage.iter_files(url):
-        name = item["url"].rstrip("/").rsplit("/", 1)[-1]
-        entries.append([name, item["size"], item["mtime"]])
-        if name.lower().endswith(".tar"):
-            steps.append(_TarJob(item["url"], name[:-4], name[:-4]))
-        elif not name.startswith("."):
-            steps.append({"path": name, "reason": "not a per-synset tar"})
-    if not any(isinstance(step, _TarJob) for step in steps):
-        raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
+    entries = _Fingerprint(None)
+    steps = tar_steps(url, entries)
     out.head, out.class_names = bytes(entries.data), sorted({s.synset for s in steps if isinstance(s, _TarJob)})
     return steps
 

@@ -170,13 +170,8 @@ def detect_format(url: str) -> str:
                       "pass --format imagefolder|i21k-tars|jsonl|csv")
 
 
-def list_source(url: str, *, format: str | None = None, defer_stats: bool = False, pool=None) -> Listing:
-    """List a source; raises SourceError (missing, empty, unknown format, empty class folder...).
-
-    `defer_stats`: a local imagefolder is listed by names alone (no stat per file, which is most of
-    the cost of listing, and far more on a network file system); its fingerprint is then completed
-    by Listing.complete_fingerprint once the records' sizes and mtimes are known. `pool`: an
-    executor whose processes index the tars of an i21k-tars folder (one tar each at a time)."""
+def source_kind(url: str, format: str | None = None) -> tuple[str, str]:
+    """(normalized url, format) of an existing source; raises SourceError (missing, unknown format)."""
     try:
         url = storage.normalize(url)
         present = storage.exists(url)
@@ -187,6 +182,17 @@ def list_source(url: str, *, format: str | None = None, defer_stats: bool = Fals
     kind = format or detect_format(url)
     if kind not in FORMATS:
         raise SourceError(f"--format {kind}: unknown; use one of {', '.join(FORMATS)}")
+    return url, kind
+
+
+def list_source(url: str, *, format: str | None = None, defer_stats: bool = False, pool=None) -> Listing:
+    """List a source; raises SourceError (missing, empty, unknown format, empty class folder...).
+
+    `defer_stats`: a local imagefolder is listed by names alone (no stat per file, which is most of
+    the cost of listing, and far more on a network file system); its fingerprint is then completed
+    by Listing.complete_fingerprint once the records' sizes and mtimes are known. `pool`: an
+    executor whose processes index the tars of an i21k-tars folder (one tar each at a time)."""
+    url, kind = source_kind(url, format)
     try:
         if kind == "imagefolder":
             listing = _list_imagefolder(url, kind, defer_stats=defer_stats)
@@ -441,18 +447,26 @@ def _list_tars(url: str, kind: str, *, pool=None) -> Listing:
                                label_path=step.label_path, records=records, skipped=skipped)
         _index_tars(walk, pool, records, skipped, empty_is_error=False)
         return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(synsets))
+    walk = tar_steps(url, entries)
+    _index_tars(walk, pool, records, skipped, empty_is_error=True)
+    return Listing(kind, url, records, skipped, entries.hexdigest(),
+                   sorted({step.synset for step in walk if isinstance(step, _TarJob)}))
+
+
+def tar_steps(url: str, entries: _Fingerprint) -> list:
+    """The steps of a folder of tars in listing order: a _TarJob per tar, a skip (dict) per other
+    file; each file's entry added to the fingerprint."""
+    steps = []
     for item in storage.iter_files(url):
         name = item["url"].rstrip("/").rsplit("/", 1)[-1]
         entries.append([name, item["size"], item["mtime"]])
         if name.lower().endswith(".tar"):
-            walk.append(_TarJob(item["url"], name[:-4], name[:-4]))
+            steps.append(_TarJob(item["url"], name[:-4], name[:-4]))
         elif not name.startswith("."):
-            walk.append({"path": name, "reason": "not a per-synset tar"})
-    if not any(isinstance(step, _TarJob) for step in walk):
+            steps.append({"path": name, "reason": "not a per-synset tar"})
+    if not any(isinstance(step, _TarJob) for step in steps):
         raise SourceError(f"{url}: no .tar files; an i21k-tars source is a folder of <synset>.tar")
-    _index_tars(walk, pool, records, skipped, empty_is_error=True)
-    return Listing(kind, url, records, skipped, entries.hexdigest(),
-                   sorted({step.synset for step in walk if isinstance(step, _TarJob)}))
+    return steps
 
 
 # ----------------------------------------------------------------------------- jsonl / csv manifests
