@@ -248,9 +248,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                                        dashboard_address=None))
             params = params.model_copy(update={"address": cluster.scheduler_address})
         shard = shard_dataset.with_options(task_runner=make_task_runner(params))
-        cluster_of = (lambda data: data if data.dask_address or params.kind != "dask"
-                      else data.model_copy(update={"dask_address": params.address}))
-        datasets = {name: shard(cluster_of(getattr(config, name))) for name in ("pretrain_data", "finetune_data", "eval_data")}
+        datasets = {name: shard(getattr(config, name)) for name in ("pretrain_data", "finetune_data", "eval_data")}
     pre = pretrain(config.pretrain, config.root, config.pretrain_data.url)
     ft = finetune(config.finetune, config.root, config.finetune_data.url, pre["run_url"], config.eval_data.url,
                   config.evaluate)
