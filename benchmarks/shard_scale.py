@@ -190,9 +190,11 @@ def first(work: Path, sizes: list[int]) -> None:
         watcher = threading.Thread(target=watch)
         start = time.perf_counter()
         watcher.start()
-        shard_dataset(str(tree), str(dest), shard_size=10000, workers=2)
-        stop.set()
-        watcher.join()
+        try:
+            shard_dataset(str(tree), str(dest), shard_size=10000, workers=2)
+        finally:
+            stop.set()
+            watcher.join()
         out[n] = (seen[0] if seen else time.perf_counter()) - start
         shutil.rmtree(dest, ignore_errors=True)
         print(f"first: {n:>8} records: first shard after {out[n]:.1f} s ({_load()})", flush=True)
