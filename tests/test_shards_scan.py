@@ -300,3 +300,34 @@ def test_the_fingerprint_from_scan_stats_equals_the_listed_one_and_a_broken_link
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def test_a_jsonl_manifest_cut_into_line_blocks_gives_the_whole_listing_and_the_same_shards(tmp_path, monkeypatch):
+    """A jsonl manifest is cut at newlines into blocks the workers parse: with blocks of ~100 bytes
+    (one or two lines each; a BOM, CRLF line ends and a blank line included) the records, the
+    fingerprint and the shards are the whole listing's for any partition count, and a bad line is
+    still named by its line number in the file."""
+    import shards.partitions as partitions
+    from shards import ShardError
+
+    crops = photo_crops(12, size=(32, 24), seed=3)
+    for i, crop in enumerate(crops):
+        _write(tmp_path / "imgs" / f"{i}.jpg", encode(crop, "JPEG"))
+    lines = [json.dumps({"path": f"imgs/{i}.jpg", "labels": ["a", "b"] if i % 3 else ["c"]}) for i in range(12)]
+    lines.insert(5, "")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    whole = list_source(str(manifest))
+    reference = shard_dataset(str(manifest), str(tmp_path / "one"), shard_size=5, partitions=1)
+    monkeypatch.setattr(partitions, "_MANIFEST_BLOCK", 100)
+    split = partitions.split_source(str(manifest), partitions=3)
+    assert len(split.partitions) == 3 and sum(len(p.units) for p in split.partitions) >= 5
+    for count in (2, 5):
+        out = tmp_path / f"blocks{count}"
+        got = shard_dataset(str(manifest), str(out), shard_size=5, partitions=count)
+        assert got["source"]["fingerprint"] == whole.fingerprint == reference["source"]["fingerprint"]
+        assert got["shards"] == reference["shards"]
+    lines[9] = '{"path": "imgs/9.jpg", "labels": '
+    manifest.write_bytes("\n".join(lines).encode() + b"\n")
+    with pytest.raises(ShardError, match=rf"^{manifest}:10: not valid JSON"):
+        shard_dataset(str(manifest), str(tmp_path / "bad"), shard_size=5, partitions=4)
