@@ -214,18 +214,20 @@ def _root_files(url: str, root: str, s3: bool):
 
 def merge(split: SourceSplit, parts) -> Listing:
     """One Listing from the partitions' listings (in order): the same as list_source's."""
-    parts = list(parts)
+    parts = iter(parts)
     if split.kind in ("csv",) or split.partitions[0].units == (None,):
-        only = parts[0]
+        only = next(parts)
         listing = Listing(split.kind, split.url, only.records, only.skipped, only.fingerprint, only.class_names)
     else:
         digest = _Fingerprint(split.kind)
         digest.update(split.head)
-        records = parts[0].records if len(parts) == 1 else RecordTable()
+        records = None  # the first part's table, extended by the others as they come (each part freed after)
         skipped, class_files = [], dict(split.class_files)
         for part in parts:
             digest.update(part.fp)
-            if len(parts) > 1:
+            if records is None:
+                records = part.records
+            else:
                 records.extend(part.records)
             skipped.extend(part.skipped)
             for name, count in part.class_files.items():
