@@ -82,7 +82,7 @@ def test_vitpipe_deploy_names_a_missing_environment_variable(capsys, monkeypatch
     monkeypatch.delenv("VITPIPE_DASK_ADDRESS")
     assert main(["deploy"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "shard-nightly.parameters.params.dask_address" in err and "environment variable VITPIPE_DASK_ADDRESS is not set" in err
+    assert err.count("\n") == 1 and "pipeline-weekly" in err and "environment variable VITPIPE_DASK_ADDRESS is not set" in err
 
 
 def test_pipeline_example_config_is_valid_and_strict(tmp_path):
