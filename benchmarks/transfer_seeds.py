@@ -36,7 +36,7 @@ from vit.presets import get_preset  # noqa: E402
 PT_PRESET, FT_PRESET, SCRATCH_PRESET = "digits_tiny_aug", "digits_tiny_ft", "digits_tiny"  # as tests/test_finetune.py
 PT_STEPS = get_preset(PT_PRESET).schedule.total_steps
 FT_STEPS = get_preset(FT_PRESET).schedule.total_steps
-FEWSHOT_EVERY = 50
+FEWSHOT_EVERY = 100
 
 
 def free_port() -> int:
