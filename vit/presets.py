@@ -201,8 +201,8 @@ def digits_tiny_ft() -> RunConfig:
         init_from="",
         model=model,
         data=DataConfig(augment="none", num_workers=1, lanes=4),
-        # 120 steps at lr 0.1 from digits_tiny_aug: see benchmarks/transfer_seeds.py for the figures over
-        # 5 seeds (README); 80 steps left some seeds below 90 % on held-out digits 5-9.
+        # 120 steps at lr 0.1 from digits_tiny_aug: the figures over 5 seeds come from
+        # benchmarks/transfer_seeds.py (README).
         optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
         schedule=ScheduleConfig(total_steps=120, warmup_steps=5, decay="cosine"),
         batch=BatchConfig(global_batch_size=64, micro_batch_size=32),
