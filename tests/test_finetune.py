@@ -100,7 +100,8 @@ def pretrained(digit_sets, runs_root) -> dict:
     vitpipe("pretrain", "--preset", PT_PRESET, "--data", digit_sets["a_train"], "--out", runs_root,
             "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port(),
             "--set", f"fewshot.every_steps={FEWSHOT_EVERY}", "--set", f"fewshot.data={digit_sets['a_train']}",
-            "--set", f"fewshot.val_data={digit_sets['a_val']}", "--set", "fewshot.shots=[1,5,10]")
+            "--set", f"fewshot.val_data={digit_sets['a_val']}", "--set", "fewshot.shots=[1,5,10]",
+            timeout=400 * PT_STEPS / 150)  # the 400 s a 150-step pretraining had, scaled with the steps
     return {"run_id": run_id, "url": os.path.join(runs_root, "runs", run_id), "seconds": time.monotonic() - t0}
 
 
@@ -115,7 +116,7 @@ def finetuned(digit_sets, runs_root, pretrained) -> dict:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # the pretraining (up to ~1070 s) and the fine-tuning run in this test's fixtures
 def test_transfer_to_unseen_digits_at_higher_resolution(digit_sets, pretrained, finetuned):
     from shards.reader import load_manifest
 
