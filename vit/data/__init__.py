@@ -8,6 +8,7 @@
     samples.py   one sample: labels checked, image decoded and transformed (decode_sample)
     streams.py   TrainStream and EvalStream: the DataLoader workers, batches, corrupt samples;
                  to_device (uint8 batch -> normalised floats on the device)
+    gpu.py       the GPU decode path (data.decode: gpu): JPEG bytes decoded and cropped on the device
 
 The names below are the package's public interface; import them from ``vit.data``.
 """
