@@ -105,15 +105,27 @@ def test_finish_batch_decodes_jpegs_in_one_call_and_falls_back_to_the_cpu(monkey
     assert len(calls) == 1 and isinstance(calls[0], list) and len(calls[0]) == 3  # the three JPEGs, one call
     for i in (2, 3):  # the CPU path's pixels, unchanged
         assert torch.equal(images[i], items[i].permute(2, 0, 1))
-    # a JPEG whose header parses but whose data is garbage: the batch call fails, each is retried alone
-    header = _jpeg(photo)
-    broken = header[:200] + bytes(np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8)) + b"\xff\xd9"
-    item = gpu.DeviceCrop(data=broken, box=(0, 0, 120, 90), flip=False)
-    images2, bad = gpu.finish_batch([items[0], item], size=32, device="cpu")
-    assert torch.equal(images2[0], images[0])
-    assert bad in ([], [1])  # libjpeg may decode garbage into grey blocks, or both decoders refuse it
-    if not bad:
-        assert images2[1].shape == (3, 32, 32)
+    # a JPEG cut after its header: the batch call fails, each is retried alone, then on the CPU; reported
+    cut = gpu.DeviceCrop(data=datas[0][:400], box=(0, 0, 120, 90), flip=False)
+    calls.clear()
+    images2, bad = gpu.finish_batch([items[0], cut, items[4]], size=32, device="cpu")
+    assert bad == [1] and len(calls) == 4  # the batch, then the three one by one
+    assert torch.equal(images2[0], images[0]) and torch.equal(images2[2], images[4])
+
+
+def test_an_undecodable_row_takes_its_batch_neighbour_and_is_counted():
+    from vit.data.streams import _fill_undecodable
+
+    images = torch.arange(4).view(4, 1, 1, 1).repeat(1, 3, 2, 2).to(torch.uint8)
+    keys, labels = ["a", "b", "c", "d"], [[0], [1], [2], [3]]
+    corrupt = _fill_undecodable(images, keys, labels, [0, 2])
+    assert [k for k, _ in corrupt] == ["a", "c"]
+    assert keys == ["b", "b", "b", "d"] and labels == [[1], [1], [1], [3]]
+    assert images[:, 0, 0, 0].tolist() == [1, 1, 1, 3]
+    from shards.format import DatasetError
+
+    with pytest.raises(DatasetError, match="none of the 2 images"):
+        _fill_undecodable(images[:2], ["a", "b"], [[0], [1]], [0, 1])
 
 
 def _photo_dataset(root, sizes=(20,) * 8):
