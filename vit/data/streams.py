@@ -320,7 +320,8 @@ def _fill_undecodable(images: torch.Tensor, keys: list, labels: list, bad: list[
     returns the (key, reason) of each. A batch without a single decodable image is an error."""
     if not bad:
         return []
-    good = [i for i in range(len(keys)) if i not in set(bad)]
+    undecodable = set(bad)
+    good = [i for i in range(len(keys)) if i not in undecodable]
     if not good:
         raise DatasetError(f"none of the {len(keys)} images of a batch could be decoded ({keys[0]}); "
                            "run `vitpipe verify` on the dataset")
