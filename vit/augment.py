@@ -61,17 +61,9 @@ def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size:
     return img.resize((size, size), Image.BILINEAR, box=box)
 
 
-def stack_images(images: list[np.ndarray], *, shared: bool = False) -> torch.Tensor:
-    """HWC uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]`` in channels-last memory (one copy).
-
-    ``shared``: written straight into shared memory (a DataLoader worker's batch; else the loader
-    copies it there to hand it to the rank)."""
-    h, w, c = images[0].shape
-    out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
-    if shared:
-        out.share_memory_()
-    np.stack(images, out=out.numpy())
-    return rearrange(out, "b h w c -> b c h w")
+def stack_images(images: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]`` in channels-last memory (one copy)."""
+    return rearrange(torch.from_numpy(np.stack(images)), "b h w c -> b c h w")
 
 
 def normalize(images: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

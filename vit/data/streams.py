@@ -130,8 +130,7 @@ class _TrainLanes(IterableDataset):
                 "step": step,
                 "positions": [s.position for s in slots],
                 "keys": [s.key for s in slots],
-                "images": ([s.image for s in slots] if self.prepare is not None
-                           else stack_images([s.image for s in slots], shared=get_worker_info() is not None)),
+                "images": stack_images([s.image for s in slots]) if self.prepare is None else [s.image for s in slots],
                 "labels": [s.labels for s in slots],
                 "corrupt": corrupt,
             }
