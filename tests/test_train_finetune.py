@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:
     """A digits_tiny backbone trained for a few steps in-process (the weights fine-tuning starts from)."""
-    from vit.data import TrainStream
+    from vit.data import TrainStream, to_device
 
     pre = get_preset("digits_tiny")
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:
     torch.set_num_threads(1)  # 2 OpenMP threads on a busy 2-core machine are many times slower
     while step < steps:
         for batch in stream.batches(step // stream.steps_per_epoch):
-            loss = loss_fn(model(batch.images), batch.targets)
+            loss = loss_fn(model(to_device(batch.images, device="cpu")), batch.targets)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -69,10 +69,11 @@ class DataConfig:
 
     url: str = ""
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = 2  # None: derived from cores and ranks per node (pipeline.cluster.data_workers)
     lanes: int = 8  # 0: derived from the world size at launch (pipeline.cluster.fit_layout)
     augment: str = "pretrain"  # pretrain | finetune | crop | none (vit.augment.build_transform)
     label_mode: str = "auto"  # auto | softmax | sigmoid
+    decode: str = "cpu"  # cpu | gpu (JPEGs decoded and cropped on the device, vit.data.gpu) | auto (gpu with CUDA)
     # the run fails when more than this share of the samples seen could not be read (each is replaced
     # by a neighbour, so a few are harmless; many mean a broken dataset: run `vitpipe verify`)
     max_corrupt_share: float = 0.001
@@ -81,7 +82,9 @@ class DataConfig:
         _choice("data.augment", self.augment, ("pretrain", "finetune", "crop", "none"))
         _check(0 <= self.max_corrupt_share <= 1, f"data.max_corrupt_share={self.max_corrupt_share} must be in [0, 1]")
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _choice("data.decode", self.decode, ("cpu", "gpu", "auto"))
+        _check(self.num_workers is None or self.num_workers >= 0,
+               "data.num_workers must be >= 0 (or null: derived from the cores and ranks per node at launch)")
         _check(self.lanes >= 0, "data.lanes must be >= 1 (or 0: derived from the world size at launch)")
 
 
@@ -192,6 +195,7 @@ class LaunchConfig:
     bind_cores_to_rank: bool = False
     log_dir: str | None = None  # per-rank logs (default <local run dir>/logs)
     cpu_threads_per_rank: int | None = None  # CPU only: torch threads per rank (default cores // nproc_per_node)
+    cores_per_node: int = 0  # sizes data.num_workers=null; 0: the cores the launcher may use (pipeline.cluster.fit_layout)
 
     def __post_init__(self) -> None:
         _choice("launch.launcher", self.launcher, ("pdsh", "openmpi", "mvapich", "slurm", "impi"))
@@ -199,6 +203,7 @@ class LaunchConfig:
         _choice("launch.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("launch.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.nproc_per_node >= 1 and self.num_nodes >= 1, "launch.nproc_per_node and launch.num_nodes must be >= 1")
+        _check(self.cores_per_node >= 0, f"launch.cores_per_node={self.cores_per_node} must be >= 0 (0: this node's cores)")
         if self.no_ssh:
             _check(self.node_rank is not None, "launch.no_ssh needs launch.node_rank (this node's index); pass --node-rank I")
             _check(self.master_addr is not None, "launch.no_ssh needs launch.master_addr (node 0's address); pass --master-addr A")

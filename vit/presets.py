@@ -33,7 +33,8 @@ def _pretrain(model: str, *, weight_decay: float, lr: float, total_steps: int, p
         preset=preset,
         task="pretrain",
         model=ModelConfig(name=model, img_size=224, overrides={"representation_size": WIDTH[model]}),
-        data=DataConfig(augment="pretrain", num_workers=8, lanes=0),  # lanes: world size x workers (pipeline.cluster)
+        # workers: from cores and ranks per node; lanes: world size x workers (pipeline.cluster)
+        data=DataConfig(augment="pretrain", num_workers=None, lanes=0),
         optim=OptimConfig(name="adamw", lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, grad_clip=1.0),
         schedule=ScheduleConfig(total_steps=total_steps, warmup_steps=10_000, decay="linear"),
         batch=BatchConfig(global_batch_size=4096, micro_batch_size=32),
@@ -131,7 +132,8 @@ def _finetune(
         task="finetune",
         init_from="",  # set by the caller (--init-from)
         model=ModelConfig(name=model, img_size=img_size),
-        data=DataConfig(augment="finetune", num_workers=8, lanes=0),  # lanes: world size x workers (pipeline.cluster)
+        # workers: from cores and ranks per node; lanes: world size x workers (pipeline.cluster)
+        data=DataConfig(augment="finetune", num_workers=None, lanes=0),
         optim=OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=0.0, grad_clip=1.0),
         schedule=ScheduleConfig(total_steps=total_steps, warmup_steps=warmup_steps, decay="cosine"),
         batch=BatchConfig(global_batch_size=512, micro_batch_size=micro_batch_size),

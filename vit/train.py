@@ -302,7 +302,7 @@ def corrupt_check(stream, cfg: RunConfig, *, samples: int, world: int) -> int:
 def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault = Fault()) -> dict:
     import deepspeed
     import deepspeed.comm as dist
-    from vit.data import TrainStream
+    from vit.data import TrainStream, to_device
 
     cfg.check_ready()
     accelerator = cfg.launch.resolved_accelerator(cuda_available=torch.cuda.is_available())
@@ -338,7 +338,7 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     stream = TrainStream(
         cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size, rank=rank,
         world_size=world, seed=cfg.data.seed, num_workers=cfg.data.num_workers, lanes=cfg.data.lanes,
-        augment=cfg.data.augment, label_mode=cfg.data.label_mode,
+        augment=cfg.data.augment, label_mode=cfg.data.label_mode, decode=cfg.data.decode, device=accelerator,
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes=stream.num_classes)
@@ -390,7 +390,7 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     for step, epoch, batch in batches_from(stream, start_step=start_step):
         if step >= total:
             break
-        images = batch.images.to(device=device, dtype=dtype)
+        images = to_device(batch.images, device=device, dtype=dtype, mean=stream.mean, std=stream.std)
         targets = batch.targets.to(device)
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         micro_losses = []
