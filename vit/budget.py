@@ -142,6 +142,15 @@ def fit_memory(model: vit.VisionTransformer, *, micro_batch: int, world_size: in
     return Fit(None, True, last)
 
 
+def max_micro_batch(model: vit.VisionTransformer, *, zero_stage: int, world_size: int, grad_checkpointing: bool,
+                    optimizer: str = "adamw", memory: float = H100_MEMORY * USABLE_MEMORY_SHARE) -> int:
+    """The largest micro-batch that fits in `memory` (bytes per rank are linear in the micro-batch)."""
+    kw = dict(zero_stage=zero_stage, world_size=world_size, grad_checkpointing=grad_checkpointing, optimizer=optimizer)
+    fixed = memory_per_rank(model, micro_batch=0, **kw)
+    per_image = memory_per_rank(model, micro_batch=1, **kw) - fixed
+    return max(0, int((memory - fixed) // per_image))
+
+
 def decode_warning(run_cfg, *, per_core: float = DECODE_PER_CORE, mfu: float = DEFAULT_MFU,
                    peak: float = H100_BF16_PEAK, num_classes: int = 1000) -> str | None:
     """One line when a rank's projected decode rate (data.num_workers x `per_core` img/s) is below the
