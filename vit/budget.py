@@ -29,12 +29,8 @@ OPTIMIZER_STATE = {"adamw": 8, "sgd": 4}  # bytes per parameter: Adam m and v / 
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-def vit_config(model_cfg, *, num_classes: int) -> vit.ViTConfig:
-    """The architecture a run config's `model` section builds (on the meta device: no memory)."""
-    return meta_model(model_cfg, num_classes=num_classes).cfg
-
-
 def meta_model(model_cfg, *, num_classes: int) -> vit.VisionTransformer:
+    """The model a run config's `model` section builds, on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         return vit.create_model(model_cfg.name, num_classes=num_classes, img_size=model_cfg.img_size,
                                 **model_cfg.overrides)
