@@ -70,16 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, cfg, classes in rows(world=args.world):
         model = budget.meta_model(cfg.model, num_classes=classes)
-        ips = budget.projected_images_per_sec(model, mfu=args.mfu)
+        ips = budget.projected_images_per_sec(model.cfg, mfu=args.mfu)
         micro, local = cfg.batch.micro_batch_size, cfg.batch.global_batch_size // args.world
         fits = [budget.fit_memory(model, micro_batch=b, world_size=args.world, optimizer=cfg.optim.name)
                 for b in (micro, local)]
-        ckpt_ips = (f" ({budget.projected_images_per_sec(model, mfu=args.mfu, grad_checkpointing=True):.0f} with ckpt)"
+        ckpt_ips = (f" ({budget.projected_images_per_sec(model.cfg, mfu=args.mfu, grad_checkpointing=True):.0f} with ckpt)"
                     if fits[1].grad_checkpointing else "")
         largest = [budget.max_micro_batch(model, zero_stage=1, world_size=args.world, grad_checkpointing=c,
                                           optimizer=cfg.optim.name) for c in (False, True)]
         print(f"| {label} | {cfg.model.name} | {cfg.model.img_size} | {budget.param_count(model) / 1e6:.0f}M | "
-              f"{budget.train_flops_per_image(model) / 1e9:.1f} | {ips:.0f}{ckpt_ips} | {ips / args.per_core:.1f}"
+              f"{budget.train_flops_per_image(model.cfg) / 1e9:.1f} | {ips:.0f}{ckpt_ips} | {ips / args.per_core:.1f}"
               f"{'+' if cfg.model.img_size > 224 else ''} | {micro}: {fit_text(fits[0])} | {local}: {fit_text(fits[1])} | {largest[0]} / {largest[1]} |")
     print("\n+ decode measured at 224 px only: larger images cost more per image, so more cores than shown")
     return 0

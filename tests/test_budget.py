@@ -29,17 +29,16 @@ def test_train_flops_match_the_flop_counter():
     # backward of the patch-embedding conv needs no input gradient (the image): 1x its forward, not 2x
     conv = 2 * c.grid[0] * c.grid[1] * c.in_chans * c.patch_size**2 * c.embed_dim
     plain = counted_train_flops(m, x) / len(x)
-    assert plain == budget.train_flops_per_image(m) - conv
+    assert plain == budget.train_flops_per_image(m.cfg) - conv
     m.set_grad_checkpointing()
     recompute = counted_train_flops(m, x) / len(x) - plain
     # the counter sees the recomputed attention and MLP but not the recomputed qkv / proj matmuls, so the
     # budget's extra forward of every block is an upper bound of what it counts
-    assert 0.6 * c.depth * m.flops_per_block() < recompute <= c.depth * m.flops_per_block()
+    assert 0.6 * c.depth * c.flops_per_block() < recompute <= c.depth * c.flops_per_block()
 
 
 def test_vit_b16_figures_of_the_issue():
-    with torch.device("meta"):
-        m = vit.create_model("vit_base_patch16", num_classes=1000)
+    m = vit.model.model_config("vit_base_patch16", num_classes=1000)  # arithmetic only: no weights
     assert budget.train_flops_per_image(m) / 1e9 == pytest.approx(105.6, rel=0.005)
     assert budget.DEFAULT_MFU == pytest.approx(0.32, abs=0.001)  # 3,000 img/s x 105.6 GFLOP / 989.4 TFLOP/s
     assert budget.projected_images_per_sec(m) == pytest.approx(3000, rel=0.005)

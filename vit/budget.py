@@ -4,7 +4,7 @@ No GPU is lent here, so every figure below is derived, and says from what:
 
 * FLOPs per training image = 3 x forward FLOPs (backward = 2 x forward), plus one more forward of
   every block with per-block activation checkpointing (the recompute). Forward FLOPs are
-  `VisionTransformer.flops_per_image` (tests check both against torch's FlopCounterMode).
+  `ViTConfig.flops_per_image` (tests check both against torch's FlopCounterMode).
 * img/s per GPU = peak x MFU / FLOPs per image. The MFU is an assumption: DEFAULT_MFU is the
   issue's goal, 3,000 img/s for ViT-B/16 at 224 px, = 3,000 x 105.6 GFLOP / 989.4 TFLOP/s = 32 %.
 * Bytes per rank: weights, gradients and optimizer state under ZeRO 0-3 (DeepSpeed's partitioning
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import vit
+from vit.model import model_config
 
 H100_BF16_PEAK = 989.4e12  # H100 SXM dense bf16 FLOP/s (NVIDIA datasheet: 1,979 T with 2:4 sparsity)
 H100_MEMORY = 80e9  # bytes of HBM3
@@ -29,6 +30,11 @@ OPTIMIZER_STATE = {"adamw": 8, "sgd": 4}  # bytes per parameter: Adam m and v / 
 ZERO_STAGES = (0, 1, 2, 3)
 
 
+def vit_config(model_cfg, *, num_classes: int) -> vit.ViTConfig:
+    """The architecture a run config's `model` section builds (arithmetic only: no weights)."""
+    return model_config(model_cfg.name, num_classes=num_classes, img_size=model_cfg.img_size, **model_cfg.overrides)
+
+
 def meta_model(model_cfg, *, num_classes: int) -> vit.VisionTransformer:
     """The model a run config's `model` section builds, on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
@@ -36,10 +42,10 @@ def meta_model(model_cfg, *, num_classes: int) -> vit.VisionTransformer:
                                 **model_cfg.overrides)
 
 
-def train_flops_per_image(model: vit.VisionTransformer, *, grad_checkpointing: bool = False) -> int:
+def train_flops_per_image(cfg: vit.ViTConfig, *, grad_checkpointing: bool = False) -> int:
     """Forward + backward FLOPs of one image; checkpointing adds one forward of every block."""
-    extra = model.cfg.depth * model.flops_per_block() if grad_checkpointing else 0
-    return 3 * model.flops_per_image() + extra
+    extra = cfg.depth * cfg.flops_per_block() if grad_checkpointing else 0
+    return 3 * cfg.flops_per_image() + extra
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -100,10 +106,10 @@ def activation_bytes(model: vit.VisionTransformer, micro_batch: int, *, grad_che
     return {"saved": saved, "peak": saved}
 
 
-def projected_images_per_sec(model: vit.VisionTransformer, *, grad_checkpointing: bool = False,
+def projected_images_per_sec(cfg: vit.ViTConfig, *, grad_checkpointing: bool = False,
                              mfu: float = DEFAULT_MFU, peak: float = H100_BF16_PEAK) -> float:
     """PROJECTION: training img/s of one GPU at `mfu` of its dense bf16 `peak`."""
-    return peak * mfu / train_flops_per_image(model, grad_checkpointing=grad_checkpointing)
+    return peak * mfu / train_flops_per_image(cfg, grad_checkpointing=grad_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -151,15 +157,15 @@ def decode_warning(run_cfg, *, per_core: float = DECODE_PER_CORE, mfu: float = D
                    peak: float = H100_BF16_PEAK, num_classes: int = 1000) -> str | None:
     """One line when a rank's projected decode rate (data.num_workers x `per_core` img/s) is below the
     projected GPU step rate of this config's model on an H100 at `mfu`; None when decode keeps up."""
-    model = meta_model(run_cfg.model, num_classes=num_classes)
-    gpu = projected_images_per_sec(model, grad_checkpointing=run_cfg.model.grad_checkpointing, mfu=mfu, peak=peak)
+    cfg = vit_config(run_cfg.model, num_classes=num_classes)
+    gpu = projected_images_per_sec(cfg, grad_checkpointing=run_cfg.model.grad_checkpointing, mfu=mfu, peak=peak)
     workers = run_cfg.data.num_workers
     decode = workers * per_core
     if decode >= gpu:
         return None
     need = -(-gpu // per_core)
     return (f"warning: decode is projected below the GPU step rate: {workers} worker(s) per rank x {per_core:.0f} "
-            f"img/s per core = {decode:.0f} img/s < {gpu:.0f} img/s per H100 ({model.cfg.name} at "
-            f"{model.cfg.img_size[0]} px, {train_flops_per_image(model) / 1e9:.1f} GFLOP/img, MFU {mfu:.2f} "
+            f"img/s per core = {decode:.0f} img/s < {gpu:.0f} img/s per H100 ({cfg.name} at "
+            f"{cfg.img_size[0]} px, {train_flops_per_image(cfg) / 1e9:.1f} GFLOP/img, MFU {mfu:.2f} "
             f"assumed); the GPUs would wait on input: give each rank {need:.0f} decode cores "
             f"(data.num_workers={need:.0f}) or decode on the GPU (projection, unverified on GPU)")

@@ -155,6 +155,22 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return 1 if self.class_token else 0
 
+    def flops_per_block(self) -> int:
+        """Forward FLOPs of one encoder block for one image (qkv, q k^T, attn v, proj, MLP)."""
+        t, d = self.grid[0] * self.grid[1] + self.num_prefix_tokens, self.embed_dim
+        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * self.mlp_dim
+
+    def flops_per_image(self) -> int:
+        """Forward FLOPs of one image (matmuls and conv; multiply-add = 2; norms/softmax ignored)."""
+        n = self.grid[0] * self.grid[1]
+        d = self.embed_dim
+        f = 2 * n * self.in_chans * self.patch_size**2 * d + self.depth * self.flops_per_block()
+        out = d
+        if self.representation_size:
+            f += 2 * d * self.representation_size
+            out = self.representation_size
+        return f + 2 * out * self.num_classes
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
@@ -354,23 +370,9 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return maps
 
-    def flops_per_block(self) -> int:
-        """Forward FLOPs of one encoder block for one image (qkv, q k^T, attn v, proj, MLP)."""
-        c = self.cfg
-        t, d = c.grid[0] * c.grid[1] + c.num_prefix_tokens, c.embed_dim
-        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * c.mlp_dim
-
     def flops_per_image(self) -> int:
-        """Forward FLOPs of one image (matmuls and conv; multiply-add = 2; norms/softmax ignored)."""
-        c = self.cfg
-        n = c.grid[0] * c.grid[1]
-        d = c.embed_dim
-        f = 2 * n * c.in_chans * c.patch_size**2 * d + c.depth * self.flops_per_block()
-        out = d
-        if c.representation_size:
-            f += 2 * d * c.representation_size
-            out = c.representation_size
-        return f + 2 * out * c.num_classes
+        """Forward FLOPs of one image (see ViTConfig.flops_per_image)."""
+        return self.cfg.flops_per_image()
 
 
 # ----------------------------------------------------------------------------- factory
@@ -384,13 +386,18 @@ def create_model(name: str, *, num_classes: int, img_size: int | tuple[int, int]
     num_heads, mlp_dim, pool, representation_size, drop_rate, attn_drop_rate,
     drop_path_rate, in_chans, class_token).
     """
+    return VisionTransformer(model_config(name, num_classes=num_classes, img_size=img_size, **overrides))
+
+
+def model_config(name: str, *, num_classes: int, img_size: int | tuple[int, int] = 224,
+                 **overrides: Any) -> ViTConfig:
+    """The :class:`ViTConfig` that ``create_model`` with the same arguments builds (no weights)."""
     base = model_args(name)
     fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"name", "num_classes", "img_size"}
     bad = sorted(set(overrides) - fields)
     if bad:
         raise TypeError(f"unknown override(s) {bad} for {name}; accepted: {sorted(fields)}")
-    args = {**base, **overrides}
-    return VisionTransformer(ViTConfig(num_classes=num_classes, img_size=img_size, name=name, **args))
+    return ViTConfig(num_classes=num_classes, img_size=img_size, name=name, **{**base, **overrides})
 
 
 def model_from_config(cfg: dict[str, Any]) -> VisionTransformer:
