@@ -357,6 +357,10 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     )
     if cfg.model.compile:
         engine.compile()  # torch.compile of engine.module in place (state-dict keys unchanged)
+    if is0:
+        log(f"[vit.train] step: precision {cfg.launch.resolved_precision(accelerator)}, compiled {engine.is_compiled}, "
+            f"grad checkpointing {engine.module.grad_checkpointing}, {type(engine.basic_optimizer).__name__} "
+            f"fused {getattr(engine.basic_optimizer, 'defaults', {}).get('fused')}")
     # bf16 is autocast inside the engine (fp32 inputs and weights); fp16 is DeepSpeed's fp16 engine (fp16 inputs)
     dtype = torch.float16 if cfg.launch.resolved_precision(accelerator) == "fp16" else torch.float32
     device = engine.device
