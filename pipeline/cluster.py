@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from vit.config import ConfigError
@@ -178,10 +179,16 @@ def node_hostfile(cfg):
 
 
 def check_command(build) -> int:
-    """`--check`: build the run config (`build()`) and print it with its layout line, exit 0. A config that
+    """`--check`: build the run config (`build()`) and print it with its layout line, exit 0 (on stderr, a
+    warning when decode is projected below the GPU step rate: vit.budget.decode_warning). A config that
     cannot run raises its one-line error (exit 2 through cli.main). Nothing is launched, written or read
     beyond what `build` reads (a hostfile)."""
+    from vit.budget import decode_warning
+
     cfg = build()
     print(cfg.to_json())
     print(layout_line(cfg))
+    warning = None if cfg.launch.accelerator == "cpu" else decode_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

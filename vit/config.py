@@ -43,6 +43,8 @@ class ModelConfig:
     # fine-tuning: how position embeddings are resampled to a new grid (vit.resample_pos_embed's mode):
     # timm's "bicubic", or "scipy_linear" = the official code's scipy.ndimage.zoom(order=1)
     posemb_resample: str = "bicubic"
+    compile: bool = False  # torch.compile the model (vit.train); first steps pay the compile time
+    grad_checkpointing: bool = False  # recompute each block in backward: activations ~1/D, ~1/3 more FLOPs
 
     @property
     def patch_size(self) -> int:
@@ -55,6 +57,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.img_size > 0, f"model.img_size={self.img_size} must be positive")
         _choice("model.posemb_resample", self.posemb_resample, ("bicubic", "scipy_linear"))
+        for key in ("compile", "grad_checkpointing"):
+            _check(isinstance(getattr(self, key), bool), f"model.{key}={getattr(self, key)!r} must be true or false")
         p = self.patch_size
         _check(
             self.img_size % p == 0,
@@ -190,7 +194,9 @@ class LaunchConfig:
     master_addr: str | None = None
     master_port: int = 29500
     accelerator: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (torch autocast: fp32 weights and optimizer state,
+    # matmuls and convs in bf16; also on CPU) | fp16 (DeepSpeed's fp16 engine with loss scaling, GPU only)
+    precision: str = "auto"
     zero_stage: int = 0
     bind_cores_to_rank: bool = False
     log_dir: str | None = None  # per-rank logs (default <local run dir>/logs)
@@ -223,8 +229,8 @@ class LaunchConfig:
         if self.precision == "auto":
             return "bf16" if accelerator == "cuda" else "fp32"
         _check(
-            accelerator == "cuda" or self.precision == "fp32",
-            f"launch.precision={self.precision} needs a GPU; on CPU use launch.precision=fp32",
+            accelerator == "cuda" or self.precision != "fp16",
+            "launch.precision=fp16 needs a GPU; on CPU use launch.precision=fp32 or bf16",
         )
         return self.precision
 
@@ -388,8 +394,8 @@ def deepspeed_config(cfg: RunConfig, *, accelerator: str) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": cfg.checkpoint.load_universal},
     }
-    if precision == "bf16":  # unverified on GPU
-        ds["bf16"] = {"enabled": True}
+    if precision == "bf16":  # torch autocast inside the engine's forward; unverified on GPU
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":  # unverified on GPU
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if cfg.launch.zero_stage >= 1 and accelerator == "cuda":  # unverified on GPU

@@ -137,11 +137,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, *, fused: bool = True) -> torch.optim.Optimizer:
+    """torch's AdamW / SGD, handed to DeepSpeed as the client optimizer (ZeRO wraps it; DeepSpeed's own
+    FusedAdam is only built from a DeepSpeed "optimizer" section, which vit.config does not write).
+    AdamW `fused`: one kernel per step over all tensors (CUDA, unverified on GPU here; torch has a CPU
+    kernel too); fused=False is torch's foreach path."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=fused or None)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
@@ -344,13 +348,21 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     model = build_model(cfg, num_classes=stream.num_classes)
     if stream.multi_label:
         init_head_bias_from_prior(model, torch.as_tensor(stream.label_prior))
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.schedule.lr_factor)
     ds_config = deepspeed_config(cfg, accelerator=accelerator)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.launch.resolved_precision(accelerator), torch.float32)
+    if cfg.model.compile:
+        engine.compile()  # torch.compile of engine.module in place (state-dict keys unchanged)
+    if is0:
+        log(f"[vit.train] step: precision {cfg.launch.resolved_precision(accelerator)}, compiled {engine.is_compiled}, "
+            f"grad checkpointing {engine.module.grad_checkpointing}, {type(engine.basic_optimizer).__name__} "
+            f"fused {getattr(engine.basic_optimizer, 'defaults', {}).get('fused')}")
+    # bf16 is autocast inside the engine (fp32 inputs and weights); fp16 is DeepSpeed's fp16 engine (fp16 inputs)
+    dtype = torch.float16 if cfg.launch.resolved_precision(accelerator) == "fp16" else torch.float32
     device = engine.device
 
     start_step = 0
