@@ -150,6 +150,10 @@ def test_switches_in_the_config():
         apply_overrides(get_preset("digits_tiny"), ["model.compile=yes"])
     with pytest.raises(Exception, match="fp16 needs a GPU"):
         get_preset("digits_tiny").launch.__class__(precision="fp16").resolved_precision("cpu")
+    assert get_preset("digits_tiny").optim.fused is None  # fused AdamW on CUDA only, unless set
+    assert apply_overrides(get_preset("digits_tiny"), ["optim.fused=true"]).optim.fused is True
+    with pytest.raises(Exception, match="optim.fused='yes' must be true, false or null"):
+        apply_overrides(get_preset("digits_tiny"), ["optim.fused=yes"])
 
 
 def free_port() -> int:
@@ -174,7 +178,8 @@ def test_switches_reach_a_deepspeed_run(digits_shards, tmp_path, capsys):
             return [float(r["loss"]) for r in csv.DictReader(f)]
 
     plain = run("plain")
-    switched = run("switched", "model.compile=true", "model.grad_checkpointing=true", "launch.precision=bf16")
+    switched = run("switched", "model.compile=true", "model.grad_checkpointing=true", "launch.precision=bf16",
+                   "optim.fused=true")
     capsys.readouterr()
     logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "runs" / "switched" / "logs" / "**" / "*.log"),
                                                      recursive=True))

@@ -102,9 +102,11 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    fused: bool | None = None  # AdamW's fused kernel; None: on CUDA only (torch's default path elsewhere)
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
+        _check(self.fused in (None, True, False), f"optim.fused={self.fused!r} must be true, false or null (on CUDA only)")
         self.betas = tuple(float(b) for b in self.betas)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas must be two numbers in [0, 1)")
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")

@@ -137,11 +137,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module, *, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, *, fused: bool = False) -> torch.optim.Optimizer:
     """torch's AdamW / SGD, handed to DeepSpeed as the client optimizer (ZeRO wraps it; DeepSpeed's own
     FusedAdam is only built from a DeepSpeed "optimizer" section, which vit.config does not write).
     AdamW `fused`: one kernel per step over all tensors (CUDA, unverified on GPU here; torch has a CPU
-    kernel too); fused=False is torch's foreach path."""
+    kernel too, off by default there: `optim.fused`); fused=False is torch's default path."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if o.name == "adamw":
@@ -349,7 +349,7 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     if stream.multi_label:
         init_head_bias_from_prior(model, torch.as_tensor(stream.label_prior))
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, fused=accelerator == "cuda" if cfg.optim.fused is None else cfg.optim.fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.schedule.lr_factor)
     ds_config = deepspeed_config(cfg, accelerator=accelerator)
     engine, optimizer, _, scheduler = deepspeed.initialize(
