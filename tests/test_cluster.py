@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.cluster import WORLD_SIZES, ClusterError, data_workers, launch_overrides, node_hostfile
 from pipeline.launcher import build_argv, make_run_config
+from pipeline.objectstore import free_port
 from shards.errors import VitpipeError
 from vit.presets import PRESETS
 
@@ -141,19 +141,13 @@ def test_cli_refuses_a_node_that_would_train_alone(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_two_launchers_with_nnodes_and_no_hostfile_train_one_job(digits_shards, tmp_path):
     """The README's per-node form, `vitpipe pretrain --no-ssh --nnodes 2 --node-rank I --master-addr
     127.0.0.1` started twice: one 2-rank job (both ranks' shards in the checkpoint), not two 1-rank jobs.
     The run folder is local and shared by both "nodes", as on a shared file system."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     procs = []
     for i in range(2):

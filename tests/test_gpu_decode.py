@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import vit.augment as augment
-from tests.test_data import write_dataset
 from vit.augment import InceptionCrop, ResizeCenterCrop, open_image
 from vit.data import TrainStream, gpu
 

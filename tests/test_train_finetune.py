@@ -5,25 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-import vit
 from pipeline.launcher import launch, make_run_config
+import vit
+from pipeline.objectstore import free_port
 from vit.checkpoint import load_model, save_model
 from vit.presets import get_preset
 from vit.runs import RunFolder
 from vit.train import build_optimizer, init_head_bias_from_prior, loss_fn, param_groups
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:

@@ -7,11 +7,9 @@ DeepSpeed CPU rank. The CUDA kernels behind them (flash SDPA, fused CUDA AdamW) 
 """
 from __future__ import annotations
 
-import copy
 import csv
 import glob
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
 import vit
+from pipeline.objectstore import free_port
 from vit import budget
 from vit.config import apply_overrides, deepspeed_config
 from vit.presets import get_preset
@@ -154,12 +153,6 @@ def test_switches_in_the_config():
     assert apply_overrides(get_preset("digits_tiny"), ["optim.fused=true"]).optim.fused is True
     with pytest.raises(Exception, match="optim.fused='yes' must be true, false or null"):
         apply_overrides(get_preset("digits_tiny"), ["optim.fused=yes"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.integration
