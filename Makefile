@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/model_step.py
 	$(VENV)/bin/python benchmarks/shard_throughput.py
 	$(VENV)/bin/python benchmarks/train_step.py
+	$(VENV)/bin/python benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) .vitpipe build *.egg-info

@@ -5,6 +5,10 @@ fp32, batch 16, a full AdamW step (forward, cross-entropy, backward, step). The 
 steps alternate so machine noise hits both alike; medians after warm-up. Also measures fp32
 GEMM throughput (2048^3) and reports CPU MFU = 3 * flops_per_image * img/s / GEMM FLOP/s.
 Prints a markdown table. Targets: ratio >= 1.0 and MFU >= 0.75 for ViT-S/16.
+
+``--compile`` adds a third contestant, our model after ``model.compile()`` (what ``model.compile: true``
+does in vit.train through DeepSpeed's ``engine.compile()``), in the same interleaved rounds, and reports
+its speed-up over our eager step and over timm's; compile time is left out (warm-up steps).
 """
 from __future__ import annotations
 
@@ -52,27 +56,32 @@ def make_step(model: torch.nn.Module, batch: int, img: int, classes: int):
     return step
 
 
-def bench(name: str, *, batch: int, img: int, warmup: int, steps: int, gemm: list[float]) -> dict:
+def bench(name: str, *, batch: int, img: int, warmup: int, steps: int, gemm: list[float],
+          compiled: bool = False) -> dict:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     torch.manual_seed(0)
     ours = vit.create_model(name, num_classes=1000, img_size=img)
     theirs = TimmViT(**timm_kwargs(ours.cfg))
     theirs.load_state_dict(vit.to_timm_state_dict(ours))
-    s_ours, s_timm = make_step(ours, batch, img, 1000), make_step(theirs, batch, img, 1000)
+    steps_by = {"ours": make_step(ours, batch, img, 1000), "timm": make_step(theirs, batch, img, 1000)}
+    if compiled:
+        fast = vit.create_model(name, num_classes=1000, img_size=img)
+        fast.load_state_dict(ours.state_dict())
+        fast.compile()
+        steps_by["compiled"] = make_step(fast, batch, img, 1000)
     for _ in range(warmup):
-        s_ours(), s_timm()
-    t_ours, t_timm = [], []
-    for i in range(steps):  # alternate the order too; sample GEMM peak in between (shared machine)
+        for s in steps_by.values():
+            s()
+    times: dict[str, list[float]] = {k: [] for k in steps_by}
+    order = list(steps_by)
+    for i in range(steps):  # rotate the order too; sample GEMM peak in between (shared machine)
         gemm.extend(gemm_flops(reps=1))
-        if i % 2:
-            t_timm.append(s_timm()), t_ours.append(s_ours())
-        else:
-            t_ours.append(s_ours()), t_timm.append(s_timm())
-    print(f"{name}: ours {[round(t, 2) for t in t_ours]} s, timm {[round(t, 2) for t in t_timm]} s per step",
+        for k in order[i % len(order):] + order[:i % len(order)]:
+            times[k].append(steps_by[k]())
+    print(f"{name}: " + ", ".join(f"{k} {[round(t, 2) for t in v]}" for k, v in times.items()) + " s per step",
           file=sys.stderr)
-    return dict(name=name, ours=batch / statistics.median(t_ours), timm=batch / statistics.median(t_timm),
-                flops=ours.flops_per_image())
+    return dict(name=name, flops=ours.flops_per_image(), **{k: batch / statistics.median(v) for k, v in times.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="also time our model after model.compile()")
     args = ap.parse_args(argv)
 
     samples = gemm_flops()
-    rows = [bench(n, batch=args.batch, img=args.img, warmup=args.warmup, steps=args.steps, gemm=samples)
-            for n in args.models]
+    rows = [bench(n, batch=args.batch, img=args.img, warmup=args.warmup, steps=args.steps, gemm=samples,
+                  compiled=args.compile) for n in args.models]
     gemm = statistics.median(samples)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.img}px, fp32, AdamW; medians of {args.steps} steps after {args.warmup} warm-up")
@@ -99,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['name']} | {r['ours']:.2f} | {r['timm']:.2f} | {r['ours'] / r['timm']:.3f} | "
               f"{r['flops'] / 1e9:.2f} | {f3 * r['ours'] / 1e9:.1f} | {f3 * r['ours'] / gemm:.2f} | "
               f"{f3 * r['timm'] / gemm:.2f} |")
+    if args.compile:
+        print("\n| model | compiled img/s | compiled / eager (ours) | compiled / timm | MFU compiled |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['name']} | {r['compiled']:.2f} | {r['compiled'] / r['ours']:.3f} | "
+                  f"{r['compiled'] / r['timm']:.3f} | {3 * r['flops'] * r['compiled'] / gemm:.2f} |")
     return 0
 
 

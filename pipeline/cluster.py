@@ -10,7 +10,10 @@ naming the flag and the fix. `fit_layout` derives what depends on the world size
   `batch.micro_batch_size` (that value is a memory cap), so accumulation = per-rank / micro;
 * lanes (vit/data.py): `data.lanes = 0` derives W x workers (fewer workers if that would not
   divide the global batch); lanes a config pins must be a multiple of W dividing the global batch;
-* workers: at most lanes / W (a worker reads whole lanes).
+* workers: `data.num_workers = null` (the paper presets) derives the decode workers per rank from the
+  node (`data_workers`: cores per node / ranks per node, less one core for each rank's own process;
+  `launch.cores_per_node = 0` counts the cores this launcher may use); a number pins it. At most
+  lanes / W either way (a worker reads whole lanes).
 
 Lanes are part of a checkpoint's data position: a run resumed on another world size keeps its
 lanes (pass `--set data.lanes=N` with the checkpoint's value when derived lanes would differ).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from vit.config import ConfigError
@@ -105,6 +109,12 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def data_workers(*, cores_per_node: int, ranks_per_node: int) -> int:
+    """Decode workers per rank that keep a node's cores busy: each rank's own process (the training
+    step, batch assembly, the copy to the GPU) takes one core, its workers share the rest; at least 1."""
+    return max(1, cores_per_node // ranks_per_node - 1)
+
+
 def fit_layout(data: dict) -> dict:
     """Fit a run config dict's batch and data layout to its world size, in place; return what was set.
 
@@ -120,6 +130,11 @@ def fit_layout(data: dict) -> dict:
                            f"pass --set batch.global_batch_size={bigger} (a multiple of {world}) or use fewer ranks")
     local = g // world
     workers = dcfg["num_workers"]
+    if workers is None:  # derived from the node: cores per node and ranks per node
+        from shards.workers import usable_cores
+
+        launch["cores_per_node"] = launch.get("cores_per_node") or usable_cores()
+        workers = data_workers(cores_per_node=launch["cores_per_node"], ranks_per_node=nproc)
     lanes = dcfg["lanes"]
     if lanes == 0:  # derived: one lane per worker per rank, fewer workers if W x workers would not divide g
         per_rank = max(1, workers)
@@ -144,7 +159,8 @@ def layout_line(cfg) -> str:
     return (f"world {lc.world_size} = {lc.num_nodes} node(s) x {lc.nproc_per_node} rank(s); global batch "
             f"{cfg.batch.global_batch_size} = {lc.world_size} x micro {cfg.batch.micro_batch_size} x accumulation "
             f"{cfg.grad_accum}; lanes {cfg.data.lanes} ({cfg.data.lanes // lc.world_size} per rank), "
-            f"{cfg.data.num_workers} worker(s) per rank")
+            f"{cfg.data.num_workers} worker(s) per rank"
+            + (f" ({lc.cores_per_node} cores per node)" if lc.cores_per_node else ""))
 
 
 def node_hostfile(cfg):
@@ -163,10 +179,16 @@ def node_hostfile(cfg):
 
 
 def check_command(build) -> int:
-    """`--check`: build the run config (`build()`) and print it with its layout line, exit 0. A config that
+    """`--check`: build the run config (`build()`) and print it with its layout line, exit 0 (on stderr, a
+    warning when decode is projected below the GPU step rate: vit.budget.decode_warning). A config that
     cannot run raises its one-line error (exit 2 through cli.main). Nothing is launched, written or read
     beyond what `build` reads (a hostfile)."""
+    from vit.budget import decode_warning
+
     cfg = build()
     print(cfg.to_json())
     print(layout_line(cfg))
+    warning = None if cfg.launch.accelerator == "cpu" else decode_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "reuses every stage whose inputs are unchanged; remove the workdir to start afresh.")
     p.add_argument("--workdir", default=".vitpipe/demo", help="local working folder (object store data, digits trees)")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed ranks (default 2)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: preset digits_tiny)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: preset digits_tiny_aug)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default: preset digits_tiny_ft)")
     p.add_argument("--task-runner", choices=("dask", "threads"), default="dask", help="where shard tasks run (default: local Dask processes)")
     p.add_argument("--stop", action="store_true", help="stop the demo's object store and exit")

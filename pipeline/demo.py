@@ -35,7 +35,7 @@ FINETUNE_CLASSES = ("5", "6", "7", "8", "9")
 class DemoSettings:
     workdir: str = ".vitpipe/demo"
     nproc: int = 2
-    pretrain_steps: int | None = None  # None: the digits_tiny preset's
+    pretrain_steps: int | None = None  # None: the digits_tiny_aug preset's
     finetune_steps: int | None = None  # None: the digits_tiny_ft preset's
     shard_size: int = 100
     task_runner: str = "dask"  # dask (local worker processes) | threads
@@ -144,7 +144,7 @@ def demo_config(settings: DemoSettings, trees: dict[str, Path]):
         "pretrain_data": data["pretrain"],
         "finetune_data": data["finetune"],
         "eval_data": data["eval"],
-        "pretrain": {"preset": "digits_tiny", "steps": settings.pretrain_steps, "nproc_per_node": settings.nproc,
+        "pretrain": {"preset": "digits_tiny_aug", "steps": settings.pretrain_steps, "nproc_per_node": settings.nproc,
                      "stall_timeout": 300, "retries": 1},
         "finetune": {"preset": "digits_tiny_ft", "steps": settings.finetune_steps, "nproc_per_node": settings.nproc,
                      "stall_timeout": 300, "retries": 1},

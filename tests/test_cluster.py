@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.cluster import WORLD_SIZES, ClusterError, launch_overrides, node_hostfile
+from pipeline.cluster import WORLD_SIZES, ClusterError, data_workers, launch_overrides, node_hostfile
 from pipeline.launcher import build_argv, make_run_config
+from pipeline.objectstore import free_port
 from shards.errors import VitpipeError
 from vit.presets import PRESETS
 
@@ -58,6 +58,34 @@ def test_pinned_presets_run_at_larger_sizes_with_derived_lanes(capsys):
         assert main([*_check_argv(preset, 64), "--set", "data.lanes=0"]) == 0, capsys.readouterr().err
         cfg = json.loads(capsys.readouterr().out.rsplit("}\n", 1)[0] + "}")
         assert cfg["data"]["lanes"] == 64 and cfg["batch"]["micro_batch_size"] == 1
+
+
+def test_decode_workers_are_sized_to_the_node(capsys):
+    """Workers per rank = cores per node / ranks per node - 1 (the rank's own process), at least 1; the
+    paper presets derive them in --check (then lanes = W x workers must divide the batch, which may lower
+    them); data.num_workers pins them; launch.cores_per_node 0 counts this machine's usable cores."""
+    from shards.workers import usable_cores
+
+    assert [data_workers(cores_per_node=c, ranks_per_node=r) for c, r in ((96, 8), (64, 8), (2, 1), (4, 8), (1, 1))] \
+        == [11, 7, 1, 1, 1]
+
+    def check(*sets, world=8, preset="i21k_vit_b16"):
+        argv = _check_argv(preset, world) + [a for s in sets for a in ("--set", s)]
+        assert main(argv) == 0, capsys.readouterr().err
+        text, layout = capsys.readouterr().out.rsplit("}\n", 1)
+        return json.loads(text + "}"), layout
+
+    cfg, layout = check("launch.cores_per_node=40")  # 8 ranks, 4 workers each: lanes 32 divide 4096
+    assert cfg["data"]["num_workers"] == 4 and cfg["data"]["lanes"] == 32 and "(40 cores per node)" in layout
+    cfg, _ = check("launch.cores_per_node=96")  # 11 derived; 4096 / 8 ranks = 512 per rank takes 8
+    assert cfg["data"]["num_workers"] == 8 and cfg["data"]["lanes"] == 64
+    cfg, _ = check("launch.cores_per_node=96", "data.num_workers=2")  # pinned
+    assert cfg["data"]["num_workers"] == 2 and cfg["data"]["lanes"] == 16
+    cfg, _ = check(world=1, preset="pets_384_ft")  # this machine's cores, one rank
+    assert cfg["launch"]["cores_per_node"] == usable_cores()
+    assert cfg["data"]["num_workers"] == data_workers(cores_per_node=usable_cores(), ranks_per_node=1)
+    assert main([*_check_argv("i21k_vit_b16", 8), "--set", "launch.cores_per_node=-1"]) == 2
+    assert "launch.cores_per_node=-1 must be >= 0" in capsys.readouterr().err
 
 
 def test_check_refuses_in_one_line(capsys):
@@ -113,19 +141,13 @@ def test_cli_refuses_a_node_that_would_train_alone(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_two_launchers_with_nnodes_and_no_hostfile_train_one_job(digits_shards, tmp_path):
     """The README's per-node form, `vitpipe pretrain --no-ssh --nnodes 2 --node-rank I --master-addr
     127.0.0.1` started twice: one 2-rank job (both ranks' shards in the checkpoint), not two 1-rank jobs.
     The run folder is local and shared by both "nodes", as on a shared file system."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     procs = []
     for i in range(2):

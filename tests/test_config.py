@@ -111,8 +111,9 @@ def test_launch_validation():
         LaunchConfig(no_ssh=True, master_addr="10.0.0.1")
     with pytest.raises(ConfigError, match="node_rank=2 must be in"):
         LaunchConfig(num_nodes=2, node_rank=2)
-    with pytest.raises(ConfigError, match="on CPU use launch.precision=fp32"):
-        LaunchConfig(precision="bf16").resolved_precision("cpu")
+    with pytest.raises(ConfigError, match="on CPU use launch.precision=fp32 or bf16"):
+        LaunchConfig(precision="fp16").resolved_precision("cpu")
+    assert LaunchConfig(precision="bf16").resolved_precision("cpu") == "bf16"  # torch autocast runs on CPU too
     assert LaunchConfig().resolved_precision("cuda") == "bf16" and LaunchConfig().resolved_precision("cpu") == "fp32"
     assert LaunchConfig().resolved_accelerator(cuda_available=False) == "cpu"
 
@@ -138,10 +139,11 @@ def test_schedule_warmup_then_linear_and_cosine():
 def test_deepspeed_config_gpu_and_cpu():
     gpu = deepspeed_config(apply_overrides(get_preset("jft_vit_h14"), ["launch.nproc_per_node=8", "launch.num_nodes=16"]),
                            accelerator="cuda")
-    assert gpu["bf16"] == {"enabled": True} and gpu["zero_optimization"]["stage"] == 1
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and gpu["zero_optimization"]["stage"] == 1
+    assert "bf16" not in gpu  # fp32 weights and optimizer state; DeepSpeed's bf16 engine is not used
     assert gpu["train_batch_size"] == 4096 and gpu["gradient_accumulation_steps"] == 1 and gpu["gradient_clipping"] == 1.0
     cpu = deepspeed_config(get_preset("digits_tiny"), accelerator="cpu")
-    assert "bf16" not in cpu and "fp16" not in cpu
+    assert "bf16" not in cpu and "fp16" not in cpu and "torch_autocast" not in cpu
     assert cpu["train_batch_size"] == cpu["train_micro_batch_size_per_gpu"] * cpu["gradient_accumulation_steps"]
 
 

@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vit.data import EvalStream, Segment, ShardInfo, TrainStream, iter_lane, slice_stream, window_order
+from vit.data import EvalStream, Segment, ShardInfo, TrainStream, iter_lane, slice_stream, to_device, window_order
 
 SHARD_SIZES = [37, 50, 13, 61, 44, 29, 50, 8, 70, 33]  # 395 samples, uneven on purpose
 NUM_CLASSES = 5
@@ -93,7 +93,7 @@ def run_epoch(url, *, world_size, num_workers, epoch=0, start_step=0, stop_step=
             if stop_step is not None and batch.step >= stop_step:
                 break
             assert batch.images.shape == (stream.local_batch_size, 3, 8, 8)
-            assert batch.images.dtype == torch.float32
+            assert batch.images.dtype == torch.uint8  # normalised on the device (vit.data.to_device)
             assert len(batch.keys) == stream.local_batch_size == batch.targets.shape[0]
             merged = steps.setdefault(batch.step, {})
             for key, image in zip(batch.keys, batch.images):
@@ -180,8 +180,9 @@ def test_single_label_targets_and_prior(dataset):
     assert batch.targets.tolist() == [labels_of[k][0] for k in batch.keys]
     hist = json.loads((root / "manifest.json").read_text())["label_histogram"]
     assert torch.allclose(stream.label_prior, torch.tensor(hist, dtype=torch.float32) / sum(hist))
-    # the pretraining augmentation maps pixels to [-1, 1] (mean = std = 0.5)
-    assert batch.images.min() >= -1.0 and batch.images.max() <= 1.0 and batch.images.min() < -0.5
+    # uint8 leave the stream; to_device maps pixels to [-1, 1] (mean = std = 0.5)
+    images = to_device(batch.images, device="cpu")
+    assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() < -0.5
 
 
 def test_multi_label_targets_are_multi_hot(tmp_path):
@@ -446,3 +447,44 @@ def test_workers_fork_with_the_parents_objects_frozen_out_of_their_gc(dataset, m
     assert [b.keys for b in with_workers] == [b.keys for b in without]
     assert all(torch.equal(a.images, b.images) for a, b in zip(with_workers, without))
     assert sum(len(b.keys) for b in evaluated) == 395
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_old_float_path(dataset):
+    """The float batches the stream used to build on the CPU (normalise, then .to(device, dtype)) are what
+    to_device makes of the uint8 batch, to the bit, in float32 and in bf16."""
+    from vit.augment import INCEPTION_MEAN, INCEPTION_STD
+
+    root, _ = dataset
+    batch = next(TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, num_workers=0,
+                             seed=3).batches(0))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (16, 3, 8, 8)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)  # the HWC pixels as decoded: no transpose
+    contiguous = batch.images.contiguous()
+    mean, std = torch.tensor(INCEPTION_MEAN).view(1, 3, 1, 1), torch.tensor(INCEPTION_STD).view(1, 3, 1, 1)
+    old = contiguous.to(torch.float32).mul_(1 / (255 * std)).sub_(mean / std)  # the former CPU path
+    for dtype in (torch.float32, torch.bfloat16):
+        new = to_device(batch.images, device="cpu", dtype=dtype)
+        assert new.dtype == dtype and torch.equal(new, old.to(dtype))
+    assert torch.allclose(to_device(batch.images, device="cpu"), contiguous.float() / 127.5 - 1, atol=1e-6)
+
+
+def test_batches_are_pinned_only_when_cuda_is_present(dataset, monkeypatch):
+    """Pinned memory is asked for only with CUDA (pinning needs it; the pinned copy itself is unverified on
+    GPU): with CUDA faked, every batch allocation and target tensor asks for page-locked memory."""
+    import vit.data.streams as streams
+
+    root, _ = dataset
+    kw = dict(img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3, shuffle_buffer=20)
+    plain = list(TrainStream(str(root), num_workers=2, **kw).batches(0, start_step=20))
+    assert not TrainStream(str(root), num_workers=0, **kw).pin_memory
+    assert not any(b.images.is_pinned() or b.targets.is_pinned() for b in plain)
+    asked = []
+    real_empty = streams._empty_batch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(streams, "_empty_batch", lambda *a, pin: asked.append(("images", pin)) or real_empty(*a, pin=False))
+    monkeypatch.setattr(streams, "_maybe_pinned", lambda t, pin: asked.append(("targets", pin)) or t)
+    faked = TrainStream(str(root), num_workers=2, **kw)
+    assert faked.pin_memory
+    pinned = list(faked.batches(0, start_step=20))
+    assert asked == [("images", True), ("targets", True)] * 4
+    assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(pinned, plain))

@@ -6,9 +6,9 @@ meaningful: the pretraining run (preset digits_tiny_aug) sees ONLY digits 0-4 (t
 images - at 32 px (position embeddings resampled 4x4 -> 8x8, zero-initialised 5-way head), and is
 scored on the held-out val split of 5-9 (same class index). Every training run is a real
 DeepSpeed launch (CPU, gloo) through the CLI. The comparison with the same model trained from
-scratch on the same budget is a property of the mean over seeds (a from-scratch run lands above
-some fine-tuned seeds): benchmarks/transfer_seeds.py measures it over 5 seeds, with the
-same recipe (the presets), and the README quotes it.
+scratch on the same budget needs a second training run per seed and several seeds:
+benchmarks/transfer_seeds.py measures it over 5 seeds, with the same recipe (the presets), and
+the README quotes it; this file runs the fine-tuned side of one seed.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 PT_PRESET, FT_PRESET = "digits_tiny_aug", "digits_tiny_ft"  # the transfer recipe: the presets' steps and lr
 PT_STEPS = get_preset(PT_PRESET).schedule.total_steps  # pretraining on digits 0-4 at 16 px
 FT_STEPS = get_preset(FT_PRESET).schedule.total_steps  # fine-tune on 5-9 at 32 px
-# The lowest fine-tuned seed measured: 0.938 (benchmarks/transfer_seeds.py, seed 3; 0.949 over 5 seeds
-# trained in one process with the same code): the line sits below every seed, with margin.
-FT_TOP1_MIN = 0.92
-FEWSHOT_EVERY = 50  # few-shot linear evaluation during the pretraining (on 0-4: shots from train, scored on val)
-# 10-shot accuracy on held-out 0-4 over 5 seeds (benchmarks/transfer_seeds.py): pretrained >= MIN + margin,
-# the same model with random weights <= MAX - margin
+# Fine-tuned top-1 over seeds 0-4 (benchmarks/transfer_seeds.py): 0.966 / 0.961 / 0.978 / 0.961 / 0.978,
+# lowest 0.961: the line sits 4 images of 178 below every seed.
+FT_TOP1_MIN = 0.94
+FEWSHOT_EVERY = 100  # few-shot linear evaluation during the pretraining (on 0-4: shots from train, scored on val)
+# 10-shot accuracy on held-out 0-4 over 5 seeds (benchmarks/transfer_seeds.py): pretrained 0.977-0.988 >= MIN
+# + margin, the same model with random weights 0.732-0.777 <= MAX - margin
 FEWSHOT_TRAINED_MIN, FEWSHOT_RANDOM_MAX = 0.85, 0.80
 
 
@@ -100,7 +100,8 @@ def pretrained(digit_sets, runs_root) -> dict:
     vitpipe("pretrain", "--preset", PT_PRESET, "--data", digit_sets["a_train"], "--out", runs_root,
             "--run-id", run_id, "--steps", PT_STEPS, "--nproc", 1, "--master-port", free_port(),
             "--set", f"fewshot.every_steps={FEWSHOT_EVERY}", "--set", f"fewshot.data={digit_sets['a_train']}",
-            "--set", f"fewshot.val_data={digit_sets['a_val']}", "--set", "fewshot.shots=[1,5,10]")
+            "--set", f"fewshot.val_data={digit_sets['a_val']}", "--set", "fewshot.shots=[1,5,10]",
+            timeout=400 * PT_STEPS / 150)  # the 400 s a 150-step pretraining had, scaled with the steps
     return {"run_id": run_id, "url": os.path.join(runs_root, "runs", run_id), "seconds": time.monotonic() - t0}
 
 
@@ -115,7 +116,7 @@ def finetuned(digit_sets, runs_root, pretrained) -> dict:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # the pretraining (up to ~1070 s) and the fine-tuning run in this test's fixtures
 def test_transfer_to_unseen_digits_at_higher_resolution(digit_sets, pretrained, finetuned):
     from shards.reader import load_manifest
 

@@ -15,25 +15,19 @@ import csv
 import json
 import math
 import os
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
 from pipeline.launcher import LaunchError, launch, make_run_config
+from pipeline.objectstore import free_port
 from shards import storage
 from vit.runs import RunFolder
 from vit.status import read_status, status_path
 
 TOTAL = 36
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(url: str) -> list[dict]:

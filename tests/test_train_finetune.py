@@ -5,30 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-import vit
 from pipeline.launcher import launch, make_run_config
+import vit
+from pipeline.objectstore import free_port
 from vit.checkpoint import load_model, save_model
 from vit.presets import get_preset
 from vit.runs import RunFolder
 from vit.train import build_optimizer, init_head_bias_from_prior, loss_fn, param_groups
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:
     """A digits_tiny backbone trained for a few steps in-process (the weights fine-tuning starts from)."""
-    from vit.data import TrainStream
+    from vit.data import TrainStream, to_device
 
     pre = get_preset("digits_tiny")
     torch.manual_seed(0)
@@ -40,7 +34,7 @@ def quick_pretrain(data: str, steps: int = 40) -> torch.nn.Module:
     torch.set_num_threads(1)  # 2 OpenMP threads on a busy 2-core machine are many times slower
     while step < steps:
         for batch in stream.batches(step // stream.steps_per_epoch):
-            loss = loss_fn(model(batch.images), batch.targets)
+            loss = loss_fn(model(to_device(batch.images, device="cpu")), batch.targets)
             opt.zero_grad()
             loss.backward()
             opt.step()

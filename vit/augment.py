@@ -1,10 +1,13 @@
 """Image transforms of the input pipeline: the paper's inception crop + flip, and resize + centre crop.
 
 Every transform takes an *unloaded* PIL image (header read, pixels not yet decoded) and a
-numpy Generator, and returns a ``uint8`` array ``[S, S, 3]`` (HWC, as PIL gives it);
-``stack_chw`` packs a batch into ``uint8 [B, 3, S, S]`` with numpy (torch.stack on uint8 is
-several times slower here) and normalisation happens once per batch (``normalize``), so
-workers ship uint8 (4x less inter-process traffic than float32).
+numpy Generator, and returns a ``uint8`` array ``[S, S, 3]`` (HWC, as PIL gives it). Where the
+crop goes and whether it is flipped is ``transform.params(width, height, rng)``, a pure function
+of the image size and the Generator: the CPU path (here) and the GPU decode path
+(``vit.data.gpu``) both call it, so they crop the same boxes from the same seeds.
+``stack_images`` packs a batch into ``uint8 [B, 3, S, S]`` stored channels-last (the HWC pixels
+as PIL gives them, one copy, no transpose); batches stay uint8 up to the device, where
+``normalize`` turns them into floats (4x less memory traffic than float32 on the CPU side).
 
 Crop and resize are one PIL operation (``Image.resize(box=...)``), and JPEGs are decoded at a
 reduced DCT scale (``Image.draft``) whenever the crop still has at least ``S`` pixels per side
@@ -37,8 +40,15 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
+def crop_resize(img: Image.Image, box: tuple[float, float, float, float], flip: bool, *, size: int) -> np.ndarray:
+    """Crop ``box`` (in full-resolution pixel coordinates), resize it to ``size`` x ``size`` and mirror it
+    left-right when ``flip``: ``uint8 [size, size, 3]``. (PIL mirrors: a reversed numpy view made
+    ``np.stack`` of the batch about 8x slower, copying 3 bytes at a time.)"""
+    out = _crop_resize(img, box, size)
+    return np.asarray(out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out)
+
+
 def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
-    """Crop ``box`` (in full-resolution pixel coordinates) and resize it to ``size`` x ``size``."""
     full_w, full_h = img.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
     if img.format == "JPEG":
@@ -51,23 +61,15 @@ def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size:
     return img.resize((size, size), Image.BILINEAR, box=box)
 
 
-def _to_array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.uint8)
-
-
-def stack_chw(images: list[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]``."""
-    h, w, c = images[0].shape
-    out = np.empty((len(images), c, h, w), dtype=np.uint8)
-    for i, image in enumerate(images):
-        out[i] = rearrange(image, "h w c -> c h w")
-    return torch.from_numpy(out)
+def stack_images(images: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 arrays of one size -> ``uint8 Tensor[B, 3, H, W]`` in channels-last memory (one copy)."""
+    return rearrange(torch.from_numpy(np.stack(images)), "b h w c -> b c h w")
 
 
 def normalize(images: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """``uint8 [B,3,H,W]`` -> ``float32`` ((x / 255) - mean) / std."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+    """``uint8 [B,3,H,W]`` -> ``float32`` ((x / 255) - mean) / std, on the images' device."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return images.to(torch.float32).mul_(scale).sub_(shift)
 
 
@@ -119,12 +121,13 @@ class InceptionCrop:
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
 
+    def params(self, width: int, height: int, rng: np.random.Generator) -> tuple[tuple[float, ...], bool]:
+        """(crop box, flip) for an image of ``width`` x ``height``: the box first, then the coin."""
+        box = inception_crop_box(width, height, rng, scale=self.scale, ratio=self.ratio)
+        return box, bool(self.flip and rng.random() < 0.5)
+
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        box = inception_crop_box(*img.size, rng, scale=self.scale, ratio=self.ratio)
-        out = _crop_resize(img, box, self.img_size)
-        if self.flip and rng.random() < 0.5:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return _to_array(out)
+        return crop_resize(img, *self.params(*img.size, rng), size=self.img_size)
 
 
 @dataclass(frozen=True)
@@ -144,11 +147,13 @@ class ResizeCenterCrop:
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
-        width, height = img.size
+    def params(self, width: int, height: int, rng: np.random.Generator | None = None) -> tuple[tuple[float, ...], bool]:
         side = min(width, height) * self.crop_pct  # in original pixels: the centred square we keep
         left, top = (width - side) / 2, (height - side) / 2
-        return _to_array(_crop_resize(img, (left, top, left + side, top + side), self.img_size))
+        return (left, top, left + side, top + side), False
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        return crop_resize(img, *self.params(*img.size), size=self.img_size)
 
 
 AUGMENTS = ("pretrain", "finetune", "crop", "none")

@@ -43,6 +43,8 @@ class ModelConfig:
     # fine-tuning: how position embeddings are resampled to a new grid (vit.resample_pos_embed's mode):
     # timm's "bicubic", or "scipy_linear" = the official code's scipy.ndimage.zoom(order=1)
     posemb_resample: str = "bicubic"
+    compile: bool = False  # torch.compile the model (vit.train); first steps pay the compile time
+    grad_checkpointing: bool = False  # recompute each block in backward: activations ~1/D, ~1/3 more FLOPs
 
     @property
     def patch_size(self) -> int:
@@ -55,6 +57,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.img_size > 0, f"model.img_size={self.img_size} must be positive")
         _choice("model.posemb_resample", self.posemb_resample, ("bicubic", "scipy_linear"))
+        for key in ("compile", "grad_checkpointing"):
+            _check(isinstance(getattr(self, key), bool), f"model.{key}={getattr(self, key)!r} must be true or false")
         p = self.patch_size
         _check(
             self.img_size % p == 0,
@@ -69,10 +73,11 @@ class DataConfig:
 
     url: str = ""
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = 2  # None: derived from cores and ranks per node (pipeline.cluster.data_workers)
     lanes: int = 8  # 0: derived from the world size at launch (pipeline.cluster.fit_layout)
     augment: str = "pretrain"  # pretrain | finetune | crop | none (vit.augment.build_transform)
     label_mode: str = "auto"  # auto | softmax | sigmoid
+    decode: str = "cpu"  # cpu | gpu (JPEGs decoded and cropped on the device, vit.data.gpu) | auto (gpu with CUDA)
     # the run fails when more than this share of the samples seen could not be read (each is replaced
     # by a neighbour, so a few are harmless; many mean a broken dataset: run `vitpipe verify`)
     max_corrupt_share: float = 0.001
@@ -81,7 +86,9 @@ class DataConfig:
         _choice("data.augment", self.augment, ("pretrain", "finetune", "crop", "none"))
         _check(0 <= self.max_corrupt_share <= 1, f"data.max_corrupt_share={self.max_corrupt_share} must be in [0, 1]")
         _choice("data.label_mode", self.label_mode, ("auto", "softmax", "sigmoid"))
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _choice("data.decode", self.decode, ("cpu", "gpu", "auto"))
+        _check(self.num_workers is None or self.num_workers >= 0,
+               "data.num_workers must be >= 0 (or null: derived from the cores and ranks per node at launch)")
         _check(self.lanes >= 0, "data.lanes must be >= 1 (or 0: derived from the world size at launch)")
 
 
@@ -95,9 +102,11 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    fused: bool | None = None  # AdamW's fused kernel; None: on CUDA only (torch's default path elsewhere)
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
+        _check(self.fused in (None, True, False), f"optim.fused={self.fused!r} must be true, false or null (on CUDA only)")
         self.betas = tuple(float(b) for b in self.betas)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas must be two numbers in [0, 1)")
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
@@ -187,11 +196,14 @@ class LaunchConfig:
     master_addr: str | None = None
     master_port: int = 29500
     accelerator: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (torch autocast: fp32 weights and optimizer state,
+    # matmuls and convs in bf16; also on CPU) | fp16 (DeepSpeed's fp16 engine with loss scaling, GPU only)
+    precision: str = "auto"
     zero_stage: int = 0
     bind_cores_to_rank: bool = False
     log_dir: str | None = None  # per-rank logs (default <local run dir>/logs)
     cpu_threads_per_rank: int | None = None  # CPU only: torch threads per rank (default cores // nproc_per_node)
+    cores_per_node: int = 0  # sizes data.num_workers=null; 0: the cores the launcher may use (pipeline.cluster.fit_layout)
 
     def __post_init__(self) -> None:
         _choice("launch.launcher", self.launcher, ("pdsh", "openmpi", "mvapich", "slurm", "impi"))
@@ -199,6 +211,7 @@ class LaunchConfig:
         _choice("launch.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("launch.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check(self.nproc_per_node >= 1 and self.num_nodes >= 1, "launch.nproc_per_node and launch.num_nodes must be >= 1")
+        _check(self.cores_per_node >= 0, f"launch.cores_per_node={self.cores_per_node} must be >= 0 (0: this node's cores)")
         if self.no_ssh:
             _check(self.node_rank is not None, "launch.no_ssh needs launch.node_rank (this node's index); pass --node-rank I")
             _check(self.master_addr is not None, "launch.no_ssh needs launch.master_addr (node 0's address); pass --master-addr A")
@@ -218,8 +231,8 @@ class LaunchConfig:
         if self.precision == "auto":
             return "bf16" if accelerator == "cuda" else "fp32"
         _check(
-            accelerator == "cuda" or self.precision == "fp32",
-            f"launch.precision={self.precision} needs a GPU; on CPU use launch.precision=fp32",
+            accelerator == "cuda" or self.precision != "fp16",
+            "launch.precision=fp16 needs a GPU; on CPU use launch.precision=fp32 or bf16",
         )
         return self.precision
 
@@ -383,8 +396,8 @@ def deepspeed_config(cfg: RunConfig, *, accelerator: str) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": cfg.checkpoint.load_universal},
     }
-    if precision == "bf16":  # unverified on GPU
-        ds["bf16"] = {"enabled": True}
+    if precision == "bf16":  # torch autocast inside the engine's forward; unverified on GPU
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":  # unverified on GPU
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if cfg.launch.zero_stage >= 1 and accelerator == "cuda":  # unverified on GPU

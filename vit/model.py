@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- registry
 
@@ -154,6 +155,22 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return 1 if self.class_token else 0
 
+    def flops_per_block(self) -> int:
+        """Forward FLOPs of one encoder block for one image (qkv, q k^T, attn v, proj, MLP)."""
+        t, d = self.grid[0] * self.grid[1] + self.num_prefix_tokens, self.embed_dim
+        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * self.mlp_dim
+
+    def flops_per_image(self) -> int:
+        """Forward FLOPs of one image (matmuls and conv; multiply-add = 2; norms/softmax ignored)."""
+        n = self.grid[0] * self.grid[1]
+        d = self.embed_dim
+        f = 2 * n * self.in_chans * self.patch_size**2 * d + self.depth * self.flops_per_block()
+        out = d
+        if self.representation_size:
+            f += 2 * d * self.representation_size
+            out = self.representation_size
+        return f + 2 * out * self.num_classes
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
@@ -268,6 +285,7 @@ class VisionTransformer(nn.Module):
         rep = cfg.representation_size
         self.pre_logits = PreLogits(d, rep) if rep else nn.Identity()
         self.head = nn.Linear(rep or d, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.grad_checkpointing = False  # a training setting, not architecture: not in cfg
         self.reset_parameters()
 
     @torch.no_grad()
@@ -308,6 +326,11 @@ class VisionTransformer(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.cfg.num_prefix_tokens
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input for backward and recompute the block then (timm's switch):
+        block activations drop to one [B, N, D] tensor per block, for ~1/3 more compute."""
+        self.grad_checkpointing = enable
+
     # -- forward
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
@@ -321,7 +344,13 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens [B, N, D] after the final LayerNorm."""
-        return self.norm(self.blocks(self._embed(x)))
+        x = self._embed(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (or the pooled/pre-logits features when ``pre_logits``)."""
@@ -342,17 +371,8 @@ class VisionTransformer(nn.Module):
         return maps
 
     def flops_per_image(self) -> int:
-        """Forward FLOPs of one image (matmuls and conv; multiply-add = 2; norms/softmax ignored)."""
-        c = self.cfg
-        n = c.grid[0] * c.grid[1]
-        t, d = n + c.num_prefix_tokens, c.embed_dim
-        f = 2 * n * c.in_chans * c.patch_size**2 * d
-        f += c.depth * (2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * c.mlp_dim)
-        out = d
-        if c.representation_size:
-            f += 2 * d * c.representation_size
-            out = c.representation_size
-        return f + 2 * out * c.num_classes
+        """Forward FLOPs of one image (see ViTConfig.flops_per_image)."""
+        return self.cfg.flops_per_image()
 
 
 # ----------------------------------------------------------------------------- factory
@@ -366,13 +386,18 @@ def create_model(name: str, *, num_classes: int, img_size: int | tuple[int, int]
     num_heads, mlp_dim, pool, representation_size, drop_rate, attn_drop_rate,
     drop_path_rate, in_chans, class_token).
     """
+    return VisionTransformer(model_config(name, num_classes=num_classes, img_size=img_size, **overrides))
+
+
+def model_config(name: str, *, num_classes: int, img_size: int | tuple[int, int] = 224,
+                 **overrides: Any) -> ViTConfig:
+    """The :class:`ViTConfig` that ``create_model`` with the same arguments builds (no weights)."""
     base = model_args(name)
     fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"name", "num_classes", "img_size"}
     bad = sorted(set(overrides) - fields)
     if bad:
         raise TypeError(f"unknown override(s) {bad} for {name}; accepted: {sorted(fields)}")
-    args = {**base, **overrides}
-    return VisionTransformer(ViTConfig(num_classes=num_classes, img_size=img_size, name=name, **args))
+    return ViTConfig(num_classes=num_classes, img_size=img_size, name=name, **{**base, **overrides})
 
 
 def model_from_config(cfg: dict[str, Any]) -> VisionTransformer:

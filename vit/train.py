@@ -137,11 +137,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, *, fused: bool = False) -> torch.optim.Optimizer:
+    """torch's AdamW / SGD, handed to DeepSpeed as the client optimizer (ZeRO wraps it; DeepSpeed's own
+    FusedAdam is only built from a DeepSpeed "optimizer" section, which vit.config does not write).
+    AdamW `fused`: one kernel per step over all tensors (CUDA, unverified on GPU here; torch has a CPU
+    kernel too, off by default there: `optim.fused`); fused=False is torch's default path."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=fused or None)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
@@ -302,7 +306,7 @@ def corrupt_check(stream, cfg: RunConfig, *, samples: int, world: int) -> int:
 def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault = Fault()) -> dict:
     import deepspeed
     import deepspeed.comm as dist
-    from vit.data import TrainStream
+    from vit.data import TrainStream, to_device
 
     cfg.check_ready()
     accelerator = cfg.launch.resolved_accelerator(cuda_available=torch.cuda.is_available())
@@ -338,19 +342,27 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     stream = TrainStream(
         cfg.data.url, img_size=cfg.model.img_size, global_batch_size=cfg.batch.global_batch_size, rank=rank,
         world_size=world, seed=cfg.data.seed, num_workers=cfg.data.num_workers, lanes=cfg.data.lanes,
-        augment=cfg.data.augment, label_mode=cfg.data.label_mode,
+        augment=cfg.data.augment, label_mode=cfg.data.label_mode, decode=cfg.data.decode, device=accelerator,
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes=stream.num_classes)
     if stream.multi_label:
         init_head_bias_from_prior(model, torch.as_tensor(stream.label_prior))
-    optimizer = build_optimizer(cfg, model)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    optimizer = build_optimizer(cfg, model, fused=accelerator == "cuda" if cfg.optim.fused is None else cfg.optim.fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.schedule.lr_factor)
     ds_config = deepspeed_config(cfg, accelerator=accelerator)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.launch.resolved_precision(accelerator), torch.float32)
+    if cfg.model.compile:
+        engine.compile()  # torch.compile of engine.module in place (state-dict keys unchanged)
+    if is0:
+        log(f"[vit.train] step: precision {cfg.launch.resolved_precision(accelerator)}, compiled {engine.is_compiled}, "
+            f"grad checkpointing {engine.module.grad_checkpointing}, {type(engine.basic_optimizer).__name__} "
+            f"fused {getattr(engine.basic_optimizer, 'defaults', {}).get('fused')}")
+    # bf16 is autocast inside the engine (fp32 inputs and weights); fp16 is DeepSpeed's fp16 engine (fp16 inputs)
+    dtype = torch.float16 if cfg.launch.resolved_precision(accelerator) == "fp16" else torch.float32
     device = engine.device
 
     start_step = 0
@@ -390,7 +402,7 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
     for step, epoch, batch in batches_from(stream, start_step=start_step):
         if step >= total:
             break
-        images = batch.images.to(device=device, dtype=dtype)
+        images = to_device(batch.images, device=device, dtype=dtype, mean=stream.mean, std=stream.std)
         targets = batch.targets.to(device)
         lr = scheduler.get_last_lr()[0]  # the lr this step uses
         micro_losses = []

@@ -6,7 +6,9 @@
     reading.py   samples out of shard segments (read_segment, iter_lane); tars are parsed by
                  shards.format.TarMembers
     samples.py   one sample: labels checked, image decoded and transformed (decode_sample)
-    streams.py   TrainStream and EvalStream: the DataLoader workers, batches, corrupt samples
+    streams.py   TrainStream and EvalStream: the DataLoader workers, batches, corrupt samples;
+                 to_device (uint8 batch -> normalised floats on the device)
+    gpu.py       the GPU decode path (data.decode: gpu): JPEG bytes decoded and cropped on the device
 
 The names below are the package's public interface; import them from ``vit.data``.
 """
@@ -15,8 +17,8 @@ from vit.data.dataset import DatasetInfo, ShardInfo, StreamError, load_dataset_i
 from vit.data.order import LanePlan, Segment, slice_stream, window_order
 from vit.data.reading import iter_lane, read_segment
 from vit.data.samples import CorruptSample, LabelSpec, decode_sample, parse_labels, targets_tensor
-from vit.data.streams import Batch, EvalStream, TrainStream
+from vit.data.streams import Batch, EvalStream, TrainStream, to_device
 
 __all__ = ["Batch", "CorruptSample", "DatasetInfo", "EvalStream", "LabelSpec", "LanePlan", "Segment", "ShardInfo",
            "StreamError", "TarMembers", "TrainStream", "decode_sample", "iter_lane", "load_dataset_info",
-           "parse_labels", "read_segment", "slice_stream", "targets_tensor", "window_order"]
+           "parse_labels", "read_segment", "slice_stream", "targets_tensor", "to_device", "window_order"]

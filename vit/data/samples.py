@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from shards.errors import VitpipeError
@@ -49,8 +48,12 @@ def parse_labels(sample: dict, spec: LabelSpec) -> list[int]:
     return labels
 
 
-def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[np.ndarray, list[int]]:
-    """Raw tar sample -> (uint8 image [S,S,3], label ids). Raises CorruptSample."""
+def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec, prepare=None) -> tuple[object, list[int]]:
+    """Raw tar sample -> (uint8 image [S,S,3], label ids). Raises CorruptSample.
+
+    ``prepare(data, image, transform=, rng=)`` replaces the decode (the GPU path's workers:
+    ``vit.data.gpu.prepare``); the image is then opened (header parsed) but not decoded here.
+    """
     if "__error__" in sample:
         raise CorruptSample(sample["__error__"])
     ext = image_ext(sample)
@@ -58,7 +61,8 @@ def decode_sample(sample: dict, *, transform, rng, spec: LabelSpec) -> tuple[np.
         raise CorruptSample(f"no image member (has {sorted(k for k in sample if k != '__key__')})")
     labels = parse_labels(sample, spec)
     try:
-        image = transform(open_image(sample[ext]), rng)
+        image = open_image(sample[ext])
+        image = transform(image, rng) if prepare is None else prepare(sample[ext], image, transform=transform, rng=rng)
     except Exception as err:  # PIL raises many kinds on broken bytes
         raise CorruptSample(f"undecodable .{ext} ({type(err).__name__}: {err})") from None
     return image, labels

@@ -21,10 +21,12 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import DatasetError
-from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, stack_chw
+from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, stack_images
+from vit.data import gpu
 from vit.data.dataset import StreamError, _label_mode, _label_prior, _open_shard, load_dataset_info
 from vit.data.order import _AUGMENT, LanePlan, slice_stream
 from vit.data.reading import iter_lane, read_segment
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # float32 [B, 3, H, W], normalised
+    # TrainStream: uint8 [B, 3, H, W] stored channels-last (``to_device`` normalises it on the device);
+    # EvalStream: float32 [B, 3, H, W], normalised
+    images: torch.Tensor
     targets: torch.Tensor  # Long[B] (softmax) or Float[B, K] multi-hot (sigmoid)
     keys: list[str]
     step: int
@@ -69,10 +73,11 @@ class _TrainLanes(IterableDataset):
     Yields one chunk per step: ``dict(step, positions, keys, images uint8, labels, corrupt)``.
     """
 
-    def __init__(self, *, plan: LanePlan, lanes: list[int], epoch: int, start_step: int, transform, spec: LabelSpec):
+    def __init__(self, *, plan: LanePlan, lanes: list[int], epoch: int, start_step: int, transform, spec: LabelSpec,
+                 prepare=None):
         super().__init__()
         self.plan, self.lanes, self.epoch, self.start_step = plan, lanes, epoch, start_step
-        self.transform, self.spec = transform, spec
+        self.transform, self.spec, self.prepare = transform, spec, prepare  # prepare: the GPU path (vit.data.gpu)
 
     def __iter__(self):
         info = get_worker_info()
@@ -103,7 +108,7 @@ class _TrainLanes(IterableDataset):
                     rng = np.random.default_rng([plan.seed, self.epoch, slot.position, _AUGMENT]) if random else None
                     try:
                         slot.image, slot.labels = decode_sample(sample, transform=self.transform, rng=rng,
-                                                                spec=self.spec)
+                                                                spec=self.spec, prepare=self.prepare)
                         slot.key = sample["__key__"]
                     except CorruptSample as err:
                         corrupt.append((sample["__key__"], str(err)))
@@ -120,11 +125,12 @@ class _TrainLanes(IterableDataset):
                 for slot in slots:
                     if slot.image is None:
                         slot.key, slot.image, slot.labels = good.key, good.image, good.labels
+            slots.sort(key=lambda s: s.position)  # the batch's order: with one worker the rank copies nothing
             yield {
                 "step": step,
                 "positions": [s.position for s in slots],
                 "keys": [s.key for s in slots],
-                "images": stack_chw([s.image for s in slots]),
+                "images": stack_images([s.image for s in slots]) if self.prepare is None else [s.image for s in slots],
                 "labels": [s.labels for s in slots],
                 "corrupt": corrupt,
             }
@@ -160,12 +166,15 @@ class TrainStream(_DatasetStream):
     def __init__(self, dataset_url: str, *, img_size: int, global_batch_size: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 2, lanes: int = 8, shuffle_buffer: int = 1000,
                  augment: str = "pretrain", label_mode: str = "auto", mean=INCEPTION_MEAN, std=INCEPTION_STD,
-                 crop_pct: float = 0.875, pin_memory: bool | None = None):
+                 crop_pct: float = 0.875, pin_memory: bool | None = None, decode: str = "cpu", device=None):
         self.img_size, self.global_batch_size = img_size, global_batch_size
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
         self.lanes, self.shuffle_buffer, self.augment, self.label_mode = lanes, shuffle_buffer, augment, label_mode
         self.mean, self.std, self.crop_pct = tuple(mean), tuple(std), crop_pct
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        # decode "gpu": JPEGs decoded and cropped on `device` (vit.data.gpu; default cuda, else cpu)
+        self.decode = gpu.resolve_decode(decode)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.corrupt = []
         self._check_numbers()
         self._load_dataset(dataset_url, label_mode)
@@ -257,7 +266,8 @@ class TrainStream(_DatasetStream):
         if not 0 <= start_step <= self.steps_per_epoch:
             raise StreamError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
         dataset = _TrainLanes(plan=self.plan, lanes=self.rank_lanes, epoch=epoch, start_step=start_step,
-                              transform=self.transform, spec=self.spec)
+                              transform=self.transform, spec=self.spec,
+                              prepare=gpu.prepare if self.decode == "gpu" else None)
         workers = max(self.num_workers, 1)
         if self.num_workers == 0:
             chunks = dataset.chunks(self.rank_lanes)
@@ -273,29 +283,77 @@ class TrainStream(_DatasetStream):
             yield self._assemble(parts, step, epoch)
 
     def _assemble(self, parts: list[dict], step: int, epoch: int) -> Batch:
-        positions = [p for part in parts for p in part["positions"]]
+        """The workers' chunks (each sorted by position) -> the batch in position order, uint8. One worker
+        and no pinning: its chunk is the batch (no copy); else one copy, straight into the (pinned) batch."""
+        positions = np.concatenate([part["positions"] for part in parts])
+        order = np.argsort(positions, kind="stable")
         keys = [k for part in parts for k in part["keys"]]
         labels = [ls for part in parts for ls in part["labels"]]
-        images = np.concatenate([part["images"].numpy() for part in parts])
-        order = sorted(range(len(positions)), key=positions.__getitem__)
-        for part in parts:
-            for key, reason in part["corrupt"]:
-                log.warning("epoch %d step %d: corrupt sample %s skipped (%s); slot filled with a neighbour",
-                            epoch, step, key, reason)
-            self.corrupt.extend(part["corrupt"])
-        return _maybe_pinned(Batch(
-            images=normalize(torch.from_numpy(images[order]), mean=self.mean, std=self.std),
-            targets=targets_tensor([labels[i] for i in order], self.spec),
-            keys=[keys[i] for i in order],
-            step=step,
-        ), self.pin_memory)
+        keys, labels = [keys[i] for i in order], [labels[i] for i in order]
+        corrupt = [c for part in parts for c in part["corrupt"]]
+        if self.decode == "gpu":
+            items = [item for part in parts for item in part["images"]]
+            images, bad = gpu.finish_batch([items[i] for i in order], size=self.img_size, device=self.device)
+            corrupt += _fill_undecodable(images, keys, labels, bad)
+        elif len(parts) == 1 and not self.pin_memory:
+            images = parts[0]["images"]
+        else:
+            _, c, h, w = parts[0]["images"].shape
+            images = _empty_batch(len(positions), c, h, w, pin=self.pin_memory)
+            slot = torch.from_numpy(np.argsort(order))  # where each sample of the concatenated chunks goes
+            rows, offset = rearrange(images, "b c h w -> b h w c"), 0  # views of the channels-last storage
+            for part in parts:
+                n = len(part["keys"])
+                rows[slot[offset:offset + n]] = rearrange(part["images"], "b c h w -> b h w c")
+                offset += n
+        for key, reason in corrupt:
+            log.warning("epoch %d step %d: corrupt sample %s skipped (%s); slot filled with a neighbour",
+                        epoch, step, key, reason)
+        self.corrupt.extend(corrupt)
+        return Batch(images=images, targets=_maybe_pinned(targets_tensor(labels, self.spec), self.pin_memory),
+                     keys=keys, step=step)
 
 
-def _maybe_pinned(batch: Batch, pin: bool) -> Batch:
-    """Page-locked tensors so ``.to("cuda", non_blocking=True)`` overlaps the copy.  # unverified on GPU"""
-    if not pin:
-        return batch
-    return batch._replace(images=batch.images.pin_memory(), targets=batch.targets.pin_memory())
+def _fill_undecodable(images: torch.Tensor, keys: list, labels: list, bad: list[int]) -> list[tuple[str, str]]:
+    """GPU path: rows no decoder could read take the previous good row of the batch (or the next one);
+    returns the (key, reason) of each. A batch without a single decodable image is an error."""
+    if not bad:
+        return []
+    undecodable = set(bad)
+    good = [i for i in range(len(keys)) if i not in undecodable]
+    if not good:
+        raise DatasetError(f"none of the {len(keys)} images of a batch could be decoded ({keys[0]}); "
+                           "run `vitpipe verify` on the dataset")
+    out = []
+    for i in bad:
+        source = max((g for g in good if g < i), default=good[0])
+        out.append((keys[i], "undecodable JPEG (device and CPU decoders refused it)"))
+        images[i], keys[i], labels[i] = images[source], keys[source], labels[source]
+    return out
+
+
+def to_device(images: torch.Tensor, *, device, dtype: torch.dtype = torch.float32, mean=INCEPTION_MEAN,
+              std=INCEPTION_STD) -> torch.Tensor:
+    """A TrainStream batch's uint8 images -> normalised ``dtype`` on ``device`` (the training step calls it).
+
+    The copy to the device moves bytes (a quarter of float32's); the device does the arithmetic, the
+    same ``vit.augment.normalize`` as the CPU did before, so the result is the same to the bit on CPU.
+    Float images (EvalStream) are only moved and cast.
+    """
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize(images, mean=mean, std=std)
+    return images.to(dtype)
+
+
+def _empty_batch(n: int, c: int, h: int, w: int, *, pin: bool) -> torch.Tensor:
+    """``uint8 [n, c, h, w]`` in channels-last memory; page-locked when ``pin`` (CUDA only: unverified on GPU)."""
+    return rearrange(torch.empty((n, h, w, c), dtype=torch.uint8, pin_memory=pin), "b h w c -> b c h w")
+
+
+def _maybe_pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """Page-locked so ``.to("cuda", non_blocking=True)`` overlaps the copy.  # unverified on GPU"""
+    return tensor.pin_memory() if pin else tensor
 
 
 def _start_workers(loader: DataLoader) -> Iterator:
@@ -343,10 +401,10 @@ class _EvalRange(IterableDataset):
                 labels.append(ls)
                 keys.append(sample["__key__"])
                 if len(images) == self.batch_size:
-                    yield {"images": stack_chw(images), "labels": labels, "keys": keys, "corrupt": corrupt}
+                    yield {"images": stack_images(images), "labels": labels, "keys": keys, "corrupt": corrupt}
                     images, labels, keys, corrupt = [], [], [], []
         if images or corrupt:
-            yield {"images": stack_chw(images) if images else None, "labels": labels, "keys": keys,
+            yield {"images": stack_images(images) if images else None, "labels": labels, "keys": keys,
                    "corrupt": corrupt}
 
 
@@ -402,7 +460,7 @@ class EvalStream(_DatasetStream):
             self.corrupt.extend(part["corrupt"])
             if part["images"] is None:
                 continue
-            yield _maybe_pinned(Batch(images=normalize(part["images"], mean=self.mean, std=self.std),
-                                      targets=targets_tensor(part["labels"], self.spec), keys=list(part["keys"]),
-                                      step=step), self.pin_memory)
+            yield Batch(images=_maybe_pinned(normalize(part["images"], mean=self.mean, std=self.std), self.pin_memory),
+                        targets=_maybe_pinned(targets_tensor(part["labels"], self.spec), self.pin_memory),
+                        keys=list(part["keys"]), step=step)
             step += 1
