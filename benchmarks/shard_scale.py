@@ -9,9 +9,11 @@
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
    pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects);
-4. first: time to the first shard written for a 200k-record source vs a 50k one.
+4. first: time to the first shard written for a 200k-record source vs a 50k one;
+5. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
+   heap (tracemalloc) after each planning phase, and the bytes per record of what the plan holds.
 
-    .venv/bin/python benchmarks/shard_scale.py [--sections memory,gets,dask,first] [--memory-sizes 50000,200000,1000000]
+    .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first] [--memory-sizes 50000,200000,1000000]
         [--images 600] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
@@ -58,6 +60,51 @@ from shards import shard_dataset
 shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=2)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
+# what the coordinator holds, phase by phase: each planning step wrapped to print the peak RSS so far
+# and the Python/numpy heap (tracemalloc: current and peak) when it returns
+_ATTRIBUTE_CHILD = """
+import resource, sys, tracemalloc
+sys.path.insert(0, sys.argv[3])
+import numpy as np
+from shards import plan, shard_dataset
+tracemalloc.start()
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def wrap(name):
+    fn = getattr(plan, name)
+    def wrapped(*args, **kwargs):
+        tracemalloc.reset_peak()
+        out = fn(*args, **kwargs)
+        current, peak = tracemalloc.get_traced_memory()
+        print(f"phase {name}: peak RSS so far {rss() / 1e6:.1f} MB; heap now {current / 1e6:.1f} MB, "
+              f"step peak {peak / 1e6:.1f} MB", flush=True)
+        return out
+    setattr(plan, name, wrapped)
+for name in sys.argv[4].split(","):
+    if hasattr(plan, name):
+        wrap(name)
+held = {}
+real_plan = plan.plan_shards
+def planned(*args, **kwargs):
+    out = real_plan(*args, **kwargs)
+    task = out.tasks[0]
+    table = task.records
+    held["table (paths, keys, labels, roots)"] = table.nbytes
+    held["scan columns (key, size, ext, w, h)"] = sum(getattr(task, c).nbytes for c in task._COLUMNS)
+    held["shard rows (the permutation)"] = sum(t.rows.nbytes for t in out.tasks if t.rows is not None)
+    held["skipped"] = len(out.skipped)
+    current, peak = tracemalloc.get_traced_memory()
+    print(f"phase plan_shards: peak RSS so far {rss() / 1e6:.1f} MB; heap now {current / 1e6:.1f} MB, "
+          f"peak {peak / 1e6:.1f} MB", flush=True)
+    return out
+import shards
+shards.plan_shards = planned
+shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=2)
+for what, size in held.items():
+    print(f"held {what}: {size}", flush=True)
+print(f"peak RSS {rss() / 1e6:.1f} MB", flush=True)
+"""
+_PHASES = "scan_partitions,_exact_copies,_rows_to_check,_estimates,_split"
 _BUCKET = "bench"
 
 
@@ -85,6 +132,23 @@ def memory(work: Path, sizes: list[int]) -> None:
     print(f"memory: {hi // 1000}k/{lo // 1000}k peak ratio {peaks[hi] / peaks[lo]:.2f}x; {slope:.0f} bytes per record; "
           f"extrapolated: ImageNet-21k 14M {(peaks[lo] + slope * (14e6 - lo)) / 1e9:.1f} GB, "
           f"JFT-300M {(peaks[lo] + slope * (300e6 - lo)) / 1e9:.1f} GB", flush=True)
+
+
+def attribute(work: Path, n: int) -> None:
+    """Where the coordinator's memory goes at `n` records: each planning phase's peak RSS and heap,
+    and the bytes of what the plan keeps."""
+    tree = work / f"tiny{n}"
+    _tiny_tree(tree, n)
+    proc = subprocess.run([sys.executable, "-c", _ATTRIBUTE_CHILD, str(tree), str(work / "attr_out"), str(ROOT), _PHASES],
+                          capture_output=True, text=True, check=True)
+    shutil.rmtree(work / "attr_out", ignore_errors=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("held "):
+            what, size = line[5:].rsplit(": ", 1)
+            line = f"held {what}: {int(size) / 1e6:.1f} MB, {int(size) / n:.0f} bytes per record" if "skipped" not in what \
+                else f"held {what}: {size} entries"
+        print(f"attribute {n // 1000}k: {line}", flush=True)
+    print(f"attribute {n // 1000}k: ({_load()})", flush=True)
 
 
 def _store(work: Path):
@@ -221,6 +285,8 @@ def main(argv=None) -> int:
     try:
         if "memory" in sections:
             memory(work, [int(v) for v in args.memory_sizes.split(",")])
+        if "attribute" in sections:
+            attribute(work, max(int(v) for v in args.memory_sizes.split(",")))
         if sections & {"gets", "dask"}:
             _make_corpus(corpus, count=args.images, size=args.size, classes=20)
             store = _store(work)
