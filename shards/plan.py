@@ -17,11 +17,9 @@ from shards.dedup import HashIndex, confirm_with, load_exclude
 from shards.errors import VitpipeError
 from shards.format import IMAGE_EXTS
 from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe, thumbnail
+from shards.order import Shuffle, block_totals, estimate_bytes, records_per_block, shard_bounds
 from shards.sources import SourceError
 from shards.table import RecordTable
-
-_TAR_BLOCK = 512
-
 
 class ShardError(VitpipeError, RuntimeError):
     """Sharding cannot go on; the one-line message says what to fix."""
@@ -443,28 +441,21 @@ def _non_ascii(keys, paths) -> np.ndarray:
     return np.where(stored, flags(keys, stored), flags(paths, np.ones(len(stored), dtype=bool)))
 
 
-def _split(table: RecordTable, nbytes: np.ndarray, order: np.ndarray, cfg: ShardSettings) -> list[tuple[int, int]]:
-    """Cut `order` into [lo, hi) groups by sample count and estimated tar bytes per sample: image
-    header + data, cls (2 blocks), json (header + ~path-sized body), and PAX headers (6 blocks) when
-    the key is not ASCII."""
+def _estimates(table: RecordTable, nbytes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """shards.order.estimate_bytes of `rows` (int64 [len(rows)])."""
     path_off = np.frombuffer(table.paths.off, dtype=np.uint64).astype(np.int64)
-    path_len = path_off[order + 1] - path_off[order]
-    non_ascii = _non_ascii(table.keys, table.paths)[order] if len(order) else np.zeros(0, bool)
-    del path_off
-    pad = lambda v: (v + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
-    est = _TAR_BLOCK * 4 + pad(2 * path_len + 200) + pad(nbytes[order]) + 6 * _TAR_BLOCK * non_ascii
-    del path_len, non_ascii
-    groups: list[tuple[int, int]] = []
-    begin, count, size = 0, 0, 1024
-    for chunk in range(0, len(est), 65536):  # Python ints a chunk at a time, not one list of them all
-        for pos, est_bytes in enumerate(est[chunk:chunk + 65536].tolist(), start=chunk):
-            if count and (count >= cfg.shard_size or size + est_bytes > cfg.max_shard_bytes):
-                groups.append((begin, pos))
-                begin, count, size = pos, 0, 1024
-            count += 1
-            size += est_bytes
-    groups.append((begin, len(order)))
-    return groups
+    path_len = path_off[rows + 1] - path_off[rows]
+    non_ascii = _non_ascii(table.keys, table.paths)[rows] if len(rows) else np.zeros(0, bool)
+    return estimate_bytes(nbytes[rows], path_len, non_ascii)
+
+
+def _split(est: np.ndarray, cfg: ShardSettings) -> list[tuple[int, int]]:
+    """[lo, hi) positions of each shard (shards.order): `est`, the kept records' estimated bytes in
+    position order."""
+    n = len(est)
+    per = records_per_block(n, int(est.sum()), cfg.shard_size, cfg.max_shard_bytes)
+    totals = block_totals(np.arange(n), est, per, n)
+    return shard_bounds(n, per, totals, cfg.max_shard_bytes, lambda b: est[b * per:(b + 1) * per])
 
 
 def _rows_to_check(table: RecordTable, scan: ScanResults, label_map: np.ndarray, first_of: np.ndarray, *,
@@ -613,11 +604,12 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     label_off = table.label_offsets()  # None: one label per row
     multi_label = (listing.kind in ("jsonl", "csv") and label_off is not None
                    and bool((np.diff(label_off)[kept] != 1).any()))
-    order = kept[np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(kept))]
+    # the kept record at position p (shards.order.Shuffle: arithmetic of the seed and its kept index)
+    order = kept[Shuffle(len(kept), cfg.seed).inverse(np.arange(len(kept)))]
     if len(order) < 2**31:
         order = order.astype(np.int32)  # the shard tasks' row numbers: half the memory
     del kept, keep
-    groups = _split(table, scan.nbytes, order, cfg)
+    groups = _split(_estimates(table, scan.nbytes, order.astype(np.int64)), cfg)
     histogram = np.zeros(len(classes), dtype=np.int64)
     labels = np.frombuffer(table.labels, dtype=np.uint32)
     tasks = []
