@@ -63,15 +63,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 # what the coordinator holds, phase by phase: each planning step wrapped to print the peak RSS so far
 # and the Python/numpy heap (tracemalloc: current and peak) when it returns
 _ATTRIBUTE_CHILD = """
-import resource, sys, tracemalloc
+import importlib, pickle, resource, sys, tracemalloc
 sys.path.insert(0, sys.argv[3])
-import numpy as np
+import shards
 from shards import plan, shard_dataset
 tracemalloc.start()
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-def wrap(name):
-    fn = getattr(plan, name)
+def wrap(where):
+    module, name = where.rsplit(".", 1)
+    module = importlib.import_module(module)
+    fn = getattr(module, name)
     def wrapped(*args, **kwargs):
         tracemalloc.reset_peak()
         out = fn(*args, **kwargs)
@@ -79,32 +81,27 @@ def wrap(name):
         print(f"phase {name}: peak RSS so far {rss() / 1e6:.1f} MB; heap now {current / 1e6:.1f} MB, "
               f"step peak {peak / 1e6:.1f} MB", flush=True)
         return out
-    setattr(plan, name, wrapped)
-for name in sys.argv[4].split(","):
-    if hasattr(plan, name):
-        wrap(name)
+    setattr(module, name, wrapped)
+for where in sys.argv[4].split(","):
+    wrap(where)
 held = {}
 real_plan = plan.plan_shards
 def planned(*args, **kwargs):
     out = real_plan(*args, **kwargs)
-    task = out.tasks[0]
-    table = task.records
-    held["table (paths, keys, labels, roots)"] = table.nbytes
-    held["scan columns (key, size, ext, w, h)"] = sum(getattr(task, c).nbytes for c in task._COLUMNS)
-    held["shard rows (the permutation)"] = sum(t.rows.nbytes for t in out.tasks if t.rows is not None)
+    held["the plan (pickled: tasks, skipped, classes, settings)"] = len(pickle.dumps(out))
     held["skipped"] = len(out.skipped)
     current, peak = tracemalloc.get_traced_memory()
     print(f"phase plan_shards: peak RSS so far {rss() / 1e6:.1f} MB; heap now {current / 1e6:.1f} MB, "
           f"peak {peak / 1e6:.1f} MB", flush=True)
     return out
-import shards
 shards.plan_shards = planned
 shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=2)
 for what, size in held.items():
     print(f"held {what}: {size}", flush=True)
 print(f"peak RSS {rss() / 1e6:.1f} MB", flush=True)
 """
-_PHASES = "scan_partitions,_exact_copies,_rows_to_check,_estimates,_split"
+# the coordinator's own steps between the workers' phases (shards.partplan)
+_PHASES = "shards.partitions.merge,shards.partplan._duplicates,shards.partplan.shard_bounds"
 _BUCKET = "bench"
 
 
@@ -145,7 +142,7 @@ def attribute(work: Path, n: int) -> None:
     for line in proc.stdout.splitlines():
         if line.startswith("held "):
             what, size = line[5:].rsplit(": ", 1)
-            line = f"held {what}: {int(size) / 1e6:.1f} MB, {int(size) / n:.0f} bytes per record" if "skipped" not in what \
+            line = f"held {what}: {int(size) / 1e6:.1f} MB, {int(size) / n:.0f} bytes per record" if what != "skipped" \
                 else f"held {what}: {size} entries"
         print(f"attribute {n // 1000}k: {line}", flush=True)
     print(f"attribute {n // 1000}k: ({_load()})", flush=True)

@@ -43,8 +43,7 @@ def build_manifest(plan: ShardPlan, entries: list[dict]) -> dict:
 def image_extensions(plan: ShardPlan) -> list[str]:
     """The image members' extensions the shards can hold: the sources' own (pass-through); re-encoding
     keeps jpg/png/webp and turns the rest into jpg, or png when transparent (shards.imaging.resize_encode)."""
-    codes = {int(c) for t in plan.tasks for c in set((t.ext if t.rows is None else t.ext[t.rows]).tolist())}
-    exts = {IMAGE_EXTS[c] for c in codes}
+    exts = {IMAGE_EXTS[c] for c in plan.ext_codes}
     if plan.settings.get("resize") and exts - {"jpg", "png", "webp"}:
         exts |= {"jpg", "png"}
     return sorted(exts)

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from shards import storage
-from shards.dedup import HashIndex, confirm_with, load_exclude
+from shards.dedup import load_exclude
 from shards.errors import VitpipeError
 from shards.format import IMAGE_EXTS
-from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe, thumbnail
-from shards.order import Shuffle, block_totals, estimate_bytes, records_per_block, shard_bounds
+from shards.imaging import DEFAULT_MAX_PIXELS, BadImage, header_probe, header_probe_ends, probe
+from shards.order import estimate_bytes
 from shards.sources import SourceError
 from shards.table import RecordTable
 
@@ -79,15 +79,16 @@ _EXT_CODE = {e: i for i, e in enumerate(IMAGE_EXTS)}
 class ShardTask:
     """The unit of work: write shard `name` to `url` from its rows (idempotent).
 
-    In the planning process a task points into the plan's shared table and scan columns (`rows`);
-    pickled (for a worker process or a Prefect/Dask task) it carries only its own records, in a
-    compact table and columns of its own."""
+    A planned task is routed: it names the partitions' route files (`routes`) whose section
+    `index` holds its records, and `count`; `loaded()` reads them (in the writer) into a compact
+    table and columns of its own. A task may also point into a shared table and scan columns
+    (`rows`); pickled, it then carries only its own records."""
 
     index: int
     name: str
     url: str
     out_url: str
-    records: RecordTable
+    records: RecordTable | None  # None: routed, not loaded yet
     class_ids: np.ndarray  # int32, flattened label ids per row (see class_off)
     class_off: np.ndarray | None  # int64 [n+1]; None when every row has exactly one label
     ext: np.ndarray  # uint8 codes into shards.format.IMAGE_EXTS; these five columns are indexed like `records`
@@ -102,11 +103,27 @@ class ShardTask:
     max_pixels: int
     source_fingerprint: str = ""  # the listing's (paths, sizes, mtimes): part of the digest, as keys may hash only the ends
     rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
+    routes: tuple = ()  # the route files of the partitions (shards.partplan), while not loaded
+    count: int = -1  # its records, while not loaded
 
     _COLUMNS = ("ext", "width", "height", "nbytes", "sha")
 
     def __len__(self) -> int:
+        if self.records is None:
+            return self.count
         return len(self.ext) if self.rows is None else len(self.rows)
+
+    def loaded(self) -> "ShardTask":
+        """This task with its records read from its routes (itself when it holds them)."""
+        if self.records is not None:
+            return self
+        from dataclasses import replace
+
+        from shards.partplan import load_route
+
+        records, columns, ids, off = load_route(self)
+        return replace(self, records=records, class_ids=ids, class_off=off if self.multi_label else None,
+                       routes=(), count=-1, **columns)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -118,14 +135,14 @@ class ShardTask:
 
     @property
     def digest(self) -> str:
+        if self.records is None:
+            return self.loaded().digest
         h = hashlib.sha256(json.dumps([self.name, self.resize, self.quality, self.multi_label,
                                        self.source_fingerprint]).encode())
-        # the keys: derived from the paths, or stored (custom, or made unique)
         rows = range(len(self)) if self.rows is None else self.rows.tolist()
-        for strings in (self.records.paths, self.records.keys):
-            if strings is not None:
-                buf, off = strings.buf, strings.off
-                h.update(b"\0".join([buf[off[r]:off[r + 1]] for r in rows]))
+        paths = self.records.paths_of(rows)
+        for strings in (paths, self.records.keys_of(rows, paths)):  # keys as written, stored or derived
+            h.update("\0".join(strings).encode("utf-8", "surrogatepass"))
         h.update((self.sha if self.rows is None else self.sha[self.rows]).tobytes())
         h.update(self.class_ids.astype("<i4").tobytes())
         off = np.arange(len(self) + 1) if self.class_off is None else self.class_off
@@ -149,6 +166,7 @@ class ShardPlan:
     split: object = None  # the shards.partitions.SourceSplit it was planned from
     scan_args: tuple = ()
     units_reused: int = 0  # units whose scan came from their record (a re-run)
+    ext_codes: list = field(default_factory=list)  # the kept records' extensions (codes into IMAGE_EXTS)
 
     @property
     def shards(self) -> list[ShardTask]:
@@ -316,34 +334,6 @@ def hash_records(locations) -> list[bytes | tuple]:
     return out
 
 
-def _chunk_rows(n: int, workers: int) -> int:
-    """Rows per chunk sent to a worker: about 8 chunks per worker (an even finish), 64 to 1024 rows
-    (few messages: each costs the parent a pickle and a wakeup)."""
-    return min(1024, max(64, n // (8 * max(workers, 1))))
-
-
-def _map_chunks(fn, table: RecordTable, rows, args: tuple = (), *, workers: int, pool=None):
-    """Yields (position in rows, fn(locations, *args)) per chunk of rows, in order, in `pool` or
-    `workers` processes."""
-    size = _chunk_rows(len(rows), workers)
-    starts = range(0, len(rows), size)
-    chunks = ((table.locations(rows[start:start + size]), *args) for start in starts)
-    if workers <= 1 or len(rows) <= size:
-        yield from zip(starts, (fn(*chunk) for chunk in chunks))
-        return
-    from contextlib import nullcontext
-
-    from shards.workers import ordered_map, process_pool
-
-    with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
-        yield from zip(starts, ordered_map(executor, _call, ((fn, chunk) for chunk in chunks), ahead=2 * workers))
-
-
-def _call(job):
-    fn, args = job
-    return fn(*args)
-
-
 # ----------------------------------------------------------------------------- class index
 
 def load_class_index(spec: str) -> list[str]:
@@ -400,29 +390,6 @@ def _first_copies(keys: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return first_of
 
 
-def _exact_copies(table: RecordTable, scan: ScanResults, *, workers: int, pool=None) -> np.ndarray:
-    """_first_copies by content. Keys from a decoding scan are sha256s of the bytes; content keys
-    (from the ends only) are confirmed by hashing the records that share one whole (few: the
-    duplicates themselves). A record unreadable now becomes a bad one."""
-    first_of = _first_copies(scan.sha, scan.ok)
-    if scan.dhash is not None:
-        return first_of
-    dup = np.flatnonzero(first_of != np.arange(len(first_of)))
-    if not len(dup):
-        return first_of
-    rows = np.union1d(dup, first_of[dup])
-    digests, ok = np.zeros((len(rows), 32), dtype=np.uint8), np.ones(len(rows), dtype=bool)
-    for start, part in _map_chunks(hash_records, table, rows, workers=workers, pool=pool):
-        for j, result in enumerate(part):
-            if isinstance(result, tuple):
-                scan.put(int(rows[start + j]), result)
-                scan.ok[rows[start + j]], ok[start + j] = False, False
-            else:
-                digests[start + j] = np.frombuffer(result, dtype=np.uint8)
-    first_of[rows] = rows[_first_copies(digests, ok)]
-    return first_of
-
-
 def _non_ascii(keys, paths) -> np.ndarray:
     """Per row: does its key hold non-ASCII characters (a key stored empty is derived from the path,
     so the path decides)."""
@@ -449,66 +416,6 @@ def _estimates(table: RecordTable, nbytes: np.ndarray, rows: np.ndarray) -> np.n
     return estimate_bytes(nbytes[rows], path_len, non_ascii)
 
 
-def _split(est: np.ndarray, cfg: ShardSettings) -> list[tuple[int, int]]:
-    """[lo, hi) positions of each shard (shards.order): `est`, the kept records' estimated bytes in
-    position order."""
-    n = len(est)
-    per = records_per_block(n, int(est.sum()), cfg.shard_size, cfg.max_shard_bytes)
-    totals = block_totals(np.arange(n), est, per, n)
-    return shard_bounds(n, per, totals, cfg.max_shard_bytes, lambda b: est[b * per:(b + 1) * per])
-
-
-def _rows_to_check(table: RecordTable, scan: ScanResults, label_map: np.ndarray, first_of: np.ndarray, *,
-                   every: bool):
-    """The rows plan_shards must look at one by one, in order: all of them when `every` (exclusion or
-    near-duplicates compare each row), else only bad ones, ones with a label outside the class
-    index, and exact duplicates (few: the loop stays off the millions of plain rows)."""
-    n = len(scan.ok)
-    if every:
-        return range(n)
-    flags = ~scan.ok | (first_of != np.arange(n))
-    unknown = np.flatnonzero(label_map[np.frombuffer(table.labels, dtype=np.uint32)] < 0)
-    if len(unknown):
-        off = table.label_offsets()
-        flags[unknown if off is None else np.searchsorted(off, unknown, side="right") - 1] = True
-    return np.flatnonzero(flags).tolist()
-
-
-def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, pool=None, progress=None):
-    """(listing, scan results, partitions taken from their records): every partition of `split`
-    listed and scanned by the workers (`pool`: an executor, a local process pool or a Dask
-    cluster's; else `workers` processes, or this one), merged in order as they come back."""
-    from contextlib import nullcontext
-
-    from shards import partitions
-    from shards.workers import ordered_map, process_pool
-
-    jobs = ((part, scan_args, out_url) for part in split.partitions)
-    scans, reused = [], 0
-
-    def listings(results):
-        nonlocal reused
-        for listing, scan, was_reused in results:
-            scans.append(scan)
-            reused += was_reused
-            if progress is not None:
-                progress(len(scan.ok))
-            yield listing
-
-    if pool is None and (workers <= 1 or len(split.partitions) == 1):
-        listing = partitions.merge(split, listings(map(partitions._scan_job, jobs)))
-    else:
-        with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
-            listing = partitions.merge(split, listings(ordered_map(executor, partitions._scan_job, jobs,
-                                                                   ahead=2 * executor._max_workers)))
-    scan = ScanResults(len(listing.records), scan_args[1])
-    start = 0
-    for part in scans:
-        scan.put_part(start, part)
-        start += len(part.ok)
-    return listing, scan, reused
-
-
 def default_partitions(workers: int) -> int:
     """Partitions to cut a source into for `workers` workers: a few each (an even finish)."""
     return 4 * max(1, workers)
@@ -521,6 +428,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     one of `workers` processes is made for it). `partitions`: how many to cut the source into
     (default: default_partitions); the plan does not depend on it."""
     from shards.partitions import split_source
+    from shards.partplan import plan_partitions
 
     cfg = ShardSettings(**settings)
     out_url = storage.normalize(out_url)
@@ -536,111 +444,34 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         bar = tqdm(desc="list+scan", unit="img", dynamic_ncols=True)
     decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
     scan_args = (cfg.max_pixels, decode)
+    exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
+    classes_of = lambda listing: load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)  # noqa: E731
     try:
-        listing, scan, reused = scan_partitions(split, scan_args, out_url, workers=workers, pool=pool,
-                                                progress=None if bar is None else bar.update)
+        planned = plan_partitions(split, cfg, scan_args, out_url, classes_of, exclude, pool=pool, workers=workers,
+                                  progress=None if bar is None else bar.update)
     except (SourceError, storage.StorageError) as err:
         raise ShardError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
-    if progress and reused:
-        print(f"plan: {reused} unit(s) of the source (class folders, tars, manifest blocks) taken from their scan "
-              "records instead of scanned again")
-    table = listing.records
-    n = len(table)
-    classes = load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
-    class_ids = {name: i for i, name in enumerate(classes)}
-    # label name id (table-local) -> class id, -1 when the class index does not have it
-    label_map = np.array([class_ids.get(name, -1) for name in table.label_names] or [0], dtype=np.int64)
-    exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
-
-    skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
-    first_of = _exact_copies(table, scan, workers=workers, pool=pool)
-    keep = scan.ok.copy()
-    near = HashIndex(cfg.near_dup_threshold) if cfg.dedup_within == "near" else None
-
-    def read_row(j: int) -> bytes:  # a near-duplicate candidate's bytes, read again to confirm it
-        return storage.read_record(*table.locations([j])[0])
-
-    for i in _rows_to_check(table, scan, label_map, first_of, every=exclude is not None or near is not None):
-        def skip(kind, reason):
-            skipped.append({"key": table.key(i), "path": table.path(i), "reason": reason, "kind": kind})
-            keep[i] = False
-        if not scan.ok[i]:
-            kind, reason = scan.bad[i]
-            skip(kind, reason)
-            continue
-        lo, hi = table.label_span(i)
-        ids = label_map[table.labels[lo:hi]]
-        if (ids < 0).any():
-            missing = table.label_list(i)[int(np.flatnonzero(ids < 0)[0])]
-            skip("unknown_class", f"class {missing!r} is not in the class index (--classes)")
-            continue
-        if exclude is not None:
-            reason = exclude.match(scan.sha[i].tobytes().hex(), int(scan.dhash[i]), lambda: read_row(i))
-            if reason:
-                skip("excluded_exact" if reason.startswith("exact") else "excluded_near", reason)
-                continue
-        if first_of[i] != i:
-            skip("duplicate_exact", f"exact duplicate of {table.path(int(first_of[i]))}")
-            continue
-        if near is not None:
-            hit = near.find(int(scan.dhash[i]), confirm_with(lambda: read_row(i), lambda j: thumbnail(read_row(j))))
-            if hit is not None:
-                skip("duplicate_near", f"near duplicate of {hit[0]} (dHash distance {hit[1]})")
-                continue
-            near.add(int(scan.dhash[i]), table.path(i), payload=i)
-    del first_of, near
-    scan.dhash = scan.ok = None
-    if cfg.strict and skipped:
-        first = skipped[0]
-        raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
-                         f"{first.get('path') or first.get('key')}: {first['reason']}")
-    kept = np.flatnonzero(keep)
-    if not len(kept):
-        raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
-                         f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-    label_off = table.label_offsets()  # None: one label per row
-    multi_label = (listing.kind in ("jsonl", "csv") and label_off is not None
-                   and bool((np.diff(label_off)[kept] != 1).any()))
-    # the kept record at position p (shards.order.Shuffle: arithmetic of the seed and its kept index)
-    order = kept[Shuffle(len(kept), cfg.seed).inverse(np.arange(len(kept)))]
-    if len(order) < 2**31:
-        order = order.astype(np.int32)  # the shard tasks' row numbers: half the memory
-    del kept, keep
-    groups = _split(_estimates(table, scan.nbytes, order.astype(np.int64)), cfg)
-    histogram = np.zeros(len(classes), dtype=np.int64)
-    labels = np.frombuffer(table.labels, dtype=np.uint32)
+    if progress and planned.reused:
+        print(f"plan: {planned.reused} unit(s) of the source (class folders, tars, manifest blocks) taken from their "
+              "scan records instead of scanned again")
+    listing, skipped = planned.listing, planned.skipped
     tasks = []
-    for index, (lo, hi) in enumerate(groups):
-        rows = order[lo:hi]
-        if label_off is None:
-            starts, counts = rows.astype(np.int64), np.ones(len(rows), dtype=np.int64)
-        else:
-            starts = label_off[rows].astype(np.int64)
-            counts = label_off[rows + 1].astype(np.int64) - starts
-        offs = np.r_[0, np.cumsum(counts)].astype(np.int64)
-        flat = labels[np.repeat(starts - offs[:-1], counts) + np.arange(offs[-1])]
-        ids = label_map[flat].astype(np.int32) if len(flat) else np.zeros(0, np.int32)
-        # sorted, distinct class ids per sample
-        per = [np.unique(ids[offs[j]:offs[j + 1]]) for j in range(len(rows))] if multi_label else None
-        if per is not None:
-            offs = np.r_[0, np.cumsum([len(p) for p in per])].astype(np.int64)
-            ids = np.concatenate(per).astype(np.int32) if per else np.zeros(0, np.int32)
-        np.add.at(histogram, ids, 1)
+    for index, (lo, hi) in enumerate(planned.bounds):
         shard_name = f"{cfg.name}-{index:06d}.tar"
         tasks.append(ShardTask(index=index, name=shard_name, url=storage.join(out_url, shard_name), out_url=out_url,
-                               records=table, rows=rows, class_ids=ids, class_off=offs if multi_label else None, ext=scan.ext,
-                               width=scan.width, height=scan.height, nbytes=scan.nbytes, sha=scan.sha, classes=classes,
-                               multi_label=multi_label, resize=cfg.resize, quality=cfg.quality,
-                               max_pixels=cfg.max_pixels, source_fingerprint=listing.fingerprint))
-    settings_out = asdict(cfg)
-    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint, "records": n}
+                               records=None, class_ids=None, class_off=None, ext=None, width=None, height=None,
+                               nbytes=None, sha=None, classes=planned.classes, multi_label=planned.multi_label,
+                               resize=cfg.resize, quality=cfg.quality, max_pixels=cfg.max_pixels,
+                               source_fingerprint=listing.fingerprint, routes=tuple(planned.routes), count=hi - lo))
+    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint, "records": len(listing.records)}
     if exclude is not None:
         source["exclude_fingerprint"] = exclude.fingerprint
-    return ShardPlan(name=cfg.name, out_url=out_url, tasks=tasks, classes=classes, multi_label=multi_label,
-                     source=source, settings=settings_out, skipped=skipped,
+    return ShardPlan(name=cfg.name, out_url=out_url, tasks=tasks, classes=planned.classes,
+                     multi_label=planned.multi_label, source=source, settings=asdict(cfg), skipped=skipped,
                      dropped=dict(sorted(Counter(s["kind"] for s in skipped).items())),
                      fingerprint=settings_fingerprint(listing.fingerprint, cfg, exclude.fingerprint if exclude else ""),
-                     label_histogram=histogram.tolist(), split=split, scan_args=scan_args, units_reused=reused)
+                     label_histogram=planned.histogram, split=split, scan_args=scan_args,
+                     units_reused=planned.reused, ext_codes=planned.exts)

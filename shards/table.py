@@ -6,6 +6,7 @@ view of one row on demand; `take(indices)` copies a subset (a shard task carries
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from array import array
@@ -379,8 +380,6 @@ class RecordTable:
 
     def make_keys_unique(self) -> int:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""
-        import hashlib
-
         known, later = self._key_hash, self._later
         self._key_hash, self._later = None, []  # keys may change below
         if known is not None and len(known) == len(self):
@@ -397,17 +396,27 @@ class RecordTable:
         if not len(repeated):
             return 0
         seen: set[str] = set()
-        changes: dict[int, str] = {}
+        changes: list[int] = []
         for i in np.flatnonzero(np.isin(hashes, repeated)).tolist():
             key = self.key(i)
             if key in seen:
-                key = changes[i] = f"{key}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}"
+                changes.append(i)
+                key = self._renamed(i)
             seen.add(key)
+        self.rename_keys(changes)
+        return len(changes)
+
+    def _renamed(self, i: int) -> str:
+        """Row i's key made unique: a short hash of its path added."""
+        return f"{self.key(i)}_{hashlib.sha1(self.paths[i].encode('utf-8')).hexdigest()[:10]}"
+
+    def rename_keys(self, rows) -> None:
+        """Give each of `rows` (keys an earlier row has: see make_keys_unique) its _renamed key."""
+        changes = {i: self._renamed(i) for i in rows}
         if changes:
             if self.keys is None:
                 self._store_keys()
             self.keys.replace(changes)
-        return len(changes)
 
     @property
     def nbytes(self) -> int:

@@ -139,6 +139,7 @@ def completed_entry(task: ShardTask) -> dict | None:
 def write_shard(plan_or_task: ShardPlan | ShardTask, index: int | None = None) -> dict:
     """Write (or keep, if already complete) one shard; returns {name, samples, bytes, sha256}."""
     task = plan_or_task.tasks[index] if isinstance(plan_or_task, ShardPlan) else plan_or_task
+    task = task.loaded()  # a planned task reads its records from the partitions' route files
     done = completed_entry(task)
     if done is not None:
         return done

@@ -120,7 +120,9 @@ def test_hashing_in_a_thread_writes_the_same_shard(tmp_path, monkeypatch):
         written[threaded] = data
     assert written[True] == written[False]
     threads = threading.active_count()
-    shutil.rmtree(tmp_path / "outTrue")  # else the complete shard is kept
+    # else the complete shard is kept (the plan's route files in _plan stay: the task reads them)
+    (tmp_path / "outTrue" / entry["name"]).unlink()
+    shutil.rmtree(tmp_path / "outTrue" / "_progress")
     (tmp_path / "src" / "c" / "7.jpg").write_bytes(b"changed")
     with pytest.raises(ShardError, match="changed since it was scanned"):
         write_shard(plan, 0)

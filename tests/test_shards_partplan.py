@@ -1,0 +1,91 @@
+"""The plan made partition by partition (shards.partplan): duplicates, near duplicates, colliding
+keys, excluded and unknown-class records across partitions give the same dataset, byte for
+byte, for any number of partitions and workers; the coordinator's plan holds no record rows."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from shards import plan_shards, shard_dataset
+from shards.testdata import encode, photo_crops
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("partplan") / "tree"
+    crops = photo_crops(16, size=(96, 72), seed=11)
+    folders = ["a b", "a_b", "c", "d"]
+    for i, crop in enumerate(crops[:14]):
+        _write(root / folders[i % 4] / f"{i:02d}.jpg", encode(crop, "JPEG", quality=90))
+    # keys that collide across folders: "a b/x.jpg" and "a_b/x.jpg" are both a_b_x
+    _write(root / "a b" / "x.jpg", encode(crops[14], "PNG"))
+    _write(root / "a_b" / "x.jpg", encode(crops[15], "PNG"))
+    # an exact duplicate in a later folder, a near one (re-encoded smaller), a bad file, an excluded image
+    _write(root / "d" / "dup.jpg", (root / "a b" / "00.jpg").read_bytes())
+    _write(root / "c" / "near.jpg", encode(crops[1].resize((64, 48)), "JPEG", quality=70))
+    _write(root / "c" / "bad.jpg", b"\xff\xd8\xff\xe0 not really")
+    _write(root.parent / "eval" / "e" / "same.jpg", (root / "a_b" / "05.jpg").read_bytes())
+    return root
+
+
+def _dataset(out: Path, manifest: dict) -> dict:
+    return {"shards": manifest["shards"], "skipped": manifest["skipped"], "dropped": manifest["dropped"],
+            "histogram": manifest["label_histogram"], "fingerprint": manifest["fingerprint"],
+            "bytes": {s["name"]: (out / s["name"]).read_bytes() for s in manifest["shards"]}}
+
+
+@pytest.mark.parametrize("settings", [
+    {"shard_size": 4, "dedup_within": "near"},
+    {"shard_size": 50, "max_shard_bytes": 64 * 1024, "exclude": "EVAL"},
+    {"shard_size": 3, "classes": "CLASSES"},
+], ids=["near", "bytes+exclude", "classes"])
+def test_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, settings):
+    settings = dict(settings, seed=3)
+    if settings.get("exclude") == "EVAL":
+        settings["exclude"] = str(tree.parent / "eval")
+    if settings.get("classes") == "CLASSES":
+        (tmp_path / "classes.txt").write_text("c\na b\nd\n")  # a_b is not in it: its records are unknown
+        settings["classes"] = str(tmp_path / "classes.txt")
+    runs = {}
+    for partitions, workers in ((1, 1), (2, 1), (3, 2), (5, 2)):
+        out = tmp_path / f"p{partitions}w{workers}"
+        runs[partitions, workers] = _dataset(out, shard_dataset(str(tree), str(out), partitions=partitions,
+                                                                workers=workers, **settings))
+        assert not (out / "_plan").exists()
+    reference = runs[1, 1]
+    for key, got in runs.items():
+        assert got == reference, key
+    kinds = {s["path"]: s["kind"] for s in reference["skipped"]}
+    assert kinds["c/bad.jpg"] in ("corrupt_image", "not_an_image")
+    if "classes" in settings:
+        assert sum(kind == "unknown_class" for kind in kinds.values()) == 5  # a_b's 4 crops and x.jpg
+    else:
+        assert kinds["d/dup.jpg"] == "duplicate_exact"
+    if settings.get("dedup_within") == "near":
+        assert kinds["c/near.jpg"] == "duplicate_near"
+    if "exclude" in settings:
+        assert kinds["a_b/05.jpg"] == "excluded_exact"
+        assert all(s["bytes"] <= 64 * 1024 for s in reference["shards"]) and len(reference["shards"]) > 1
+    # every sample key is unique: the colliding ones got a hash of their path
+    names = []
+    for shard in reference["shards"]:
+        with tarfile.open(tmp_path / "p1w1" / shard["name"]) as tar:
+            names += [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(names) == len(set(names)) == sum(s["samples"] for s in reference["shards"])
+    if "classes" not in settings:
+        assert "a_b_x" in names and any(name.startswith("a_b_x_") for name in names)
+
+
+def test_the_plan_holds_no_record_rows(tree, tmp_path):
+    plan = plan_shards(str(tree), str(tmp_path / "out"), shard_size=4, partitions=3)
+    assert all(task.records is None and task.routes for task in plan.tasks)
+    assert sum(len(task) for task in plan.tasks) == plan.num_samples == 17  # 14 crops, 2 x.jpg, near.jpg
+    loaded = plan.tasks[0].loaded()
+    assert len(loaded.records) == len(loaded.ext) == 4 == len(plan.tasks[0])
