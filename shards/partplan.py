@@ -99,7 +99,7 @@ class _Summary:
         self.reused = reused
 
 
-_FP_READ = 8 << 20
+_FP_READ = 1 << 20
 
 
 def _fingerprint(split, summaries: list[_Summary]) -> str:
