@@ -12,26 +12,21 @@ from shards import plan_shards, shard_dataset
 from shards.testdata import encode, photo_crops
 
 
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("partplan") / "tree"
     crops = photo_crops(16, size=(96, 72), seed=11)
-    folders = ["a b", "a_b", "c", "d"]
-    for i, crop in enumerate(crops[:14]):
-        _write(root / folders[i % 4] / f"{i:02d}.jpg", encode(crop, "JPEG", quality=90))
-    # keys that collide across folders: "a b/x.jpg" and "a_b/x.jpg" are both a_b_x
-    _write(root / "a b" / "x.jpg", encode(crops[14], "PNG"))
-    _write(root / "a_b" / "x.jpg", encode(crops[15], "PNG"))
-    # an exact duplicate in a later folder, a near one (re-encoded smaller), a bad file, an excluded image
-    _write(root / "d" / "dup.jpg", (root / "a b" / "00.jpg").read_bytes())
-    _write(root / "c" / "near.jpg", encode(crops[1].resize((64, 48)), "JPEG", quality=70))
-    _write(root / "c" / "bad.jpg", b"\xff\xd8\xff\xe0 not really")
-    _write(root.parent / "eval" / "e" / "same.jpg", (root / "a_b" / "05.jpg").read_bytes())
+    files = {f"{['a b', 'a_b', 'c', 'd'][i % 4]}/{i:02d}.jpg": encode(crop, "JPEG", quality=90)
+             for i, crop in enumerate(crops[:14])}
+    files.update({
+        # keys that collide across folders: "a b/x.jpg" and "a_b/x.jpg" are both a_b_x
+        "a b/x.jpg": encode(crops[14], "PNG"), "a_b/x.jpg": encode(crops[15], "PNG"),
+        # an exact duplicate in a later folder, a near one (re-encoded smaller), a bad file, an excluded image
+        "d/dup.jpg": files["a b/00.jpg"], "c/near.jpg": encode(crops[1].resize((64, 48)), "JPEG", quality=70),
+        "c/bad.jpg": b"\xff\xd8\xff\xe0 not really", "../eval/e/same.jpg": files["a_b/05.jpg"]})
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
     return root
 
 
@@ -89,3 +84,24 @@ def test_the_plan_holds_no_record_rows(tree, tmp_path):
     assert sum(len(task) for task in plan.tasks) == plan.num_samples == 17  # 14 crops, 2 x.jpg, near.jpg
     loaded = plan.tasks[0].loaded()
     assert len(loaded.records) == len(loaded.ext) == 4 == len(plan.tasks[0])
+
+
+def test_a_plan_cut_short_resumes_with_other_partitions(tree, tmp_path):
+    """A coordinator stopped after planning and two shard writes (its files left in _plan): the
+    re-run with other partitions and workers keeps those shards (their task digests match) and
+    makes the same dataset as a run that never stopped."""
+    from shards import write_shard
+
+    reference = shard_dataset(str(tree), str(tmp_path / "ref"), shard_size=4, seed=2, partitions=1)
+    out = tmp_path / "cut"
+    plan = plan_shards(str(tree), str(out), shard_size=4, seed=2, partitions=3)
+    for index in (0, 2):
+        write_shard(plan, index)
+    assert (out / "_plan").exists() and not (out / "manifest.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert len(written) == 2
+    finished = shard_dataset(str(tree), str(out), shard_size=4, seed=2, partitions=5, workers=2)
+    assert finished["shards"] == reference["shards"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in written} == written
+    for shard in reference["shards"]:
+        assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
