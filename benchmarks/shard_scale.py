@@ -63,11 +63,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 # what the coordinator holds, phase by phase: each planning step wrapped to print the peak RSS so far
 # and the Python/numpy heap (tracemalloc: current and peak) when it returns
 _ATTRIBUTE_CHILD = """
-import importlib, pickle, resource, sys, tracemalloc
+import importlib, os, pickle, resource, sys, tracemalloc
 sys.path.insert(0, sys.argv[3])
 import shards
 from shards import plan, shard_dataset
 tracemalloc.start()
+os.register_at_fork(after_in_child=tracemalloc.stop)  # the coordinator's heap only (workers untraced)
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 def wrap(where):
