@@ -13,7 +13,8 @@
 5. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
    heap (tracemalloc) after each planning phase, and the bytes per record of what the plan holds.
 
-    .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first] [--memory-sizes 50000,200000,1000000]
+    .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first]
+        [--memory-sizes 50000,200000,1000000]
         [--images 600] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
@@ -137,13 +138,13 @@ def attribute(work: Path, n: int) -> None:
     and the bytes of what the plan keeps."""
     tree = work / f"tiny{n}"
     _tiny_tree(tree, n)
-    proc = subprocess.run([sys.executable, "-c", _ATTRIBUTE_CHILD, str(tree), str(work / "attr_out"), str(ROOT), _PHASES],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", _ATTRIBUTE_CHILD, str(tree), str(work / "attr_out"), str(ROOT),
+                           _PHASES], capture_output=True, text=True, check=True)
     shutil.rmtree(work / "attr_out", ignore_errors=True)
     for line in proc.stdout.splitlines():
         if line.startswith("held "):
             what, size = line[5:].rsplit(": ", 1)
-            line = f"held {what}: {int(size) / 1e6:.1f} MB, {int(size) / n:.0f} bytes per record" if what != "skipped" \
+            line = f"held {what}: {int(size) / 1e3:.1f} kB, {int(size) / n:.2f} bytes per record" if what != "skipped" \
                 else f"held {what}: {size} entries"
         print(f"attribute {n // 1000}k: {line}", flush=True)
     print(f"attribute {n // 1000}k: ({_load()})", flush=True)

@@ -446,7 +446,10 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
     scan_args = (cfg.max_pixels, decode)
     exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
-    classes_of = lambda listing: load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)  # noqa: E731
+
+    def classes_of(listing) -> list[str]:
+        return load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
+
     try:
         planned = plan_partitions(split, cfg, scan_args, out_url, classes_of, exclude, pool=pool, workers=workers,
                                   progress=None if bar is None else bar.update)
@@ -467,7 +470,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
                                nbytes=None, sha=None, classes=planned.classes, multi_label=planned.multi_label,
                                resize=cfg.resize, quality=cfg.quality, max_pixels=cfg.max_pixels,
                                source_fingerprint=listing.fingerprint, routes=tuple(planned.routes), count=hi - lo))
-    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint, "records": len(listing.records)}
+    source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint,
+              "records": len(listing.records)}
     if exclude is not None:
         source["exclude_fingerprint"] = exclude.fingerprint
     return ShardPlan(name=cfg.name, out_url=out_url, tasks=tasks, classes=planned.classes,
