@@ -83,6 +83,8 @@ def split_source(url: str, *, format: str | None = None, partitions: int = 1) ->
         units = _manifest_units(url, out)
     else:  # a csv manifest, a tar of tars: one unit
         units = [None]
+    if not units:  # a jsonl manifest without a line
+        raise SourceError(f"{url}: empty manifest (no records)")
     per = -(-len(units) // max(1, min(partitions, len(units))))
     out.partitions = [Partition(i, kind, url, tuple(units[lo:lo + per])) for i, lo in enumerate(range(0, len(units), per))]
     return out

@@ -106,3 +106,12 @@ def test_a_plan_cut_short_resumes_with_other_partitions(tree, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in written} == written
     for shard in reference["shards"]:
         assert (out / shard["name"]).read_bytes() == (tmp_path / "ref" / shard["name"]).read_bytes()
+
+
+def test_an_empty_jsonl_manifest_says_so(tmp_path):
+    from shards import ShardError
+
+    (tmp_path / "m.jsonl").write_bytes(b"")
+    with pytest.raises(ShardError, match=r"m\.jsonl: empty manifest \(no records\)$"):
+        shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), partitions=3)
+    assert not (tmp_path / "out" / "manifest.json").exists()
