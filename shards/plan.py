@@ -179,6 +179,7 @@ class ScanResults:
         self.height = np.zeros(n, dtype=np.int32)
         self.nbytes = np.zeros(n, dtype=np.int64)
         self.bad: dict[int, tuple[str, str]] = {}
+        self.filled = n  # rows in use (extend() grows the columns ahead of it)
 
     def put(self, i: int, result: tuple) -> None:
         if result[0] == "bad":
@@ -192,14 +193,60 @@ class ScanResults:
         self.ext[i] = _EXT_CODE[ext]
         self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
 
+    _COLUMNS = ("ok", "sha", "dhash", "ext", "width", "height", "nbytes", "file_size", "mtime")
+
     def put_part(self, start: int, part: "ScanResults") -> None:
         """Take the results of rows start.. from `part` (a ScanResults of those rows)."""
         stop = start + len(part.ok)
-        for name in ("ok", "sha", "dhash", "ext", "width", "height", "nbytes", "file_size", "mtime"):
+        for name in self._COLUMNS:
             column = getattr(self, name)
             if column is not None:
                 column[start:stop] = getattr(part, name)
         self.bad.update((start + i, reason) for i, reason in part.bad.items())
+
+    def extend(self, part: "ScanResults") -> None:
+        """Append `part`'s rows. The columns grow in place, doubling (realloc: the rows so far are not
+        copied into a second set of columns); trim() cuts them to the rows once all are in."""
+        start = self.filled
+        self.filled = stop = start + len(part.ok)
+        if stop > len(self.ok):
+            self._resize(max(stop, 2 * len(self.ok)))
+        self.put_part(start, part)
+
+    def trim(self) -> None:
+        self._resize(self.filled)
+
+    def _resize(self, n: int) -> None:
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                column.resize((n, *column.shape[1:]), refcheck=False)  # owns its data: nothing else views it
+
+    def rows(self, start: int, stop: int) -> "ScanResults":
+        """A copy of rows start..stop-1."""
+        out = ScanResults(0, self.dhash is not None)
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            setattr(out, name, None if column is None else column[start:stop].copy())
+        out.filled = stop - start
+        out.bad = {i - start: reason for i, reason in self.bad.items() if start <= i < stop}
+        return out
+
+    def columns(self) -> dict:
+        """The results as arrays only (a scan record; see ScanResults.from_columns)."""
+        out = {name: getattr(self, name) for name in self._COLUMNS if getattr(self, name) is not None}
+        bad = sorted((i, kind, reason) for i, (kind, reason) in self.bad.items())
+        out["bad"] = np.frombuffer(json.dumps(bad).encode(), dtype=np.uint8)
+        return out
+
+    @classmethod
+    def from_columns(cls, arrays: dict) -> "ScanResults":
+        out = cls(0, "dhash" in arrays)
+        for name in cls._COLUMNS:
+            setattr(out, name, arrays.get(name))
+        out.filled = len(out.ok)
+        out.bad = {i: (kind, reason) for i, kind, reason in json.loads(arrays["bad"].tobytes())}
+        return out
 
 
 # The content key of a record read only at its ends (pass-through scans): sha256 of its size, its
@@ -493,15 +540,15 @@ def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, 
     from shards.workers import ordered_map, process_pool
 
     jobs = ((part, scan_args, out_url) for part in split.partitions)
-    scans, reused = [], 0
+    scan, reused = ScanResults(0, scan_args[1]), 0
 
     def listings(results):
         nonlocal reused
-        for listing, scan, was_reused in results:
-            scans.append(scan)
+        for listing, part_scan, was_reused in results:
+            scan.extend(part_scan)  # in order, each partition's scan freed once it is in
             reused += was_reused
             if progress is not None:
-                progress(len(scan.ok))
+                progress(len(part_scan.ok))
             yield listing
 
     if pool is None and (workers <= 1 or len(split.partitions) == 1):
@@ -510,11 +557,7 @@ def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, 
         with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
             listing = partitions.merge(split, listings(ordered_map(executor, partitions._scan_job, jobs,
                                                                    ahead=2 * executor._max_workers)))
-    scan = ScanResults(len(listing.records), scan_args[1])
-    start = 0
-    for part in scans:
-        scan.put_part(start, part)
-        start += len(part.ok)
+    scan.trim()
     return listing, scan, reused
 
 
@@ -529,7 +572,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     records (see shards.partitions). `pool`: an executor to list and scan the partitions in (else
     one of `workers` processes is made for it). `partitions`: how many to cut the source into
     (default: default_partitions); the plan does not depend on it."""
-    from shards.partitions import split_source
+    from shards.partitions import attach_records, split_source
 
     cfg = ShardSettings(**settings)
     out_url = storage.normalize(out_url)
@@ -546,6 +589,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
     scan_args = (cfg.max_pixels, decode)
     try:
+        attach_records(split, out_url, scan_args)
         listing, scan, reused = scan_partitions(split, scan_args, out_url, workers=workers, pool=pool,
                                                 progress=None if bar is None else bar.update)
     except (SourceError, storage.StorageError) as err:
