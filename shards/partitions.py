@@ -312,37 +312,15 @@ def attach_records(split: SourceSplit, out_url: str, scan_args: tuple) -> int:
 
 
 def scan_partition(part: Partition, scan_args: tuple, out_url: str):
-    """(listing, scan results, units reused): list each unit of the partition, then take its scan
-    from a record of an earlier run when its listing is unchanged, else scan it (`scan_args`:
-    max_pixels, decode); the units scanned are saved as records (one per partition, or per
-    _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run with other partitions
-    still finds them."""
-    from shards.plan import ScanResults, _scan_part
+    """(listing, scan results, units reused) of a partition: scan_units' in one (what a worker sends
+    back)."""
+    from shards.plan import ScanResults
 
-    saved = _load_records(part.records)
-    scan_id = _scan_id(part.kind, part.url, scan_args)
-    listings, scans, fresh, reused = [], [], [], 0
-    for index, unit in enumerate(part.units, part.first):
-        listing = list_unit(part.kind, part.url, unit, stats=False)
-        key, scan = _unit_key(unit), None
-        if key in saved:
-            listing.complete()  # stated now: a record counts only for the same files
-            digest, scan = saved[key]
-            scan = scan if digest == listing.digest() else None
-            reused += scan is not None
-        if scan is None:
-            records = listing.records
-            scan = _scan_part(records.locations(range(len(records))), *scan_args, listing.runs is not None)
-            listing.complete(scan.file_size, scan.mtime)  # the sizes and mtimes of the files the scan opened
-            scan.file_size = scan.mtime = None
-            if len(records):
-                fresh.append((index, key, listing.digest(), scan))
-            if sum(len(s.ok) for *_, s in fresh) >= _RECORD_ROWS:
-                _write_record(out_url, scan_id, fresh)
-                fresh = []
+    listings, scans, reused = [], [], 0
+    for listing, scan, was_reused in scan_units(part, scan_args, out_url):
         listings.append(listing)
         scans.append(scan)
-    _write_record(out_url, scan_id, fresh)
+        reused += was_reused
     if len(scans) == 1:
         return listings[0], scans[0], reused
     scan = ScanResults(0, scan_args[1])
@@ -350,6 +328,40 @@ def scan_partition(part: Partition, scan_args: tuple, out_url: str):
         scan.extend(unit_scan)
     scan.trim()
     return _concat(listings), scan, reused
+
+
+def scan_units(part: Partition, scan_args: tuple, out_url: str):
+    """Yields (listing, scan results, reused) for each unit of the partition: its listing, then its
+    scan taken from a record of an earlier run when the listing is unchanged, else made
+    (`scan_args`: max_pixels, decode). The units scanned are saved as records (one per partition,
+    or per _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run with other
+    partitions still finds them."""
+    from shards.plan import _scan_part
+
+    saved = _load_records(part.records)
+    scan_id = _scan_id(part.kind, part.url, scan_args)
+    fresh, rows = [], 0
+    for index, unit in enumerate(part.units, part.first):
+        listing = list_unit(part.kind, part.url, unit, stats=False)
+        key, scan = _unit_key(unit), None
+        if key in saved:
+            listing.complete()  # stated now: a record counts only for the same files
+            digest, scan = saved.pop(key)
+            scan = scan if digest == listing.digest() else None
+        reused = scan is not None
+        if scan is None:
+            records = listing.records
+            scan = _scan_part(records.locations(range(len(records))), *scan_args, listing.runs is not None)
+            listing.complete(scan.file_size, scan.mtime)  # the sizes and mtimes of the files the scan opened
+            scan.file_size = scan.mtime = None
+            if len(records):
+                fresh.append((index, key, listing.digest(), scan))
+                rows += len(records)
+            if rows >= _RECORD_ROWS:
+                _write_record(out_url, scan_id, fresh)
+                fresh, rows = [], 0
+        yield listing, scan, reused
+    _write_record(out_url, scan_id, fresh)
 
 
 def _write_record(out_url: str, scan_id: str, units: list) -> None:

@@ -205,12 +205,12 @@ class ScanResults:
         self.bad.update((start + i, reason) for i, reason in part.bad.items())
 
     def extend(self, part: "ScanResults") -> None:
-        """Append `part`'s rows. The columns grow in place, doubling (realloc: the rows so far are not
-        copied into a second set of columns); trim() cuts them to the rows once all are in."""
+        """Append `part`'s rows. The columns grow in place (realloc: the rows so far are not copied into
+        a second set of columns); trim() cuts them to the rows once all are in."""
         start = self.filled
         self.filled = stop = start + len(part.ok)
-        if stop > len(self.ok):
-            self._resize(max(stop, 2 * len(self.ok)))
+        if stop > len(self.ok):  # by an eighth: what is zeroed ahead stays small
+            self._resize(max(stop, len(self.ok) + len(self.ok) // 8 + 1024))
         self.put_part(start, part)
 
     def trim(self) -> None:
@@ -535,6 +535,7 @@ def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, 
     listed and scanned by the workers (`pool`: an executor, a local process pool or a Dask
     cluster's; else `workers` processes, or this one), merged in order as they come back."""
     from contextlib import nullcontext
+    from itertools import chain
 
     from shards import partitions
     from shards.workers import ordered_map, process_pool
@@ -551,8 +552,9 @@ def scan_partitions(split, scan_args: tuple, out_url: str, *, workers: int = 1, 
                 progress(len(part_scan.ok))
             yield listing
 
-    if pool is None and (workers <= 1 or len(split.partitions) == 1):
-        listing = partitions.merge(split, listings(map(partitions._scan_job, jobs)))
+    if pool is None and (workers <= 1 or len(split.partitions) == 1):  # unit by unit: a unit's rows at a time
+        units = chain.from_iterable(partitions.scan_units(*job) for job in jobs)
+        listing = partitions.merge(split, listings(units))
     else:
         with nullcontext(pool) if pool is not None else process_pool(workers) as executor:
             listing = partitions.merge(split, listings(ordered_map(executor, partitions._scan_job, jobs,
