@@ -313,13 +313,13 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
 
 
 def _scan_with_stats(locations, max_pixels: int, decode: bool) -> list[tuple[tuple, int, float]]:
-    out = []
-    for url, offset, length in locations:
+    def scan(location):
         try:
-            out.append(_scan_one(url, offset, length, max_pixels, decode))
+            return _scan_one(*location, max_pixels, decode)
         except (storage.StorageError, OSError) as err:
-            out.append((_unreadable(err), -1, -1.0))
-    return out
+            return _unreadable(err), -1, -1.0
+
+    return storage.map_reads(scan, locations, locations[0][0] if locations else "")
 
 
 def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
