@@ -8,7 +8,8 @@
    GETs of the ends (the scan);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
-   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects);
+   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
+   one read at a time per worker (what storage.map_reads' requests in flight give);
 4. first: time to the first shard written for a 200k-record source vs a 50k one.
 
     .venv/bin/python benchmarks/shard_scale.py [--sections memory,gets,dask,first] [--memory-sizes 50000,200000,1000000]
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from shard_throughput import _make_corpus, _median_times  # noqa: E402
 
 from shards import shard_dataset, storage  # noqa: E402
+from shards.storage import _READ_THREADS  # noqa: E402
 
 _TINY_CHILD = """
 import sys
@@ -160,11 +162,28 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
                            for half in halves]
                 client.gather(futures)
 
-            times = _median_times({"pass-through 2 workers": run(two, "p2"), "boto3 GET+PUT 2 workers": bare}, repeats)
+            def reads(threads, fn):  # storage.map_reads' requests in flight in each worker, then the run
+                return lambda: (client.run(_read_threads, threads), fn())
+
+            times = _median_times({"pass-through 2 workers": reads(_READ_THREADS, run(two, "p2")),
+                                   "boto3 GET+PUT 2 workers": bare,
+                                   "one read at a time": reads(1, run(two, "p1"))}, repeats)
+            client.run(_read_threads, _READ_THREADS)
         ratio = times["boto3 GET+PUT 2 workers"] / times["pass-through 2 workers"]
         print(f"dask: pass-through S3->S3 on 2 workers {n / times['pass-through 2 workers']:.1f} img/s vs a bare boto3 "
               f"GET+PUT loop per worker {n / times['boto3 GET+PUT 2 workers']:.1f} img/s: {ratio:.2f}x ({_load()})",
               flush=True)
+        print(f"dask: the same pass-through with one read at a time per worker (storage.map_reads off): "
+              f"{n / times['one read at a time']:.1f} img/s: "
+              f"{times['boto3 GET+PUT 2 workers'] / times['one read at a time']:.2f}x the loop", flush=True)
+
+
+def _read_threads(n: int) -> None:
+    """In a worker: storage.map_reads with `n` requests in flight (1: one after the other)."""
+    storage._READ_THREADS = n
+    for pool in storage._read_pools.values():
+        pool.shutdown(wait=False)
+    storage._read_pools.clear()
 
 
 def _clear(url: str) -> None:
