@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -393,9 +394,9 @@ def _load_records(urls) -> dict:
         try:
             with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-        except (storage.StorageError, OSError, ValueError, KeyError, EOFError):
+            whole, start = ScanResults.from_columns(arrays), 0
+        except (storage.StorageError, OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             continue
-        whole, start = ScanResults.from_columns(arrays), 0
         for key, digest, rows in zip(arrays["unit_keys"].tolist(), arrays["digests"].tolist(), arrays["rows"].tolist()):
             saved[key] = (digest.decode(), whole.rows(start, start + rows))
             start += rows

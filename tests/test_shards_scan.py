@@ -338,7 +338,8 @@ def test_scan_records_one_per_partition_serve_a_rerun_with_other_partitions_unle
     <out>/_plan, plain arrays (no pickle). A re-run with other partitions takes each class folder's
     scan from them instead of reading its images (local folders are listed by names alone: the
     record is checked against a stat of its files then), except the folder holding a file rewritten
-    since; the shards are those of a fresh run, and the records are gone once the dataset is."""
+    since and the folder whose record was cut short; the shards are those of a fresh run, and the
+    records are gone once the dataset is."""
     import numpy as np
 
     from shards import plan_shards
@@ -355,9 +356,10 @@ def test_scan_records_one_per_partition_serve_a_rerun_with_other_partitions_unle
             assert len(data["unit_keys"]) in (1, 2) and int(data["rows"].sum()) == len(data["ok"])
     changed = tmp_path / "src" / "c3" / "3.jpg"
     changed.write_bytes(encode(crops[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG"))
+    records[0].write_bytes(records[0].read_bytes()[:100])  # c0's record cut short: scanned again
     capsys.readouterr()
     manifest = shard_dataset(str(tmp_path / "src"), str(out), shard_size=4, partitions=2, progress=True)
-    assert "plan: 4 unit(s)" in capsys.readouterr().out  # c0, c1, c2, c4 (c3 changed), in other partitions
+    assert "plan: 3 unit(s)" in capsys.readouterr().out  # c1, c2, c4 (c3 changed), in other partitions
     assert not (out / "_plan").exists()
     fresh = shard_dataset(str(tmp_path / "src"), str(tmp_path / "fresh"), shard_size=4, workers=2, partitions=4)
     assert manifest["shards"] == fresh["shards"]
