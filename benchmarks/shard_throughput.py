@@ -50,11 +50,14 @@ def _warm(root: Path) -> int:
 
 
 def _median_times(runs: dict, repeats: int) -> dict:
-    """Median wall time of each run; the runs are interleaved (A B C A B C ...) so that load from
-    other processes on the machine hits every contestant alike."""
+    """Median wall time of each run; the runs are interleaved (A B C, B C A, C A B, ...) so that load
+    from other processes on the machine hits every contestant alike, and no contestant always runs
+    right after the same one (the kernel still writing out the previous run's 300 MB)."""
     times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            fn = runs[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -274,6 +277,7 @@ def main(argv=None) -> int:
             if against:  # both checkouts alike: each in its own long-lived child, interleaved
                 servers = [_ShardServer(ROOT, sys.executable), _ShardServer(*against)]
                 for workers in (1, 2):
+                    passthrough.pop(f"shard{workers}")
                     for name, server in zip(("shard", "against"), servers):
                         passthrough[f"{name}{workers}"] = functools.partial(server, corpus_pt, out, n, workers)
             try:
