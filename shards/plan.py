@@ -313,13 +313,16 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
 
 
 def _scan_with_stats(locations, max_pixels: int, decode: bool) -> list[tuple[tuple, int, float]]:
-    def scan(location):
+    if locations and storage.is_s3(locations[0][0]):  # a few requests in flight
+        return storage.map_reads(lambda location: _scan_with_stats([location], max_pixels, decode)[0], locations,
+                                 locations[0][0])
+    out = []
+    for url, offset, length in locations:
         try:
-            return _scan_one(*location, max_pixels, decode)
+            out.append(_scan_one(url, offset, length, max_pixels, decode))
         except (storage.StorageError, OSError) as err:
-            return _unreadable(err), -1, -1.0
-
-    return storage.map_reads(scan, locations, locations[0][0] if locations else "")
+            out.append((_unreadable(err), -1, -1.0))
+    return out
 
 
 def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
