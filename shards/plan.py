@@ -314,15 +314,16 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
 
 def _scan_with_stats(locations, max_pixels: int, decode: bool) -> list[tuple[tuple, int, float]]:
     if locations and storage.is_s3(locations[0][0]):  # a few requests in flight
-        return storage.map_reads(lambda location: _scan_with_stats([location], max_pixels, decode)[0], locations,
+        return storage.map_reads(lambda location: _scan_guarded(*location, max_pixels, decode), locations,
                                  locations[0][0])
-    out = []
-    for url, offset, length in locations:
-        try:
-            out.append(_scan_one(url, offset, length, max_pixels, decode))
-        except (storage.StorageError, OSError) as err:
-            out.append((_unreadable(err), -1, -1.0))
-    return out
+    return [_scan_guarded(url, offset, length, max_pixels, decode) for url, offset, length in locations]
+
+
+def _scan_guarded(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple[tuple, int, float]:
+    try:
+        return _scan_one(url, offset, length, max_pixels, decode)
+    except (storage.StorageError, OSError) as err:
+        return _unreadable(err), -1, -1.0
 
 
 def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
