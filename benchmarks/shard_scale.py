@@ -8,7 +8,8 @@
    GETs of the ends (the scan);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
-   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects);
+   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
+   one read at a time per worker (what storage.map_reads' requests in flight give);
 4. first: time to the first shard written for a 200k-record source vs a 50k one;
 5. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
    heap (tracemalloc) after each planning phase, and the bytes per record of what the plan holds.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from shard_throughput import _make_corpus, _median_times  # noqa: E402
 
 from shards import shard_dataset, storage  # noqa: E402
+from shards.storage import _READ_THREADS  # noqa: E402
 
 _TINY_CHILD = """
 import sys
@@ -205,8 +207,10 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
     env = dict(os.environ)
     with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one:
         def run(cluster, tag, **kw):
+            # 16 shards, as benchmarks/shard_throughput.py: with 3 (shard_size 200 of 600) 2 workers write 2
+            # and 1, which caps them at 1.5x one worker and measures the wait for the last shard
             url = f"s3://{_BUCKET}/out/{tag}"
-            return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=200, **kw))
+            return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=-(-n // 16), **kw))
 
         times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64)},
                               repeats)
@@ -221,11 +225,28 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
                            for half in halves]
                 client.gather(futures)
 
-            times = _median_times({"pass-through 2 workers": run(two, "p2"), "boto3 GET+PUT 2 workers": bare}, repeats)
+            def reads(threads, fn):  # storage.map_reads' requests in flight in each worker, then the run
+                return lambda: (client.run(_read_threads, threads), fn())
+
+            times = _median_times({"pass-through 2 workers": reads(_READ_THREADS, run(two, "p2")),
+                                   "boto3 GET+PUT 2 workers": bare,
+                                   "one read at a time": reads(1, run(two, "p1"))}, repeats)
+            client.run(_read_threads, _READ_THREADS)
         ratio = times["boto3 GET+PUT 2 workers"] / times["pass-through 2 workers"]
         print(f"dask: pass-through S3->S3 on 2 workers {n / times['pass-through 2 workers']:.1f} img/s vs a bare boto3 "
               f"GET+PUT loop per worker {n / times['boto3 GET+PUT 2 workers']:.1f} img/s: {ratio:.2f}x ({_load()})",
               flush=True)
+        print(f"dask: the same pass-through with one read at a time per worker (storage.map_reads off): "
+              f"{n / times['one read at a time']:.1f} img/s: "
+              f"{times['boto3 GET+PUT 2 workers'] / times['one read at a time']:.2f}x the loop", flush=True)
+
+
+def _read_threads(n: int) -> None:
+    """In a worker: storage.map_reads with `n` requests in flight (1: one after the other)."""
+    storage._READ_THREADS = n
+    for pool in storage._read_pools.values():
+        pool.shutdown(wait=False)
+    storage._read_pools.clear()
 
 
 def _clear(url: str) -> None:

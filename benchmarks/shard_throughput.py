@@ -13,13 +13,18 @@
    what the machine's two cores give to perfectly parallel work;
 3. peak memory (ru_maxrss of a fresh subprocess) sharding 10k vs 50k images (target <= 1.2x).
 
+`--against DIR` (another checkout of this project, e.g. main's, with its own .venv): its
+pass-through runs and peak memory are measured too, interleaved with this checkout's in the same
+run; both checkouts' shard runs then go through a long-lived child process each, alike.
+
 The corpus is real JPEGs: crops of scikit-image's sample photographs (nothing downloaded).
     .venv/bin/python benchmarks/shard_throughput.py [--images 1500] [--passthrough-images 12000]
-        [--workdir DIR] [--quick] [--sections memory,resize,passthrough]
+        [--workdir DIR] [--quick] [--sections memory,resize,passthrough] [--against DIR]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import shutil
@@ -45,11 +50,14 @@ def _warm(root: Path) -> int:
 
 
 def _median_times(runs: dict, repeats: int) -> dict:
-    """Median wall time of each run; the runs are interleaved (A B C A B C ...) so that load from
-    other processes on the machine hits every contestant alike."""
+    """Median wall time of each run; the runs are interleaved (A B C, B C A, C A B, ...) so that load
+    from other processes on the machine hits every contestant alike, and no contestant always runs
+    right after the same one (the kernel still writing out the previous run's 300 MB)."""
     times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            fn = runs[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -115,6 +123,45 @@ def _bare_resize_two_processes(files: list[Path], *, shorter: int, quality: int)
             raise RuntimeError(f"bare loop process failed with exit code {proc.exitcode}")
 
 
+_SHARD_SERVER = """
+import shutil, sys, time
+sys.path.insert(0, sys.argv[1])
+from shards import shard_dataset
+for line in sys.stdin:
+    src, out, images, workers = line.rstrip("\\n").split("\\t")
+    shard_dataset(src, out, shard_size=max(1, -(-int(images) // 16)), workers=int(workers))
+    shutil.rmtree(out)
+    print("done", flush=True)
+"""
+
+
+class _ShardServer:
+    """shard_dataset of a checkout (`root`, run by its `python`) in a long-lived child: one line in per run
+    (the same run as _shard's: 16 shards, output removed), one out when it is done; no import or
+    startup in the timed part."""
+
+    def __init__(self, root: Path, python: str):
+        self.proc = subprocess.Popen([python, "-c", _SHARD_SERVER, str(root)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=root)
+
+    def __call__(self, src: Path, out: Path, images: int, workers: int) -> None:
+        self.proc.stdin.write(f"{src}\t{out}\t{images}\t{workers}\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline() != "done\n":
+            raise RuntimeError(f"the shard server of {self.proc.args[-1]} exited ({self.proc.wait()})")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _checkout(root: str) -> tuple[Path, str]:
+    """(root, python) of another checkout: its .venv's python if it has one."""
+    path = Path(root).resolve()
+    python = path / ".venv" / "bin" / "python"
+    return path, str(python if python.exists() else sys.executable)
+
+
 _MEMORY_CHILD = """
 import resource, sys
 sys.path.insert(0, sys.argv[3])
@@ -139,8 +186,8 @@ def _make_corpus(root: Path, *, count: int, size: str, classes: int) -> None:
                        check=True)
 
 
-def _peak_rss_mb(root: Path, out: Path) -> float:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(root), str(out), str(ROOT)],
+def _peak_rss_mb(root: Path, out: Path, checkout: tuple[Path, str] = (ROOT, sys.executable)) -> float:
+    proc = subprocess.run([checkout[1], "-c", _MEMORY_CHILD, str(root), str(out), str(checkout[0])],
                           capture_output=True, text=True, check=True)
     shutil.rmtree(out, ignore_errors=True)
     return int(proc.stdout.strip().splitlines()[-1]) / 1024
@@ -156,7 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--quick", action="store_true", help="small corpus, 1 repeat (smoke run)")
     ap.add_argument("--sections", default="memory,resize,passthrough", help="which sections to run (default: all)")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="another checkout (e.g. main's) measured side by side: pass-through and memory")
     args = ap.parse_args(argv)
+    against = _checkout(args.against) if args.against else None
     if args.quick:
         args.images, args.passthrough_images, args.repeats, args.memory_sizes = 600, 2000, 1, "2000,6000"
     width, height = (int(v) for v in args.size.split("x"))
@@ -166,12 +216,15 @@ def main(argv=None) -> int:
     try:
         sections = set(args.sections.split(","))
         sizes = [int(s) for s in args.memory_sizes.split(",")] if "memory" in sections else []
-        peaks = []
+        peaks, their_peaks = [], []
         for count in sizes:  # first, while this process is small
             tree = work / f"mem-{count}"
             _make_corpus(tree, count=count, size="64x48", classes=100)
             peaks.append(_peak_rss_mb(tree, work / "mem-out"))
             print(f"peak RSS sharding {count} images: {peaks[-1]:.1f} MB", flush=True)
+            if against:
+                their_peaks.append(_peak_rss_mb(tree, work / "mem-out", against))
+                print(f"  {against[0]}: {their_peaks[-1]:.1f} MB", flush=True)
         corpus, corpus_pt = work / "corpus", work / "corpus-passthrough"
         if "resize" in sections:
             _make_corpus(corpus, count=args.images, size=f"{width}x{height}", classes=20)
@@ -220,7 +273,18 @@ def main(argv=None) -> int:
                 "shard1": lambda: _shard(corpus_pt, out, n, workers=1),
                 "shard2": lambda: _shard(corpus_pt, out, n, workers=2),
             }
-            t = _median_times(passthrough, args.repeats)
+            servers = []
+            if against:  # both checkouts alike: each in its own long-lived child, interleaved
+                servers = [_ShardServer(ROOT, sys.executable), _ShardServer(*against)]
+                for workers in (1, 2):
+                    passthrough.pop(f"shard{workers}")
+                    for name, server in zip(("shard", "against"), servers):
+                        passthrough[f"{name}{workers}"] = functools.partial(server, corpus_pt, out, n, workers)
+            try:
+                t = _median_times(passthrough, args.repeats)
+            finally:
+                for server in servers:
+                    server.close()
             rows.append((f"tar cf of the {n}-image pass-through corpus (reference)", n / t["tar"], mb / t["tar"], 1.0, ""))
             rows.append(("tar cf - | sha256sum (context)", n / t["tar_sha"], mb / t["tar_sha"], t["tar"] / t["tar_sha"], ""))
             rows.append(("Python stdlib tarfile.add per file (context)", n / t["tarfile"], mb / t["tarfile"],
@@ -228,6 +292,10 @@ def main(argv=None) -> int:
             for workers, target in ((1, ">= 0.8x tar cf"), (2, ">= 0.85x tar cf")):
                 tw = t[f"shard{workers}"]
                 rows.append((f"shard pass-through, {workers} worker(s)", n / tw, mb / tw, t["tar"] / tw, target))
+                if against:
+                    ta = t[f"against{workers}"]
+                    rows.append((f"shard pass-through, {workers} worker(s), {against[0]}", n / ta, mb / ta, t["tar"] / ta,
+                                 f"this checkout: {ta / tw:.2f}x its images/s"))
         for row in rows:
             print(row, flush=True)
 
@@ -247,6 +315,8 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---|")
     for count, peak in zip(sizes, peaks):
         print(f"| {count} | {peak:.1f} | {peak / peaks[0]:.2f}x | <= 1.2x |")
+    for count, peak in zip(sizes, their_peaks):
+        print(f"| {count}, {against[0]} | {peak:.1f} | {peak / their_peaks[0]:.2f}x | |")
     return 0
 
 

@@ -9,23 +9,26 @@ records, their order and the fingerprint are those of one listing of the whole s
 many partitions there are; the plan made from them (and so every shard's bytes) is the same for
 any number of partitions and workers. A csv manifest and a tar of tars are one unit each.
 
-Each unit's scan is kept as a record in the destination (`_plan/<key>.pkl`) until the dataset is
-complete: a planner killed mid-plan (or a worker killed mid-partition) re-lists the units (cheap)
-and takes the scan of each whose listing is unchanged from its record instead of reading its
-images again, whatever the partitions are this time.
+The scans of a partition's units are kept as a record in the destination (`_plan/*.npz`, see
+attach_records) until the dataset is complete: a planner killed mid-plan (or a worker killed
+mid-partition) re-lists the units (cheap) and takes the scan of each whose listing is unchanged
+from a record instead of reading its images again, whatever the partitions are this time.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import pickle
+import zipfile
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from shards import storage
 from shards.sources import (Listing, SourceError, _add_folder_runs, _Fingerprint, _index_tar_job, _list_tars,
-                            _local_folder, _local_folders, _s3_folders, _TarJob, add_manifest_rows, source_kind,
-                            tar_steps)
+                            _local_folder, _local_folders, _s3_folders, _stat_or_missing, _TarJob, add_manifest_rows,
+                            deferred_entries, source_kind, tar_steps)
 from shards.table import RecordTable
 
 PLAN_DIR = "_plan"  # in the destination: one scan record per partition while the dataset is being made
@@ -38,6 +41,8 @@ class Partition:
     kind: str
     url: str
     units: tuple  # imagefolder: folder names ("": the root's own files); i21k-tars: steps; jsonl: (start, stop, line)
+    first: int = 0  # the index of its first unit in the source's
+    records: tuple = ()  # scan records (urls) of earlier runs that hold some of its units (see attach_records)
 
 
 @dataclass
@@ -60,6 +65,19 @@ class PartListing:
     fingerprint: str = ""
     class_files: dict = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    runs: list | None = None  # listed by names alone (list_unit(stats=False)): fp is made by complete()
+
+    def complete(self, sizes=None, mtimes=None) -> None:
+        """Make the fingerprint's share of a listing made by names alone, from each record's size and
+        mtime (arrays by row, as the scan found them; None: stated now)."""
+        if self.runs is None:
+            return
+        if sizes is None:
+            stats = [_stat_or_missing(self.records.url(i)) for i in range(len(self.records))]
+            sizes, mtimes = (np.array([st[j] for st in stats]) for j in (0, 1))
+        entries = _Fingerprint(None)
+        deferred_entries(self.records, self.runs, sizes, mtimes, entries)
+        self.fp, self.runs = bytes(entries.data), None
 
     def digest(self) -> str:
         """What a scan record is checked against: the listing (paths, offsets, sizes and mtimes)."""
@@ -86,7 +104,7 @@ def split_source(url: str, *, format: str | None = None, partitions: int = 1) ->
     if not units:  # a jsonl manifest without a line
         raise SourceError(f"{url}: empty manifest (no records)")
     per = -(-len(units) // max(1, min(partitions, len(units))))
-    out.partitions = [Partition(i, kind, url, tuple(units[lo:lo + per])) for i, lo in enumerate(range(0, len(units), per))]
+    out.partitions = [Partition(i, kind, url, tuple(units[lo:lo + per]), lo) for i, lo in enumerate(range(0, len(units), per))]
     return out
 
 
@@ -137,10 +155,12 @@ def _manifest_units(url: str, out: SourceSplit) -> list:
     return units
 
 
-def list_unit(kind: str, url: str, unit) -> PartListing:
-    """List one unit of a source (in a worker: no image is read)."""
+def list_unit(kind: str, url: str, unit, *, stats: bool = True) -> PartListing:
+    """List one unit of a source (in a worker: no image is read). `stats` False: the files of a local
+    class folder are listed by names alone (a stat per file is most of the cost of listing, far more
+    on a network file system); then the scan's sizes and mtimes complete it (PartListing.complete)."""
     try:
-        return _list_unit(kind, url, unit)
+        return _list_unit(kind, url, unit, stats)
     except storage.StorageError as err:
         raise SourceError(str(err)) from None
     except UnicodeEncodeError:  # a name the OS gave as undecodable bytes: the whole listing's message
@@ -150,18 +170,20 @@ def list_unit(kind: str, url: str, unit) -> PartListing:
         raise
 
 
-def _list_unit(kind: str, url: str, unit) -> PartListing:
+def _list_unit(kind: str, url: str, unit, stats: bool) -> PartListing:
     records, skipped, entries = RecordTable(), [], _Fingerprint(None)
     if kind == "imagefolder":
         s3 = storage.is_s3(url)
         root = url.rstrip("/") if s3 else url.rstrip(os.sep)
+        deferred = None if s3 or stats else []  # an S3 listing has the sizes and mtimes anyway
         class_files: dict = {}
         if unit:
-            runs = _s3_folders(storage.join(url, unit), root) if s3 else _local_folders(os.path.join(root, unit), root)
+            runs = (_s3_folders(storage.join(url, unit), root) if s3
+                    else _local_folders(os.path.join(root, unit), root, stat=deferred is None))
         else:
-            runs = _root_files(url, root, s3)
-        _add_folder_runs(runs, root, records, skipped, entries, class_files)
-        return PartListing(records, skipped, bytes(entries.data), class_files=class_files)
+            runs = _root_files(url, root, s3, stat=deferred is None)
+        _add_folder_runs(runs, root, records, skipped, entries, class_files, deferred)
+        return PartListing(records, skipped, bytes(entries.data), class_files=class_files, runs=deferred)
     if kind == "jsonl":
         start, stop, line = unit
         text = storage.read_range(url, start, stop - start).decode("utf-8-sig" if start == 0 else "utf-8")
@@ -195,7 +217,7 @@ def _concat(listings: list[PartListing]) -> PartListing:
     return PartListing(records, skipped, bytes(fp), class_files=class_files)
 
 
-def _root_files(url: str, root: str, s3: bool):
+def _root_files(url: str, root: str, s3: bool, stat: bool = True):
     """The run of the files lying in the root of a tree (not records: each is a skip)."""
     if s3:
         bucket, key = storage.split(url)
@@ -209,7 +231,7 @@ def _root_files(url: str, root: str, s3: bool):
         return
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        yield from _local_folder(root, fd, root, True)
+        yield from _local_folder(root, fd, root, stat)
     finally:
         os.close(fd)
 
@@ -261,50 +283,126 @@ def source_listing(url: str, *, format: str | None = None) -> Listing:
 
 # ----------------------------------------------------------------------------- scanning a partition
 
-def record_url(out_url: str, kind: str, url: str, unit, scan_args: tuple) -> str:
-    """Where the scan record of one unit goes (named by the unit and the scan's settings)."""
-    key = hashlib.sha256(repr((kind, url, unit, scan_args)).encode()).hexdigest()[:32]
-    return storage.join(out_url, PLAN_DIR, f"{key}.pkl")
+_RECORD_ROWS = 100_000  # a partition's scans are saved at least every this many rows (a killed worker loses less)
+
+
+def _scan_id(kind: str, url: str, scan_args: tuple) -> str:
+    return hashlib.sha256(repr((kind, url, scan_args)).encode()).hexdigest()[:16]
+
+
+def _unit_key(unit) -> bytes:
+    return hashlib.sha256(repr(unit).encode()).hexdigest()[:32].encode()
+
+
+def attach_records(split: SourceSplit, out_url: str, scan_args: tuple) -> int:
+    """Give each partition the scan records of earlier runs that hold some of its units (one listing
+    of `<out>/_plan`; a record is named `<scan id>-<first unit>-<last unit>.npz`, by the units'
+    indices in the source, so records made with other partitions still count). Returns how many
+    records there are."""
+    folder = storage.join(out_url, PLAN_DIR)
+    if not storage.exists(folder):
+        return 0
+    prefix, spans = _scan_id(split.kind, split.url, scan_args) + "-", []
+    for item in storage.iter_files(folder):
+        name = storage.basename(item["url"])
+        first, _, last = name[len(prefix):].removesuffix(".npz").partition("-")
+        if name.startswith(prefix) and name.endswith(".npz") and first.isdigit() and last.isdigit():
+            spans.append((int(first), int(last), item["url"]))
+    for part in split.partitions:
+        part.records = tuple(url for first, last, url in spans
+                             if first < part.first + len(part.units) and last >= part.first)
+    return len(spans)
 
 
 def scan_partition(part: Partition, scan_args: tuple, out_url: str):
-    """(listing, scan results, units reused): list each unit of the partition, then take its scan
-    from its record when its listing is unchanged, else scan it (`scan_args`: max_pixels, decode)
-    and write the record. Records are per unit, so a re-run with other partitions still finds them."""
+    """(listing, scan results, units reused) of a partition: scan_units' in one (what a worker sends
+    back)."""
     from shards.plan import ScanResults
 
     listings, scans, reused = [], [], 0
-    for unit in part.units:
-        listing, scan, was_reused = _scan_unit(part.kind, part.url, unit, scan_args, out_url)
+    for listing, scan, was_reused in scan_units(part, scan_args, out_url):
         listings.append(listing)
         scans.append(scan)
         reused += was_reused
     if len(scans) == 1:
         return listings[0], scans[0], reused
-    listing = _concat(listings)
-    scan, start = ScanResults(len(listing.records), scan_args[1]), 0
-    for part_scan in scans:
-        scan.put_part(start, part_scan)
-        start += len(part_scan.ok)
-    return listing, scan, reused
+    scan = ScanResults(0, scan_args[1])
+    for unit_scan in scans:
+        scan.extend(unit_scan)
+    scan.trim()
+    return _concat(listings), scan, reused
 
 
-def _scan_unit(kind: str, url: str, unit, scan_args: tuple, out_url: str):
+def scan_units(part: Partition, scan_args: tuple, out_url: str):
+    """Yields (listing, scan results, reused) for each unit of the partition: its listing, then its
+    scan taken from a record of an earlier run when the listing is unchanged, else made
+    (`scan_args`: max_pixels, decode). The units scanned are saved as records (one per partition,
+    or per _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run with other
+    partitions still finds them."""
     from shards.plan import _scan_part
 
-    listing = list_unit(kind, url, unit)
-    record, digest = record_url(out_url, kind, url, unit, scan_args), listing.digest()
-    try:
-        saved = pickle.loads(storage.read_bytes(record)) if storage.exists(record) else None
-    except (storage.StorageError, pickle.UnpicklingError, EOFError, ValueError):  # cut short: scan again
-        saved = None
-    if isinstance(saved, dict) and saved.get("listing") == digest:
-        return listing, saved["scan"], True
-    records = listing.records
-    scan = _scan_part(records.locations(range(len(records))), *scan_args, False)
-    if len(records):
-        storage.write_bytes(record, pickle.dumps({"listing": digest, "scan": scan}, protocol=5), durable=False)
-    return listing, scan, False
+    saved = _load_records(part.records)
+    scan_id = _scan_id(part.kind, part.url, scan_args)
+    fresh, rows = [], 0
+    for index, unit in enumerate(part.units, part.first):
+        listing = list_unit(part.kind, part.url, unit, stats=False)
+        key, scan = _unit_key(unit), None
+        if key in saved:
+            listing.complete()  # stated now: a record counts only for the same files
+            digest, scan = saved.pop(key)
+            scan = scan if digest == listing.digest() else None
+        reused = scan is not None
+        if scan is None:
+            records = listing.records
+            scan = _scan_part(records.locations(range(len(records))), *scan_args, listing.runs is not None)
+            listing.complete(scan.file_size, scan.mtime)  # the sizes and mtimes of the files the scan opened
+            scan.file_size = scan.mtime = None
+            if len(records):
+                fresh.append((index, key, listing.digest(), scan))
+                rows += len(records)
+            if rows >= _RECORD_ROWS:
+                _write_record(out_url, scan_id, fresh)
+                fresh, rows = [], 0
+        yield listing, scan, reused
+    _write_record(out_url, scan_id, fresh)
+
+
+def _write_record(out_url: str, scan_id: str, units: list) -> None:
+    """One record of the scans of `units` [(index, key, listing digest, scan)]: an .npz of their
+    scans' columns end to end (no pickle: a record is data only)."""
+    if not units:
+        return
+    from shards.plan import ScanResults
+
+    whole = ScanResults(0, units[0][3].dhash is not None)
+    for *_, scan in units:
+        whole.extend(scan)
+    whole.trim()
+    buffer = io.BytesIO()
+    np.savez(buffer, unit_keys=np.array([key for _, key, _, _ in units], dtype="S32"),
+             digests=np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
+             rows=np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns())
+    name = f"{scan_id}-{units[0][0]:08d}-{units[-1][0]:08d}.npz"
+    storage.write_bytes(storage.join(out_url, PLAN_DIR, name), buffer.getvalue(), durable=False)
+
+
+def _load_records(urls) -> dict:
+    """{unit key: (listing digest, scan)} from the records at `urls` (one cut short or unreadable
+    counts as absent: its units are scanned again)."""
+    from shards.plan import ScanResults
+
+    saved = {}
+    for url in urls:
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            whole, start = ScanResults.from_columns(arrays), 0
+        except (storage.StorageError, OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+            continue
+        for key, digest, rows in zip(arrays["unit_keys"].tolist(), arrays["digests"].tolist(), arrays["rows"].tolist()):
+            saved[key] = (digest.decode(), whole.rows(start, start + rows))
+            start += rows
+    return saved
 
 
 def _scan_job(job):

@@ -195,6 +195,7 @@ class ScanResults:
         self.height = np.zeros(n, dtype=np.int32)
         self.nbytes = np.zeros(n, dtype=np.int64)
         self.bad: dict[int, tuple[str, str]] = {}
+        self.filled = n  # rows in use (extend() grows the columns ahead of it)
 
     def put(self, i: int, result: tuple) -> None:
         if result[0] == "bad":
@@ -208,14 +209,60 @@ class ScanResults:
         self.ext[i] = _EXT_CODE[ext]
         self.width[i], self.height[i], self.nbytes[i] = width, height, nbytes
 
+    _COLUMNS = ("ok", "sha", "dhash", "ext", "width", "height", "nbytes", "file_size", "mtime")
+
     def put_part(self, start: int, part: "ScanResults") -> None:
         """Take the results of rows start.. from `part` (a ScanResults of those rows)."""
         stop = start + len(part.ok)
-        for name in ("ok", "sha", "dhash", "ext", "width", "height", "nbytes", "file_size", "mtime"):
+        for name in self._COLUMNS:
             column = getattr(self, name)
             if column is not None:
                 column[start:stop] = getattr(part, name)
         self.bad.update((start + i, reason) for i, reason in part.bad.items())
+
+    def extend(self, part: "ScanResults") -> None:
+        """Append `part`'s rows. The columns grow in place (realloc: the rows so far are not copied into
+        a second set of columns); trim() cuts them to the rows once all are in."""
+        start = self.filled
+        self.filled = stop = start + len(part.ok)
+        if stop > len(self.ok):  # by an eighth: what is zeroed ahead stays small
+            self._resize(max(stop, len(self.ok) + len(self.ok) // 8 + 1024))
+        self.put_part(start, part)
+
+    def trim(self) -> None:
+        self._resize(self.filled)
+
+    def _resize(self, n: int) -> None:
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                column.resize((n, *column.shape[1:]), refcheck=False)  # owns its data: nothing else views it
+
+    def rows(self, start: int, stop: int) -> "ScanResults":
+        """A copy of rows start..stop-1."""
+        out = ScanResults(0, self.dhash is not None)
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            setattr(out, name, None if column is None else column[start:stop].copy())
+        out.filled = stop - start
+        out.bad = {i - start: reason for i, reason in self.bad.items() if start <= i < stop}
+        return out
+
+    def columns(self) -> dict:
+        """The results as arrays only (a scan record; see ScanResults.from_columns)."""
+        out = {name: getattr(self, name) for name in self._COLUMNS if getattr(self, name) is not None}
+        bad = sorted((i, kind, reason) for i, (kind, reason) in self.bad.items())
+        out["bad"] = np.frombuffer(json.dumps(bad).encode(), dtype=np.uint8)
+        return out
+
+    @classmethod
+    def from_columns(cls, arrays: dict) -> "ScanResults":
+        out = cls(0, "dhash" in arrays)
+        for name in cls._COLUMNS:
+            setattr(out, name, arrays.get(name))
+        out.filled = len(out.ok)
+        out.bad = {i: (kind, reason) for i, kind, reason in json.loads(arrays["bad"].tobytes())}
+        return out
 
 
 # The content key of a record read only at its ends (pass-through scans): sha256 of its size, its
@@ -282,13 +329,17 @@ def _scan_one(url: str, offset: int, length: int, max_pixels: int, decode: bool)
 
 
 def _scan_with_stats(locations, max_pixels: int, decode: bool) -> list[tuple[tuple, int, float]]:
-    out = []
-    for url, offset, length in locations:
-        try:
-            out.append(_scan_one(url, offset, length, max_pixels, decode))
-        except (storage.StorageError, OSError) as err:
-            out.append((_unreadable(err), -1, -1.0))
-    return out
+    if locations and storage.is_s3(locations[0][0]):  # a few requests in flight
+        return storage.map_reads(lambda location: _scan_guarded(*location, max_pixels, decode), locations,
+                                 locations[0][0])
+    return [_scan_guarded(url, offset, length, max_pixels, decode) for url, offset, length in locations]
+
+
+def _scan_guarded(url: str, offset: int, length: int, max_pixels: int, decode: bool) -> tuple[tuple, int, float]:
+    try:
+        return _scan_one(url, offset, length, max_pixels, decode)
+    except (storage.StorageError, OSError) as err:
+        return _unreadable(err), -1, -1.0
 
 
 def scan_records(locations, max_pixels: int, decode: bool = True) -> list[tuple]:
@@ -428,7 +479,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
     (the tasks read their records from the routes). `pool`: an executor to run the partitions' jobs
     in (else one of `workers` processes is made for it). `partitions`: how many to cut the source
     into (default: default_partitions); the plan does not depend on it."""
-    from shards.partitions import split_source
+    from shards.partitions import attach_records, split_source
     from shards.partplan import plan_partitions
 
     cfg = ShardSettings(**settings)
@@ -451,6 +502,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         return load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
 
     try:
+        attach_records(split, out_url, scan_args)
         planned = plan_partitions(split, cfg, scan_args, out_url, classes_of, exclude, pool=pool, workers=workers,
                                   progress=None if bar is None else bar.update)
     except (SourceError, storage.StorageError) as err:

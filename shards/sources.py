@@ -59,27 +59,6 @@ class Listing:
     skipped: list[dict] = field(default_factory=list)  # refused at listing time: {"path", "reason"}
     fingerprint: str = ""
     class_names: list[str] = field(default_factory=list)  # every class the source declares (folders, synsets)
-    # a listing made without a stat per file (list_source(defer_stats=True)): the fingerprint is
-    # completed by complete_fingerprint from the records' sizes and mtimes, which the scan takes
-    # from the files it opens anyway. Runs in walk order: (folder, lo, hi) for record rows lo..hi-1,
-    # (folder, names, sizes, mtimes) for files that are not records (stated while listing)
-    deferred_runs: list[tuple] | None = None
-
-    def complete_fingerprint(self, sizes, mtimes) -> None:
-        """Set the fingerprint of a deferred listing from each record row's size and mtime (arrays
-        by row; size -1 where the scan could not open the file: then it is stated here)."""
-        digest = _Fingerprint(self.kind)
-        for run in self.deferred_runs:
-            if len(run) == 4:
-                digest.extend_files(*run)
-                continue
-            folder, lo, hi = run
-            names = self.records._names(lo, hi, folder) if hi > lo else []
-            run_sizes, run_mtimes = sizes[lo:hi].tolist(), mtimes[lo:hi].tolist()
-            for i in (i for i, size in enumerate(run_sizes) if size < 0):
-                run_sizes[i], run_mtimes[i] = _stat_or_missing(self.records.url(lo + i))
-            digest.extend_files(folder, names, run_sizes, run_mtimes)
-        self.fingerprint, self.deferred_runs = digest.hexdigest(), None
 
 
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what json.dumps(ensure_ascii=False) escapes in a string
@@ -126,6 +105,23 @@ class _Fingerprint:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
+
+
+def deferred_entries(records: RecordTable, runs: list, sizes, mtimes, entries: _Fingerprint) -> None:
+    """Add the fingerprint entries of a listing made without a stat per file (`runs` from
+    _add_folder_runs: (folder, lo, hi) for record rows lo..hi-1, (folder, names, sizes, mtimes) for
+    files that are not records), from each record row's size and mtime as the scan found them
+    (arrays by row; size -1 where the scan could not open the file: then it is stated here)."""
+    for run in runs:
+        if len(run) == 4:
+            entries.extend_files(*run)
+            continue
+        folder, lo, hi = run
+        names = records._names(lo, hi, folder) if hi > lo else []
+        run_sizes, run_mtimes = sizes[lo:hi].tolist(), mtimes[lo:hi].tolist()
+        for i in (i for i, size in enumerate(run_sizes) if size < 0):
+            run_sizes[i], run_mtimes[i] = _stat_or_missing(records.url(lo + i))
+        entries.extend_files(folder, names, run_sizes, run_mtimes)
 
 
 def _stat_or_missing(path: str) -> tuple[int, float]:
@@ -185,17 +181,14 @@ def source_kind(url: str, format: str | None = None) -> tuple[str, str]:
     return url, kind
 
 
-def list_source(url: str, *, format: str | None = None, defer_stats: bool = False, pool=None) -> Listing:
+def list_source(url: str, *, format: str | None = None, pool=None) -> Listing:
     """List a source; raises SourceError (missing, empty, unknown format, empty class folder...).
-
-    `defer_stats`: a local imagefolder is listed by names alone (no stat per file, which is most of
-    the cost of listing, and far more on a network file system); its fingerprint is then completed
-    by Listing.complete_fingerprint once the records' sizes and mtimes are known. `pool`: an
-    executor whose processes index the tars of an i21k-tars folder (one tar each at a time)."""
+    `pool`: an executor whose processes index the tars of an i21k-tars folder (one tar each at a
+    time). (Planning lists through shards.partitions, by names alone where it can.)"""
     url, kind = source_kind(url, format)
     try:
         if kind == "imagefolder":
-            listing = _list_imagefolder(url, kind, defer_stats=defer_stats)
+            listing = _list_imagefolder(url, kind)
         elif kind == "i21k-tars":
             listing = _list_tars(url, kind, pool=pool)
         else:
@@ -287,27 +280,24 @@ def _local_folder(path: str, fd: int, root: str, stat: bool = True):
     return [sub for sub in subfolders if not os.path.islink(sub)]
 
 
-def _list_imagefolder(url: str, kind: str, *, defer_stats: bool = False) -> Listing:
+def _list_imagefolder(url: str, kind: str) -> Listing:
     s3 = storage.is_s3(url)
     root = url.rstrip("/") if s3 else url.rstrip(os.sep)
-    defer = defer_stats and not s3  # an S3 listing has the sizes and mtimes anyway
-    folders = _s3_folders(url, root) if s3 else _local_folders(url, root, stat=not defer)
+    folders = _s3_folders(url, root) if s3 else _local_folders(url, root)
     records, skipped, entries = RecordTable(), [], _Fingerprint(kind)
-    runs = [] if defer else None
     class_files: dict[str, int] = {}
     if not s3:  # empty class folders exist only locally (S3 has no empty prefixes)
         for name in storage.listdir(url):
             if not name.startswith(".") and os.path.isdir(os.path.join(url, name)):
                 class_files.setdefault(name, 0)
-    _add_folder_runs(folders, root, records, skipped, entries, class_files, runs)
+    _add_folder_runs(folders, root, records, skipped, entries, class_files)
     empty = sorted(c for c, n in class_files.items() if n == 0)
     if empty:
         raise SourceError(f"{storage.join(url, empty[0])}: class folder has no images; add images or remove the folder"
                           + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     if not class_files:
         raise SourceError(f"{url}: no class folders; an imagefolder source is ROOT/<class>/<image>")
-    return Listing(kind, url, records, skipped, "" if runs is not None else entries.hexdigest(), sorted(class_files),
-                   deferred_runs=runs)
+    return Listing(kind, url, records, skipped, entries.hexdigest(), sorted(class_files))
 
 
 def _add_folder_runs(folders, root: str, records: RecordTable, skipped: list, entries: _Fingerprint,

@@ -189,7 +189,11 @@ class RecordTable:
         n, m = len(self), len(other)
         if not m:
             return
-        self._key_hash, self._later = None, []
+        if self._key_hash is not None and other._key_hash is not None:  # both all extend_files rows: still so
+            self._key_hash += other._key_hash
+            self._later += [(lo + n, hi + n, folder, head) for lo, hi, folder, head in other._later]
+        else:
+            self._key_hash, self._later = None, []
         roots = np.array([self._root_id(root) for root in other.roots], dtype=np.uint32)
         self.root_idx += array("I", roots[np.frombuffer(other.root_idx, dtype=np.uint32)].tobytes())
         if other.keys is not None and self.keys is None:
@@ -368,15 +372,19 @@ class RecordTable:
         return out
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in ("roots", "root_idx", "keys", "paths", "label_names", "labels",
-                                              "label_off", "offset", "length")}
+        state = {k: getattr(self, k) for k in ("roots", "root_idx", "keys", "paths", "label_names", "labels",
+                                               "label_off", "offset", "length")}
+        if self._key_hash is not None and sum(hi - lo for lo, hi, *_ in self._later) == len(self):
+            state["_later"] = self._later  # every row in usual folders: no hash to carry (a listed partition)
+        return state
 
     def __setstate__(self, state):
+        self._later = []
         for k, v in state.items():
             setattr(self, k, v)
         self._root_ids = {r: i for i, r in enumerate(self.roots)}
         self._label_ids = {n: i for i, n in enumerate(self.label_names)}
-        self._key_hash, self._later = None, []
+        self._key_hash = array("q", [0]) * len(self) if "_later" in state else None
 
     def make_keys_unique(self) -> int:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""

@@ -72,27 +72,33 @@ def _unreadable(path: str, task: ShardTask, err: Exception) -> ShardError:
 
 def _resized(task: ShardTask, paths, locations, nbytes) -> list[tuple[bytes, str, int, int]]:
     """(bytes, ext, width, height) of each image of a chunk, read and resized."""
-    out = []
-    for path, (url, offset, length), size in zip(paths, locations, nbytes):
+    def read(item):
+        path, (url, offset, length), size = item
         try:
             data = storage.read_record(url, offset, length, size=size)
         except (storage.StorageError, OSError) as err:
             raise _unreadable(path, task, err) from None
         if len(data) != size:
             raise _changed(path, size, len(data))
-        out.append(resize_encode(data, shorter=task.resize, quality=task.quality, max_pixels=task.max_pixels))
-    return out
+        return data
+
+    images = storage.map_reads(read, list(zip(paths, locations, nbytes)), locations[0][0] if locations else "")
+    return [resize_encode(data, shorter=task.resize, quality=task.quality, max_pixels=task.max_pixels) for data in images]
 
 
 def _read_images(task: ShardTask, chunk, where: list[int], nbytes: list[int], locations, paths) -> None:
-    """Read each image i of a chunk straight into chunk[where[i]:where[i] + nbytes[i]]."""
-    for (url, offset, length), start, size, path in zip(locations, where, nbytes, paths):
+    """Read each image i of a chunk straight into chunk[where[i]:where[i] + nbytes[i]] (from S3, a
+    few at a time: storage.map_reads)."""
+    def read(item):
+        (url, offset, length), start, size, path = item
         try:
             got = storage.read_record_into(url, offset, length, chunk[start:start + size])
         except (storage.StorageError, OSError) as err:
             raise _unreadable(path, task, err) from None
         if got != size:
             raise _changed(path, size, got)
+
+    storage.map_reads(read, list(zip(locations, where, nbytes, paths)), locations[0][0] if locations else "")
 
 
 def _write_tar(task: ShardTask, fd: int) -> tuple[int, str]:

@@ -233,15 +233,17 @@ def test_a_rerun_removes_the_staging_file_of_a_writer_killed_mid_upload(s3, digi
 @pytest.mark.timeout(120)
 def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_path):
     """An S3 source costs one GET of each whole image (the writer's); the scan asks for ranges of
-    the ends only: one ranged GET for an image that fits in the head it reads, two for a larger one."""
+    the ends only: one ranged GET of the first 64 KB (an image that fits is settled by it), and for
+    a larger image one more of its last KB."""
     src = s3.url("sources/gets")
     sizes = []
-    for i, crop in enumerate(photo_crops(12, size=(320, 240), seed=4) + photo_crops(4, size=(32, 24), seed=5)):
+    crops = photo_crops(12, size=(320, 240), seed=4) + photo_crops(4, size=(640, 480), seed=6)
+    for i, crop in enumerate(crops + photo_crops(4, size=(32, 24), seed=5)):
         data = encode(crop, "JPEG", quality=95)
         storage.write_bytes(f"{src}/{'ab'[i % 2]}/{i}.jpg", data)
         sizes.append(len(data))
-    large = sum(size > 16384 for size in sizes)
-    assert 0 < large < len(sizes)
+    large = sum(size > 65536 for size in sizes)
+    assert 0 < large < sum(size > 16384 for size in sizes)  # some between the old 16 KB head and 64 KB
     gets: list[str | None] = []
     client = storage.s3._client()
     handler = lambda params, **_: gets.append(params.get("Range"))  # noqa: E731 - the call's own arguments
@@ -256,6 +258,8 @@ def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_pat
     assert manifest["num_samples"] == len(sizes)
     assert sum(r is None for r in gets) == len(sizes)  # whole objects: one per image
     ranged = [r for r in gets if r is not None]
-    assert len(ranged) == len(sizes) + large
-    assert all(r.startswith("bytes=") for r in ranged)
+    assert sorted(ranged).count("bytes=0-65535") == len(sizes)
+    tails = [r for r in ranged if r != "bytes=0-65535"]
+    assert len(tails) == large
+    assert all(int(hi) - int(lo) + 1 == 1024 for lo, hi in (r[len("bytes="):].split("-") for r in tails))
     assert manifest["shards"] == decoded["shards"]

@@ -331,3 +331,51 @@ def test_a_jsonl_manifest_cut_into_line_blocks_gives_the_whole_listing_and_the_s
     manifest.write_bytes("\n".join(lines).encode() + b"\n")
     with pytest.raises(ShardError, match=rf"^{manifest}:10: not valid JSON"):
         shard_dataset(str(manifest), str(tmp_path / "bad"), shard_size=5, partitions=4)
+
+
+def test_scan_records_one_per_partition_serve_a_rerun_with_other_partitions_unless_a_file_changed(tmp_path, capsys):
+    """A planner stopped before writing (a killed coordinator) leaves one scan record per partition in
+    <out>/_plan, plain arrays (no pickle). A re-run with other partitions takes each class folder's
+    scan from them instead of reading its images (local folders are listed by names alone: the
+    record is checked against a stat of its files then), except the folder holding a file rewritten
+    since and the folder whose record was cut short; the shards are those of a fresh run, and the
+    records are gone once the dataset is."""
+    import numpy as np
+
+    from shards import plan_shards
+
+    crops = photo_crops(10, size=(48, 32), seed=11)
+    for i, crop in enumerate(crops):
+        _write(tmp_path / "src" / f"c{i % 5}" / f"{i}.jpg", encode(crop, "JPEG"))
+    out = tmp_path / "out"
+    plan_shards(str(tmp_path / "src"), str(out), shard_size=4, partitions=3)
+    records = sorted((out / "_plan").iterdir())
+    assert len(records) == 3  # units "" (no images), c0 | c1, c2 | c3, c4: a record per partition, not per unit
+    for record in records:
+        with np.load(record, allow_pickle=False) as data:  # data only
+            assert len(data["unit_keys"]) in (1, 2) and int(data["rows"].sum()) == len(data["ok"])
+    changed = tmp_path / "src" / "c3" / "3.jpg"
+    changed.write_bytes(encode(crops[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG"))
+    records[0].write_bytes(records[0].read_bytes()[:100])  # c0's record cut short: scanned again
+    capsys.readouterr()
+    manifest = shard_dataset(str(tmp_path / "src"), str(out), shard_size=4, partitions=2, progress=True)
+    assert "plan: 3 unit(s)" in capsys.readouterr().out  # c1, c2, c4 (c3 changed), in other partitions
+    assert not (out / "_plan").exists()
+    fresh = shard_dataset(str(tmp_path / "src"), str(tmp_path / "fresh"), shard_size=4, workers=2, partitions=4)
+    assert manifest["shards"] == fresh["shards"]
+    assert manifest["source"]["fingerprint"] == fresh["source"]["fingerprint"]
+
+
+def test_keys_that_collide_across_partitions_are_made_unique_as_in_one_listing(tmp_path):
+    """Keys come from paths: a/b_c.jpg and a_b/c.jpg are both a_b_c. Listed in different partitions
+    (in worker processes, their tables pickled back), the collision is still found and the shards
+    are those of one listing."""
+    crops = photo_crops(4, size=(32, 24), seed=12)
+    for path, crop in zip(("a/b_c.jpg", "a/x.jpg", "a_b/c.jpg", "z/y.jpg"), crops):
+        _write(tmp_path / "src" / path, encode(crop, "JPEG"))
+    one = shard_dataset(str(tmp_path / "src"), str(tmp_path / "one"), shard_size=10, partitions=1)
+    many = shard_dataset(str(tmp_path / "src"), str(tmp_path / "many"), shard_size=10, workers=2, partitions=4)
+    assert many["shards"] == one["shards"]
+    with tarfile.open(tmp_path / "many" / many["shards"][0]["name"]) as tar:
+        keys = {name.rsplit(".", 1)[0] for name in tar.getnames()}
+    assert len(keys) == 4 and "a_b_c" in keys

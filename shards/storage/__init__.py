@@ -255,6 +255,24 @@ def read_record_into(url: str, offset: int, length: int, out) -> int:
     return store.read_into(url, offset, length, out)
 
 
+_READ_THREADS = 8  # object-store requests in flight per process in map_reads
+_read_pools: dict = {}  # pid -> executor (a forked child makes its own)
+
+
+def map_reads(fn, items: list, url: str) -> list:
+    """[fn(item) for item in items], in order; when `url` is on S3, with up to _READ_THREADS at a
+    time in threads: each item is a request (a GET of an image) whose round trip would otherwise
+    add up one after the other. The first exception raised by fn is raised here."""
+    if len(items) < 2 or not url.startswith("s3://"):
+        return [fn(item) for item in items]
+    pool = _read_pools.get(os.getpid())
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _read_pools[os.getpid()] = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="vitpipe-read")
+    return list(pool.map(fn, items))
+
+
 def read_json(url: str | os.PathLike):
     data = read_bytes(url)
     try:

@@ -65,6 +65,9 @@ def split(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+_ENDS_FIRST = 64 << 10  # read_ends' first ranged GET asks for at least this many bytes
+
+
 def _client():
     # the environment is part of the key so a client never outlives the endpoint/keys it was made for
     key = (os.getpid(), _settings.endpoint_url, _settings.max_attempts, os.environ.get("AWS_ENDPOINT_URL"),
@@ -285,12 +288,14 @@ class S3Storage(Storage):
 
     def read_ends(self, url, head, tail, offset=None, length=None):
         """Ranged GETs: the first `head` bytes (and with them the size), then the last `tail` bytes
-        only when the head did not hold everything; None for an empty object (no range to ask for)."""
+        only when the head did not hold everything; None for an empty object (no range to ask for).
+        The first GET asks for at least _ENDS_FIRST bytes: a record up to that size is then one request
+        (returned whole, tail empty), as a request costs more than the bytes it saves."""
         from botocore import exceptions as bx
 
         bucket, key = split(url)
         base = offset or 0
-        want = head if length is None else min(head, length)
+        want = max(head, _ENDS_FIRST) if length is None else min(max(head, _ENDS_FIRST), length)
         if want <= 0:
             return None
         whole = length is None and want >= 1 << 40  # all of it asked for: one plain GET
@@ -309,8 +314,11 @@ class S3Storage(Storage):
         total = response.get("ContentRange", "").rpartition("/")[2]
         size = length if length is not None else int(total) if total.isdigit() else int(response["ContentLength"])
         mtime = response["LastModified"].timestamp() if length is None else None
-        if size <= len(first) or not tail:
+        if size <= len(first):
             return first[:size], b"", size, mtime
+        first = first[:head]
+        if not tail:
+            return first, b"", size, mtime
         start = base + size - tail
         last = _s3_call(url, lambda: _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + tail - 1}")
                         ["Body"].read())
