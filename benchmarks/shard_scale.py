@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shard_throughput import _make_corpus, _median_times  # noqa: E402
+from shard_throughput import _MEMORY_CHILD, _make_corpus, _median_times  # noqa: E402
 
 from shards import shard_dataset, storage  # noqa: E402
 from shards.storage import _READ_THREADS  # noqa: E402
@@ -55,13 +55,6 @@ for i in range(count):  # distinct files: a comment segment holding the number, 
     note = str(i).encode()
     (root / f"c{i % 100:02d}" / f"{i}.jpg").write_bytes(base[:2] + b"\\xff\\xfe" + (len(note) + 2).to_bytes(2, "big")
                                                       + note + base[2:])
-"""
-_MEMORY_CHILD = """
-import resource, sys
-sys.path.insert(0, sys.argv[3])
-from shards import shard_dataset
-shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=2)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 # what the coordinator holds, phase by phase: each planning step wrapped to print the peak RSS so far
 # and the Python/numpy heap (tracemalloc: current and peak) when it returns
@@ -123,7 +116,7 @@ def memory(work: Path, sizes: list[int]) -> None:
     for n in sizes:
         tree = work / f"tiny{n}"
         _tiny_tree(tree, n)
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tree), str(work / "mem_out"), str(ROOT)],
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tree), str(work / "mem_out"), str(ROOT), "2"],
                               capture_output=True, text=True, check=True)
         shutil.rmtree(work / "mem_out", ignore_errors=True)
         peaks[n] = int(proc.stdout.strip().splitlines()[-1]) * 1024

@@ -166,7 +166,7 @@ _MEMORY_CHILD = """
 import resource, sys
 sys.path.insert(0, sys.argv[3])
 from shards import shard_dataset
-shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=1)
+shard_dataset(sys.argv[1], sys.argv[2], shard_size=10000, workers=int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 _CORPUS_CHILD = """

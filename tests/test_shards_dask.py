@@ -4,7 +4,6 @@ partitions, a worker killed mid-partition, a coordinator killed mid-plan."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -51,8 +50,8 @@ def _records(url: str) -> list[dict]:
 
 
 def _unit_records(url: str) -> list[dict]:
-    """The scan records of units (named by a 32-digit key) among the plan's files."""
-    return [item for item in _records(url) if re.fullmatch(r"[0-9a-f]{32}\.pkl", item["url"].rsplit("/", 1)[-1])]
+    """The scan records (.npz, see shards.partitions) among the plan's files."""
+    return [item for item in _records(url) if item["url"].endswith(".npz")]
 
 
 def _cli(*args: str, env: dict) -> subprocess.Popen:
