@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -69,23 +70,34 @@ def _fill_corrupt(slots: list[_Slot], last_good: _Slot | None) -> _Slot | None:
     return last_good
 
 
+_PREFETCH = 2  # chunks a DataLoader worker may have made or be making ahead of the rank (its prefetch_factor)
+
+
 class _ChunkRing:
     """Shared buffers for one DataLoader worker's image chunks, mapped before the worker is forked and
     reused all epoch. The DataLoader's own hand-over, a fresh shared tensor per chunk, cost the worker a
     copy into a new shm file and both processes a page fault per 4 KiB (90k faults an epoch of 1,984
     images at 224 here, ~12 ms of CPU per 64-image chunk); a reused buffer costs neither after its first
-    use. The worker takes a free buffer id, stacks the chunk into it and sends the id; the rank copies
-    the chunk into its batch and gives the id back, so no batch it hands out is ever overwritten.
-    ``depth``: at most prefetch (2) + 1 chunks are in flight per worker (two queued or being made, one
-    being copied); a worker that ever ran ahead would wait for a free id, never overwrite one."""
+    use. The worker takes a free buffer id, stacks the chunk into it and sends the id.
 
-    def __init__(self, n: int, size: int, depth: int = 3):
-        # an anonymous shared mapping: inherited by the forked worker, no file, unmapped with the ring
-        self.buffers = np.frombuffer(mmap.mmap(-1, depth * n * size * size * 3), dtype=np.uint8)
+    The rank either copies the chunk out (several workers, pinned batches) and gives the id back at once,
+    or, when the chunk is the whole batch, lends the buffer itself (``lend``): the id goes back only when
+    the last tensor sharing its memory is gone, so a batch the consumer holds is never overwritten. It
+    lends while ``_PREFETCH`` buffers stay unlent for the chunks in flight, so the worker never waits on
+    a batch the consumer keeps (a consumer that keeps more gets copies); at most ``lendable`` are lent.
+    """
+
+    def __init__(self, n: int, size: int, *, lendable: int = 0):
+        depth = _PREFETCH + 1 + lendable
+        # an anonymous shared mapping: inherited by the forked worker, no file; populated here in one call
+        # rather than by a page fault per 4 KiB in each process; unmapped with the last view of it
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self.buffers = np.frombuffer(mmap.mmap(-1, depth * n * size * size * 3, flags=flags), dtype=np.uint8)
         self.buffers = self.buffers.reshape(depth, n, size, size, 3)
         self.free = multiprocessing.get_context("fork").SimpleQueue()
         for i in range(depth):
             self.free.put(i)
+        self.lendable, self.lent, self.returned = lendable, set(), []
 
     def fill(self, images: list[np.ndarray]) -> int:
         """In the worker: ``images`` (HWC uint8) into a free buffer; returns its id."""
@@ -99,6 +111,26 @@ class _ChunkRing:
 
     def release(self, i: int) -> None:
         self.free.put(i)
+
+    def lend(self, i: int) -> torch.Tensor:
+        """In the rank: buffer ``i`` as the batch, ``uint8 [n, 3, H, W]`` channels-last; a copy (and ``i``
+        released) when ``lendable`` buffers are already out."""
+        while self.returned:  # ids whose batches were dropped since the last step
+            self.release(self.returned.pop())
+        if len(self.lent) >= self.lendable:
+            batch = torch.from_numpy(self.buffers[i].copy())
+            self.release(i)
+        else:
+            view = self.buffers[i][...]  # its own ndarray: alive exactly as long as a tensor on its memory
+            self.lent.add(i)
+            weakref.finalize(view, self._returned, i).atexit = False
+            batch = torch.from_numpy(view)
+        return rearrange(batch, "b h w c -> b c h w")
+
+    def _returned(self, i: int) -> None:
+        # may run inside any allocation of any thread (cyclic GC): no lock taken here, the rank puts it back
+        self.lent.discard(i)
+        self.returned.append(i)
 
 
 class _TrainLanes(IterableDataset):
@@ -316,10 +348,12 @@ class TrainStream(_DatasetStream):
         else:
             if self.decode == "cpu" and _mp_context() == "fork":  # (spawn: the DataLoader's own hand-over)
                 k = self.plan.per_lane_step
-                dataset.rings = [_ChunkRing(len(self.rank_lanes[w::self.num_workers]) * k, self.img_size)
-                                 for w in range(self.num_workers)]
+                lend = 2 if self.num_workers == 1 and not self.pin_memory else 0  # its chunk is the batch
+                dataset.rings = [_ChunkRing(len(self.rank_lanes[w::self.num_workers]) * k, self.img_size,
+                                            lendable=lend) for w in range(self.num_workers)]
             chunks = _start_workers(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                               multiprocessing_context=_mp_context(), persistent_workers=False))
+                                               prefetch_factor=_PREFETCH, multiprocessing_context=_mp_context(),
+                                               persistent_workers=False))
         for step in range(start_step, self.steps_per_epoch):
             parts = [next(chunks, None) for _ in range(workers)]
             if any(p is None for p in parts):
@@ -329,9 +363,9 @@ class TrainStream(_DatasetStream):
             yield self._assemble(parts, step, epoch, dataset.rings)
 
     def _assemble(self, parts: list[dict], step: int, epoch: int, rings: list[_ChunkRing] | None = None) -> Batch:
-        """The workers' chunks (each sorted by position) -> the batch in position order, uint8. In-process
-        and no pinning: the chunk is the batch (no copy); else one copy, straight into the (pinned) batch,
-        after which a worker's ring buffer goes back to it."""
+        """The workers' chunks (each sorted by position) -> the batch in position order, uint8. One worker
+        (or none) and no pinning: the chunk is the batch (no copy; a worker's ring buffer is lent); else one
+        copy, straight into the (pinned) batch, after which a worker's ring buffer goes back to it."""
         positions = np.concatenate([part["positions"] for part in parts])
         order = np.argsort(positions, kind="stable")
         keys = [k for part in parts for k in part["keys"]]
@@ -342,8 +376,8 @@ class TrainStream(_DatasetStream):
             items = [item for part in parts for item in part["images"]]
             images, bad = gpu.finish_batch([items[i] for i in order], size=self.img_size, device=self.device)
             corrupt += _fill_undecodable(images, keys, labels, bad)
-        elif len(parts) == 1 and not self.pin_memory and rings is None:
-            images = parts[0]["images"]
+        elif len(parts) == 1 and not self.pin_memory:
+            images = rings[0].lend(parts[0]["images"]) if rings else parts[0]["images"]
         else:
             chunks = [rings[p["worker"]].chunk(p["images"]) if rings else rearrange(p["images"], "b c h w -> b h w c").numpy()
                       for p in parts]
