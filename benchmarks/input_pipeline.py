@@ -9,9 +9,12 @@ shorter side 224) and pass-through. Four cases, output 224x224 uint8: {224, pass
 
 Contestants, all pinned to one core (`--core`, as `taskset -c 0`):
 * bare loop: stdlib `tarfile` read of each member, PIL decode (with `draft` when the crop allows, as
-  TrainStream does), the same crop box / flip / bilinear resize, to a uint8 tensor; one Generator;
+  TrainStream does), the same crop box / flip / bilinear resize, `np.stack` of 64 into a uint8 batch
+  tensor; one Generator;
 * TrainStream in-process (num_workers=0): everything in one process;
-* TrainStream with 1 worker on the same core: the worker decodes, the rank assembles the batch.
+* TrainStream with 1 worker on the same core: the worker decodes, the rank hands the batch over.
+Every contestant's consumer reads every byte of each batch (`consume`), so a batch that reaches it in
+memory not yet mapped in its process pays for that there.
 Target: TrainStream >= 0.9x the bare loop. Runs are interleaved (every contestant of every case, then
 the next round) and the medians reported. Rates are images per CPU-second (user + system time of
 this process and its reaped DataLoader workers), the figure that says what a core decodes; on a
