@@ -89,10 +89,9 @@ class _ChunkRing:
 
     def __init__(self, n: int, size: int, *, lendable: int = 0):
         depth = _PREFETCH + 1 + lendable
-        # an anonymous shared mapping: inherited by the forked worker, no file; populated here in one call
-        # rather than by a page fault per 4 KiB in each process; unmapped with the last view of it
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self.buffers = np.frombuffer(mmap.mmap(-1, depth * n * size * size * 3, flags=flags), dtype=np.uint8)
+        # an anonymous shared mapping: inherited by the forked worker, no file, unmapped with its last view
+        # (populating it here, MAP_POPULATE, cost as much as the page faults of its first use: not done)
+        self.buffers = np.frombuffer(mmap.mmap(-1, depth * n * size * size * 3), dtype=np.uint8)
         self.buffers = self.buffers.reshape(depth, n, size, size, 3)
         self.free = multiprocessing.get_context("fork").SimpleQueue()
         for i in range(depth):
