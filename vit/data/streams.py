@@ -378,8 +378,8 @@ class TrainStream(_DatasetStream):
         elif len(parts) == 1 and not self.pin_memory:
             images = rings[0].lend(parts[0]["images"]) if rings else parts[0]["images"]
         else:
-            chunks = [rings[p["worker"]].chunk(p["images"]) if rings else rearrange(p["images"], "b c h w -> b h w c").numpy()
-                      for p in parts]
+            chunks = [rings[p["worker"]].chunk(p["images"]) if rings
+                      else rearrange(p["images"], "b c h w -> b h w c").numpy() for p in parts]
             n, h, w, c = len(positions), *chunks[0].shape[1:]
             images = _empty_batch(n, c, h, w, pin=self.pin_memory)
             # numpy's row copies: torch's index_put_ on uint8 took 6.4 ms per 64 images at 224, numpy 0.26 ms
