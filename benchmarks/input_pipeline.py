@@ -9,9 +9,12 @@ shorter side 224) and pass-through. Four cases, output 224x224 uint8: {224, pass
 
 Contestants, all pinned to one core (`--core`, as `taskset -c 0`):
 * bare loop: stdlib `tarfile` read of each member, PIL decode (with `draft` when the crop allows, as
-  TrainStream does), the same crop box / flip / bilinear resize, to a uint8 tensor; one Generator;
+  TrainStream does), the same crop box / flip / bilinear resize, `np.stack` of 64 into a uint8 batch
+  tensor; one Generator;
 * TrainStream in-process (num_workers=0): everything in one process;
-* TrainStream with 1 worker on the same core: the worker decodes, the rank assembles the batch.
+* TrainStream with 1 worker on the same core: the worker decodes, the rank hands the batch over.
+Every contestant's consumer reads every byte of each batch (`consume`), so a batch that reaches it in
+memory not yet mapped in its process pays for that there.
 Target: TrainStream >= 0.9x the bare loop. Runs are interleaved (every contestant of every case, then
 the next round) and the medians reported. Rates are images per CPU-second (user + system time of
 this process and its reaped DataLoader workers), the figure that says what a core decodes; on a
@@ -32,6 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,11 +54,12 @@ SIZE = 224
 BATCH, LANES = 64, 4
 
 
-def bare_loop(dataset: Path, *, augment: str) -> int:
-    """Images decoded: tar members -> PIL (draft) -> crop/flip/resize -> uint8 tensor, one Generator."""
+def bare_loop(dataset: Path, *, augment: str) -> Iterator[torch.Tensor]:
+    """Batches of ``BATCH``: tar members -> PIL (draft) -> crop/flip/resize -> ``np.stack`` -> uint8 tensor
+    [B, 3, S, S] (channels-last, as TrainStream's), one Generator."""
     transform = build_transform(augment, img_size=SIZE)  # only its box sampling: .params(width, height, rng)
     rng = np.random.default_rng(0)
-    n = 0
+    images = []
     for tar_path in sorted(dataset.glob("*.tar")):
         with open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -68,17 +73,31 @@ def bare_loop(dataset: Path, *, augment: str) -> int:
                 out = img.resize((SIZE, SIZE), Image.BILINEAR, box=(box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry))
                 if flip:
                     out = out.transpose(Image.FLIP_LEFT_RIGHT)
-                torch.from_numpy(np.asarray(out)).permute(2, 0, 1)  # (PIL's array is read-only: no copy)
-                n += 1
-    return n
+                images.append(np.asarray(out))
+                if len(images) == BATCH:
+                    yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+                    images = []
+    if images:
+        yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def stream(dataset: Path, *, augment: str, workers: int) -> int:
+def stream(dataset: Path, *, augment: str, workers: int) -> Iterator[torch.Tensor]:
     from vit.data import TrainStream
 
     s = TrainStream(str(dataset), img_size=SIZE, global_batch_size=BATCH, rank=0, world_size=1, num_workers=workers,
                     lanes=LANES, augment=augment, pin_memory=False)
-    return sum(len(b.keys) for b in s.batches(0))
+    return (batch.images for batch in s.batches(0))
+
+
+def consume(batches: Iterator[torch.Tensor]) -> int:
+    """What every contestant's consumer does with a batch: reads every byte of it (``amax``, no temporary),
+    so memory that reaches the consumer unmapped (fresh shared memory from a worker) costs its page faults
+    here as it would in a training step's copy to the device. Returns the images read."""
+    n = 0
+    for images in batches:
+        images.amax()
+        n += len(images)
+    return n
 
 
 def _cpu_seconds() -> float:
@@ -121,9 +140,9 @@ def main(argv=None) -> int:
         runs = {}
         for kind, url in shards.items():
             for augment in ("pretrain", "none"):
-                runs[(kind, augment, "bare")] = lambda url=url, a=augment: bare_loop(url, augment=a)
+                runs[(kind, augment, "bare")] = lambda url=url, a=augment: consume(bare_loop(url, augment=a))
                 for w in (0, 1):
-                    runs[(kind, augment, f"w{w}")] = lambda url=url, a=augment, w=w: stream(url, augment=a, workers=w)
+                    runs[(kind, augment, f"w{w}")] = lambda url=url, a=augment, w=w: consume(stream(url, augment=a, workers=w))
         for fn in runs.values():  # warm-up: imports, page cache
             fn()
         load0 = os.getloadavg()[0]

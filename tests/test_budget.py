@@ -70,10 +70,10 @@ def test_decode_warning_figures():
     cfg = get_preset("i21k_vit_b16")
     cfg.data.num_workers = 2
     line = budget.decode_warning(cfg)
-    assert "2 worker(s) per rank x 550 img/s per core = 1100 img/s < 3006 img/s per H100" in line
-    assert "data.num_workers=6" in line and "\n" not in line
-    cfg.data.num_workers = 6
-    assert budget.decode_warning(cfg) is None  # 3300 >= 3006
+    assert "2 worker(s) per rank x 750 img/s per core = 1500 img/s < 3006 img/s per H100" in line
+    assert "data.num_workers=5" in line and "\n" not in line
+    cfg.data.num_workers = 5
+    assert budget.decode_warning(cfg) is None  # 3750 >= 3006
     assert budget.decode_warning(cfg, per_core=400) is not None
 
 

@@ -488,3 +488,102 @@ def test_batches_are_pinned_only_when_cuda_is_present(dataset, monkeypatch):
     pinned = list(faked.batches(0, start_step=20))
     assert asked == [("images", True), ("targets", True)] * 4
     assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(pinned, plain))
+
+
+def test_one_worker_lends_its_ring_buffers_and_never_overwrites_a_batch_the_consumer_holds(dataset, monkeypatch):
+    """One worker, 24 steps, a ring of 5 shared buffers. A consumer that drops each batch gets the buffers
+    themselves (no copy), reused all epoch; one that keeps every batch gets the first two lent and copies
+    after that, and at the end of the epoch every batch still equals the in-process one."""
+    import vit.data.streams as streams
+
+    rings = []
+
+    class Recorded(streams._ChunkRing):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rings.append(self)
+
+    monkeypatch.setattr(streams, "_ChunkRing", Recorded)
+    root, _ = dataset
+    kw = dict(img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3, shuffle_buffer=20)
+    plain = list(TrainStream(str(root), num_workers=0, **kw).batches(0))
+
+    def in_ring(batch) -> bool:
+        lo = rings[-1].buffers.ctypes.data
+        return lo <= batch.images.data_ptr() < lo + rings[-1].buffers.nbytes
+
+    where = []
+    for batch, expected in zip(TrainStream(str(root), num_workers=1, **kw).batches(0), plain, strict=True):
+        assert batch.keys == expected.keys and torch.equal(batch.images, expected.images)
+        assert in_ring(batch)
+        where.append(batch.images.data_ptr())
+    assert rings[-1].buffers.shape == (5, 16, 8, 8, 3) and len(set(where)) <= 5
+
+    held = list(TrainStream(str(root), num_workers=1, **kw).batches(0))
+    assert [in_ring(b) for b in held] == [True, True] + [False] * 22
+    for a, b in zip(held, plain, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert rings[-1].lent == {0, 1}
+    del held
+    assert rings[-1].lent == set() and sorted(rings[-1].returned) == [0, 1]
+
+
+def _only_worker():
+    import multiprocessing
+
+    (worker,) = multiprocessing.active_children()
+    return worker
+
+
+def test_a_killed_worker_ends_the_epoch_with_an_error_not_a_hang(dataset):
+    import os
+    import signal
+
+    root, _ = dataset
+    batches = TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3,
+                          num_workers=1).batches(0)
+    next(batches)
+    worker = _only_worker()
+    with pytest.raises(RuntimeError, match=f"worker \\(pid.*{worker.pid}"):
+        os.kill(worker.pid, signal.SIGKILL)
+        for _ in batches:
+            pass
+    worker.join(10)
+    assert not worker.is_alive()
+
+
+def test_ctrl_c_stops_the_worker_and_the_rank_promptly(dataset):
+    """Ctrl-C reaches every process of the foreground group: the worker leaves quietly (the DataLoader's
+    rule), the rank's KeyboardInterrupt closes the epoch, and nothing is left running."""
+    import os
+    import signal
+    import time
+
+    root, _ = dataset
+    batches = TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3,
+                          num_workers=1).batches(0)
+    with pytest.raises(KeyboardInterrupt):
+        for step, _ in enumerate(batches):
+            if step == 2:
+                worker = _only_worker()
+                os.kill(worker.pid, signal.SIGINT)
+                raise KeyboardInterrupt
+    start = time.monotonic()
+    batches.close()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - start < 10
+
+
+def test_augmentation_randomness_is_a_function_of_seed_epoch_and_position():
+    """The one re-positioned Generator gives each position the same draws whatever was drawn before, in
+    whatever order positions come (workers and ranks visit them differently), and other draws elsewhere."""
+    from vit.data.order import AugmentRng
+
+    rng = AugmentRng(3, 0)
+    first = {p: rng.at(p).random(4) for p in (5, 6, 0)}
+    rng.at(6).integers(0, 2**31, dtype=np.uint32)  # leaves half a 64-bit word buffered
+    again = {p: rng.at(p).random(4) for p in (0, 5, 6)}
+    assert all(np.array_equal(first[p], again[p]) for p in first)
+    assert np.array_equal(AugmentRng(3, 0).at(5).random(4), first[5])
+    others = [first[6], first[0], AugmentRng(3, 1).at(5).random(4), AugmentRng(4, 0).at(5).random(4)]
+    assert not any(np.allclose(first[5], x) for x in others)

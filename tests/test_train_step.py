@@ -181,3 +181,14 @@ def test_switches_reach_a_deepspeed_run(digits_shards, tmp_path, capsys):
     assert switched == pytest.approx(plain, rel=3e-2)  # bf16 autocast: close to the fp32 losses, not equal
     assert switched != plain
     assert os.path.exists(tmp_path / "runs" / "switched" / "model.safetensors")  # saved from the compiled module
+
+
+def test_logged_mfu_takes_the_peak_of_the_gpu_it_runs_on():
+    """H100 dense bf16 is the budget's figure (one number for the projection and the logged MFU);
+    GPUs the table does not name get the A100's."""
+    from vit.train import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == budget.H100_BF16_PEAK == 989.4e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", "fp16") == 312e12

@@ -25,7 +25,8 @@ H100_BF16_PEAK = 989.4e12  # H100 SXM dense bf16 FLOP/s (NVIDIA datasheet: 1,979
 H100_MEMORY = 80e9  # bytes of HBM3
 USABLE_MEMORY_SHARE = 0.9  # headroom for the CUDA context, allocator fragmentation, NCCL buffers
 DEFAULT_MFU = 3000 * 105.6e9 / H100_BF16_PEAK  # the issue's goal for ViT-B/16 at 224 px: 0.320
-DECODE_PER_CORE = 550.0  # img/s per core, 224 px pre-resized shards, pretraining augmentation (issue 18)
+DECODE_PER_CORE = 750.0  # img/s per core with a DataLoader worker, 224 px pre-resized shards, pretraining augmentation
+# (issue 18: 772-816 img per CPU-second in three runs of benchmarks/input_pipeline.py, load 4-9; rounded down)
 OPTIMIZER_STATE = {"adamw": 8, "sgd": 4}  # bytes per parameter: Adam m and v / SGD momentum, fp32
 ZERO_STAGES = (0, 1, 2, 3)
 

@@ -19,7 +19,8 @@ step N), `step=N:hang`, optionally `:rank=R` (default 0); `keys` writes the samp
 consumed per step to <run>/keys/rank<R>.jsonl. Not a user setting.
 
 metrics.csv `mfu` is an ESTIMATE: flops_per_image x 3 x images/s / (peak x ranks), where peak is
-`peak_flops` from the config, else a GEMM measured at start-up (CPU) or the A100 table value (GPU).
+`peak_flops` from the config, else a GEMM measured at start-up (CPU) or the GPU's table value
+(`GPU_PEAK_FLOPS`: H100, A100).
 """
 from __future__ import annotations
 
@@ -40,13 +41,18 @@ import torch.nn.functional as F
 
 from shards import storage
 from shards.errors import JobFailed, VitpipeError
+from vit.budget import H100_BF16_PEAK
 from vit.config import RunConfig, deepspeed_config
 from vit.fewshot import fewshot_columns, fewshot_due, fewshot_metrics
 from vit.runs import RunFolder
 from vit.status import StatusWriter, status_path
 
 METRIC_FIELDS = ["step", "epoch", "loss", "lr", "images_per_sec", "mfu"]
-GPU_PEAK_FLOPS = {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}  # A100 dense; unverified on GPU
+# dense peak FLOP/s per GPU and precision, for the logged MFU (fp32: without TF32); unverified on GPU
+GPU_PEAK_FLOPS = {
+    "H100": {"bf16": H100_BF16_PEAK, "fp16": H100_BF16_PEAK, "fp32": 67e12},  # SXM
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+}
 FAULT_EXIT_CODE = 13
 
 
@@ -93,6 +99,12 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float:
+    """``GPU_PEAK_FLOPS`` for the GPU whose name (``torch.cuda.get_device_name()``) names one; A100 otherwise."""
+    table = next((peaks for gpu, peaks in GPU_PEAK_FLOPS.items() if gpu in device_name), GPU_PEAK_FLOPS["A100"])
+    return table.get(precision, table["bf16"])
 
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 3) -> float:
@@ -386,8 +398,8 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
         os.makedirs(os.path.join(io.local, "keys"), exist_ok=True)
         keys_file = open(os.path.join(io.local, "keys", f"rank{rank}.jsonl"), "a")
     flops_per_image = engine.module.flops_per_image()
-    peak = cfg.peak_flops or (measure_cpu_peak_flops() if accelerator == "cpu" else GPU_PEAK_FLOPS.get(
-        cfg.launch.resolved_precision(accelerator), 312e12))
+    peak = cfg.peak_flops or (measure_cpu_peak_flops() if accelerator == "cpu" else gpu_peak_flops(
+        torch.cuda.get_device_name(), cfg.launch.resolved_precision(accelerator)))
 
     # --- loop
     accum = cfg.grad_accum
