@@ -572,18 +572,3 @@ def test_ctrl_c_stops_the_worker_and_the_rank_promptly(dataset):
     batches.close()
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - start < 10
-
-
-def test_augmentation_randomness_is_a_function_of_seed_epoch_and_position():
-    """The one re-positioned Generator gives each position the same draws whatever was drawn before, in
-    whatever order positions come (workers and ranks visit them differently), and other draws elsewhere."""
-    from vit.data.order import AugmentRng
-
-    rng = AugmentRng(3, 0)
-    first = {p: rng.at(p).random(4) for p in (5, 6, 0)}
-    rng.at(6).integers(0, 2**31, dtype=np.uint32)  # leaves half a 64-bit word buffered
-    again = {p: rng.at(p).random(4) for p in (0, 5, 6)}
-    assert all(np.array_equal(first[p], again[p]) for p in first)
-    assert np.array_equal(AugmentRng(3, 0).at(5).random(4), first[5])
-    others = [first[6], first[0], AugmentRng(3, 1).at(5).random(4), AugmentRng(4, 0).at(5).random(4)]
-    assert not any(np.allclose(first[5], x) for x in others)

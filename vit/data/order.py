@@ -36,7 +36,7 @@ number of ranks. Here the order is a function of (seed, epoch, position) alone:
   samples are skipped as tar members (read past, never decoded). The data position in a
   checkpoint is ``{"epoch", "step"}`` plus ``seed``, ``lanes`` and ``shuffle_buffer``, which
   must not change (``TrainStream.state`` / ``check_resume``); world size and workers may.
-* **Augmentation** randomness is a function of (seed, epoch, p) for the same reason (``AugmentRng``).
+* **Augmentation** randomness is seeded by (seed, epoch, p) for the same reason.
 * **Sizing lanes.** A lane is read by one DataLoader worker, so a rank decodes with at most
   ``lanes // world_size`` processes. ``lanes=8`` suits the CPU runs here; on GPUs pick a
   multiple of (largest world size you will resume on) x (workers per rank), e.g. 256 for up
@@ -122,26 +122,3 @@ class LanePlan:
 
     def position(self, lane: int, index: int) -> int:
         return index * self.lanes + lane
-
-    def augment_rng(self, epoch: int) -> AugmentRng:
-        return AugmentRng(self.seed, epoch)
-
-
-class AugmentRng:
-    """The augmentation's Generator for each position of an epoch: Philox, a counter-based generator, keyed
-    by (seed, epoch) with the position in the counter's second word (each position's stream has 2^64
-    blocks to itself). Setting the counter costs ~2 us; a Generator seeded per position by
-    ``default_rng([seed, epoch, p])`` cost 24 us, 2% of decoding a 224-px JPEG here."""
-
-    def __init__(self, seed: int, epoch: int):
-        key = np.random.SeedSequence([seed, epoch, _AUGMENT]).generate_state(2, dtype=np.uint64)
-        self._bits = np.random.Philox(key=key)
-        self._state = self._bits.state
-        self._generator = np.random.Generator(self._bits)
-
-    def at(self, position: int) -> np.random.Generator:
-        """The Generator positioned at ``position``'s stream (one object, re-positioned by each call)."""
-        self._state["state"]["counter"] = np.array([0, position, 0, 0], dtype=np.uint64)
-        self._state["buffer_pos"], self._state["has_uint32"] = 4, 0  # nothing buffered from another position
-        self._bits.state = self._state
-        return self._generator
