@@ -41,8 +41,18 @@ FEWSHOT_TRAINED_MIN, FEWSHOT_RANDOM_MAX = 0.85, 0.80
 
 def vitpipe(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(VITPIPE + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen(VITPIPE + [str(a) for a in args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as cli:
+        try:
+            out, err = cli.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            cli.terminate()  # SIGTERM: the CLI stops its DeepSpeed launch (runner and ranks) before it exits;
+            try:  # SIGKILL, as subprocess.run's timeout sends, would leave them running
+                cli.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+            raise
+    proc = subprocess.CompletedProcess(cli.args, cli.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"vitpipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
