@@ -75,7 +75,7 @@ _PREFETCH = 2  # chunks a DataLoader worker may have made or be making ahead of 
 
 class _ChunkRing:
     """Shared buffers for one DataLoader worker's image chunks, mapped before the worker is forked and
-    reused all epoch. The DataLoader's own hand-over, a fresh shared tensor per chunk, cost the worker a
+    reused as long as it runs (epochs on, see ``TrainStream.batches``). The DataLoader's own hand-over, a fresh shared tensor per chunk, cost the worker a
     copy into a new shm file and both processes a page fault per 4 KiB (90k faults an epoch of 1,984
     images at 224 here, ~12 ms of CPU per 64-image chunk); a reused buffer costs neither after its first
     use. The worker takes a free buffer id, stacks the chunk into it and sends the id.
@@ -133,9 +133,11 @@ class _ChunkRing:
 
 
 class _TrainLanes(IterableDataset):
-    """The rank's lanes for one epoch; each worker takes every num_workers-th of them.
+    """The rank's lanes from ``epoch``, step ``start_step`` on; each worker takes every num_workers-th of them.
 
-    Yields one chunk per step: ``dict(step, positions, keys, images uint8, labels, corrupt)``.
+    A worker yields one chunk per step: ``dict(epoch, step, positions, keys, images uint8, labels, corrupt)``,
+    through the end of the epoch and on into the following ones (``TrainStream.batches`` keeps a worker that
+    read an epoch to its end for the next one). ``chunks`` yields one epoch's.
     """
 
     def __init__(self, *, plan: LanePlan, lanes: list[int], epoch: int, start_step: int, transform, spec: LabelSpec,
@@ -150,21 +152,28 @@ class _TrainLanes(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        return self.chunks(self.lanes[worker::workers], worker=worker,
+        return self.epochs(self.lanes[worker::workers], worker=worker,
                            ring=self.rings[worker] if info is not None and self.rings else None)
 
-    def chunks(self, lanes: list[int], *, worker: int = 0, ring: _ChunkRing | None = None) -> Iterator[dict]:
+    def epochs(self, lanes: list[int], *, worker: int, ring: _ChunkRing | None) -> Iterator[dict]:
+        epoch, start_step = self.epoch, self.start_step
+        while True:
+            yield from self.chunks(lanes, epoch=epoch, start_step=start_step, worker=worker, ring=ring)
+            epoch, start_step = epoch + 1, 0
+
+    def chunks(self, lanes: list[int], *, epoch: int, start_step: int, worker: int = 0,
+               ring: _ChunkRing | None = None) -> Iterator[dict]:
         plan, k = self.plan, self.plan.per_lane_step
         streams = {
             lane: iter_lane(
-                plan.lane_segments(self.epoch, lane), plan.lane_order(self.epoch, lane),
-                self.start_step * k, plan.lane_length, open_fn=_open_shard,
+                plan.lane_segments(epoch, lane), plan.lane_order(epoch, lane),
+                start_step * k, plan.lane_length, open_fn=_open_shard,
             )
             for lane in lanes
         }
         last_good: dict[int, _Slot | None] = {lane: None for lane in lanes}
         random = not isinstance(self.transform, ResizeCenterCrop)  # the centre crop takes no randomness
-        for step in range(self.start_step, plan.steps_per_epoch):
+        for step in range(start_step, plan.steps_per_epoch):
             slots, corrupt = [], []
             for lane in lanes:
                 lane_slots = []
@@ -172,7 +181,7 @@ class _TrainLanes(IterableDataset):
                     j, sample = next(streams[lane])
                     slot = _Slot(position=plan.position(lane, j))
                     # a Generator costs ~20 us, about 5% of a small image's decode: made only when used
-                    rng = np.random.default_rng([plan.seed, self.epoch, slot.position, _AUGMENT]) if random else None
+                    rng = np.random.default_rng([plan.seed, epoch, slot.position, _AUGMENT]) if random else None
                     try:
                         slot.image, slot.labels = decode_sample(sample, transform=self.transform, rng=rng,
                                                                 spec=self.spec, prepare=self.prepare)
@@ -186,7 +195,7 @@ class _TrainLanes(IterableDataset):
                 good = next((s for s in slots if s.image is not None), None)
                 if good is None:
                     raise DatasetError(
-                        f"epoch {self.epoch} step {step}: none of the {len(slots)} samples of lanes {lanes} could be "
+                        f"epoch {epoch} step {step}: none of the {len(slots)} samples of lanes {lanes} could be "
                         f"read ({corrupt[0][0]}: {corrupt[0][1]}); run `vitpipe verify` on the dataset"
                     )
                 for slot in slots:
@@ -199,6 +208,7 @@ class _TrainLanes(IterableDataset):
             elif self.prepare is None:
                 images = stack_images(images)
             yield {
+                "epoch": epoch,
                 "step": step,
                 "worker": worker,
                 "positions": [s.position for s in slots],
@@ -207,6 +217,14 @@ class _TrainLanes(IterableDataset):
                 "labels": [s.labels for s in slots],
                 "corrupt": corrupt,
             }
+
+
+class _Kept(NamedTuple):
+    """Workers that read on past an epoch's end: their chunks start at ``epoch``, step 0."""
+
+    epoch: int
+    chunks: Iterator[dict]
+    rings: list[_ChunkRing] | None
 
 
 class _DatasetStream:
@@ -249,6 +267,7 @@ class TrainStream(_DatasetStream):
         self.decode = gpu.resolve_decode(decode)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.corrupt = []
+        self._kept: _Kept | None = None  # workers kept for the next epoch (see ``batches``)
         self._check_numbers()
         self._load_dataset(dataset_url, label_mode)
         self.transform = build_transform(augment, img_size=img_size, crop_pct=crop_pct)
@@ -335,31 +354,57 @@ class TrainStream(_DatasetStream):
     # -- the batches
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This rank's batches of ``epoch`` from global step ``start_step`` to ``steps_per_epoch - 1``."""
+        """This rank's batches of ``epoch`` from global step ``start_step`` to ``steps_per_epoch - 1``.
+
+        DataLoader workers that have handed out an epoch's last batch are kept, with their shared buffers,
+        and read on into the next epoch (up to two chunks ahead, as within an epoch): ``batches(epoch + 1)``
+        then continues with them instead of forking new ones. Any other epoch or step, or an epoch left
+        before its end, stops them; so does ``close()``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise StreamError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
-        dataset = _TrainLanes(plan=self.plan, lanes=self.rank_lanes, epoch=epoch, start_step=start_step,
-                              transform=self.transform, spec=self.spec,
-                              prepare=gpu.prepare if self.decode == "gpu" else None)
-        workers = max(self.num_workers, 1)
-        if self.num_workers == 0:
-            chunks = dataset.chunks(self.rank_lanes)
+        kept, self._kept = self._kept, None  # dropping a DataLoader iterator shuts its workers down
+        if kept is not None and (kept.epoch, 0) == (epoch, start_step):
+            chunks, rings = kept.chunks, kept.rings
+        elif self.num_workers == 0:
+            chunks, rings = self._dataset(epoch, start_step).chunks(self.rank_lanes, epoch=epoch,
+                                                                     start_step=start_step), None
         else:
-            if self.decode == "cpu" and _mp_context() == "fork":  # (spawn: the DataLoader's own hand-over)
-                k = self.plan.per_lane_step
-                lend = 2 if self.num_workers == 1 and not self.pin_memory else 0  # its chunk is the batch
-                dataset.rings = [_ChunkRing(len(self.rank_lanes[w::self.num_workers]) * k, self.img_size,
-                                            lendable=lend) for w in range(self.num_workers)]
-            chunks = _start_workers(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                               prefetch_factor=_PREFETCH, multiprocessing_context=_mp_context(),
-                                               persistent_workers=False))
+            kept = None  # the old workers stop before new ones are forked
+            chunks, rings = self._start_workers(epoch, start_step)
+        kept = None
+        workers = max(self.num_workers, 1)
         for step in range(start_step, self.steps_per_epoch):
             parts = [next(chunks, None) for _ in range(workers)]
             if any(p is None for p in parts):
                 raise RuntimeError(f"epoch {epoch}: data workers stopped at step {step} of {self.steps_per_epoch}")
-            if any(p["step"] != step for p in parts):
-                raise RuntimeError(f"data workers out of step: expected {step}, got {[p['step'] for p in parts]}")
-            yield self._assemble(parts, step, epoch, dataset.rings)
+            if any((p["epoch"], p["step"]) != (epoch, step) for p in parts):
+                raise RuntimeError(f"data workers out of step: expected epoch {epoch} step {step}, got "
+                                   f"{[(p['epoch'], p['step']) for p in parts]}")
+            batch = self._assemble(parts, step, epoch, rings)
+            if step == self.steps_per_epoch - 1 and self.num_workers:
+                self._kept = _Kept(epoch + 1, chunks, rings)
+            yield batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers kept for the next epoch (they also stop when the stream is freed)."""
+        self._kept = None
+
+    def _dataset(self, epoch: int, start_step: int) -> _TrainLanes:
+        return _TrainLanes(plan=self.plan, lanes=self.rank_lanes, epoch=epoch, start_step=start_step,
+                           transform=self.transform, spec=self.spec,
+                           prepare=gpu.prepare if self.decode == "gpu" else None)
+
+    def _start_workers(self, epoch: int, start_step: int) -> tuple[Iterator[dict], list[_ChunkRing] | None]:
+        """Fork the workers (and map their rings first); returns their chunks from (epoch, start_step) on."""
+        dataset = self._dataset(epoch, start_step)
+        if self.decode == "cpu" and _mp_context() == "fork":  # (spawn: the DataLoader's own hand-over)
+            k = self.plan.per_lane_step
+            lend = 2 if self.num_workers == 1 and not self.pin_memory else 0  # its chunk is the batch
+            dataset.rings = [_ChunkRing(len(self.rank_lanes[w::self.num_workers]) * k, self.img_size,
+                                        lendable=lend) for w in range(self.num_workers)]
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=_PREFETCH,
+                            multiprocessing_context=_mp_context(), persistent_workers=False)
+        return _start_workers(loader), dataset.rings
 
     def _assemble(self, parts: list[dict], step: int, epoch: int, rings: list[_ChunkRing] | None = None) -> Batch:
         """The workers' chunks (each sorted by position) -> the batch in position order, uint8. One worker
