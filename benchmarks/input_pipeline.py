@@ -1,6 +1,6 @@
 """The training input pipeline per core, on real photographs: vit.data.TrainStream vs a bare loop.
 
-    .venv/bin/python benchmarks/input_pipeline.py [--images 2048] [--rounds 5] [--core 0] [--workdir DIR]
+    .venv/bin/python benchmarks/input_pipeline.py [--images 2048] [--rounds 5] [--core 0] [--workdir DIR] [--fresh]
 
 The corpus is benchmarks/shard_throughput.py's (crops of scikit-image's photographs, 500x375 JPEGs,
 each file distinct), sharded with the project's own sharder twice: pre-resized (`--resize 224`,
@@ -13,19 +13,26 @@ Contestants, all pinned to one core (`--core`, as `taskset -c 0`):
   tensor; one Generator;
 * TrainStream in-process (num_workers=0): everything in one process;
 * TrainStream with 1 worker on the same core: the worker decodes, the rank hands the batch over.
+Each TrainStream contestant is one stream reading epoch after epoch, as `vit.train` does (the warm-up
+reads epoch 0, round r epoch r + 1): its worker is forked once and kept across epochs. `--fresh` makes a
+new stream every round instead (the first epoch of a run: a worker forked, its shared buffers first used).
 Every contestant's consumer reads every byte of each batch (`consume`), so a batch that reaches it in
 memory not yet mapped in its process pays for that there.
 Target: TrainStream >= 0.9x the bare loop. Runs are interleaved (every contestant of every case, then
 the next round) and the medians reported. Rates are images per CPU-second (user + system time of
-this process and its reaped DataLoader workers), the figure that says what a core decodes; on a
+this process, its reaped DataLoader workers and its live ones: a kept worker's CPU, read from
+/proc/PID/stat, is charged to its own contestant's next round, so the chunks it decodes ahead of the
+next epoch while other contestants run are counted), the figure that says what a core decodes; on a
 shared machine wall time also measures the other processes, so it is printed beside it (ratios of
-wall-clock medians) and the load average with it.
+wall-clock medians) and the load average with it. (A kept worker's read-ahead runs during the next
+contestant's round: that one's wall time includes it.)
 """
 from __future__ import annotations
 
 import argparse
 import io
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -81,12 +88,26 @@ def bare_loop(dataset: Path, *, augment: str) -> Iterator[torch.Tensor]:
         yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def stream(dataset: Path, *, augment: str, workers: int) -> Iterator[torch.Tensor]:
+def train_stream(dataset: Path, *, augment: str, workers: int):
     from vit.data import TrainStream
 
-    s = TrainStream(str(dataset), img_size=SIZE, global_batch_size=BATCH, rank=0, world_size=1, num_workers=workers,
-                    lanes=LANES, augment=augment, pin_memory=False)
-    return (batch.images for batch in s.batches(0))
+    return TrainStream(str(dataset), img_size=SIZE, global_batch_size=BATCH, rank=0, world_size=1,
+                       num_workers=workers, lanes=LANES, augment=augment, pin_memory=False)
+
+
+class Epochs:
+    """A TrainStream contestant: each call reads the next epoch of one stream (``fresh``: of a new stream)."""
+
+    def __init__(self, dataset: Path, *, augment: str, workers: int, fresh: bool = False):
+        self.make = lambda: train_stream(dataset, augment=augment, workers=workers)
+        self.stream, self.epoch, self.fresh = None, 0, fresh
+
+    def __call__(self) -> int:
+        if self.fresh:
+            return consume(batch.images for batch in self.make().batches(0))
+        self.stream = self.stream or self.make()
+        self.epoch += 1
+        return consume(batch.images for batch in self.stream.batches(self.epoch - 1))
 
 
 def consume(batches: Iterator[torch.Tensor]) -> int:
@@ -101,20 +122,55 @@ def consume(batches: Iterator[torch.Tensor]) -> int:
 
 
 def _cpu_seconds() -> float:
+    """This process and its reaped children."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _live_cpu_seconds(pid: int) -> float:
+    """A live child's user + system time (clock ticks, as ``os.times``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Charges:
+    """CPU seconds per contestant: this process and reaped children while it runs, plus what each of its
+    live workers (a child first seen alive after its round) used since it was last charged."""
+
+    def __init__(self):
+        self.owner, self.charged = {}, {}  # pid -> contestant, CPU seconds already charged
+
+    def take(self, name: str, before: float) -> float:
+        used = _cpu_seconds() - before
+        live = {p.pid for p in multiprocessing.active_children()}
+        for pid in set(self.owner) - live:  # reaped: os.times counted its whole life, some of it charged before
+            used -= self.charged.pop(pid)
+            del self.owner[pid]
+        for pid in live:
+            self.owner.setdefault(pid, name)
+            if self.owner[pid] == name:
+                now = _live_cpu_seconds(pid)
+                used += now - self.charged.get(pid, 0.0)
+                self.charged[pid] = now
+        return used
 
 
 def _interleaved(runs: dict, rounds: int) -> dict:
     """{name: (median images per CPU-second, median images per wall second)}; runs return images done and
     are interleaved (A B C A B C ...) so that load from other processes hits every contestant alike."""
     cpu, wall = {k: [] for k in runs}, {k: [] for k in runs}
+    charges = _Charges()
+    for name, fn in runs.items():  # warm-up: imports, page cache; a kept worker's CPU so far
+        c = _cpu_seconds()
+        fn()
+        charges.take(name, c)
     for _ in range(rounds):
         for name, fn in runs.items():
             c, w = _cpu_seconds(), time.perf_counter()
             n = fn()
-            cpu[name].append(n / (_cpu_seconds() - c))
             wall[name].append(n / (time.perf_counter() - w))
+            cpu[name].append(n / charges.take(name, c))
     return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in runs}
 
 
@@ -124,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--core", type=int, default=0, help="the one core every contestant runs on")
     ap.add_argument("--workdir", default=None, help="keep corpus and shards here (re-used when present)")
+    ap.add_argument("--fresh", action="store_true", help="a new TrainStream every round (the first epoch of a run)")
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.core})  # workers forked later inherit it
     torch.set_num_threads(1)
@@ -142,14 +199,13 @@ def main(argv=None) -> int:
             for augment in ("pretrain", "none"):
                 runs[(kind, augment, "bare")] = lambda url=url, a=augment: consume(bare_loop(url, augment=a))
                 for w in (0, 1):
-                    runs[(kind, augment, f"w{w}")] = lambda url=url, a=augment, w=w: consume(stream(url, augment=a, workers=w))
-        for fn in runs.values():  # warm-up: imports, page cache
-            fn()
+                    runs[(kind, augment, f"w{w}")] = Epochs(url, augment=augment, workers=w, fresh=args.fresh)
         load0 = os.getloadavg()[0]
         rate = _interleaved(runs, args.rounds)
         print(f"\n{args.images} photos (500x375 JPEG), output {SIZE}x{SIZE} uint8, core {args.core} only, "
               f"{args.rounds} interleaved rounds, medians; load average {load0:.1f} at the start, "
-              f"{os.getloadavg()[0]:.1f} at the end")
+              f"{os.getloadavg()[0]:.1f} at the end; TrainStream: "
+              + ("a new stream every round (first epochs)" if args.fresh else f"one stream, epochs 1 to {args.rounds}"))
         print("images per CPU-second (ratio to the bare loop; in brackets the ratio of wall-clock medians)\n")
         print("| shards | augmentation | bare loop | TrainStream in-process | ratio | TrainStream, 1 worker | ratio |")
         print("|---|---|---:|---:|---:|---:|---:|")

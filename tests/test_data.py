@@ -572,3 +572,61 @@ def test_ctrl_c_stops_the_worker_and_the_rank_promptly(dataset):
     batches.close()
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - start < 10
+
+
+def test_a_worker_that_read_an_epoch_to_its_end_reads_on_into_the_next_with_its_ring(dataset, monkeypatch):
+    """One stream, 1 worker, epochs 0, 1, 2 read in a row (as vit.train's batches_from does): one worker
+    forked and one ring mapped for all three, and every batch equals that of a new in-process stream at
+    that epoch (the same samples, crops and flips). An epoch started elsewhere than where the kept worker
+    stands, or left before its end, forks a new worker; ``close()`` stops the kept one."""
+    import vit.data.streams as streams
+
+    rings, forks = [], []
+
+    class Recorded(streams._ChunkRing):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rings.append(self)
+
+    real_start = streams._start_workers
+    monkeypatch.setattr(streams, "_ChunkRing", Recorded)
+    monkeypatch.setattr(streams, "_start_workers", lambda loader: forks.append(loader) or real_start(loader))
+    root, _ = dataset
+    kw = dict(img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3, shuffle_buffer=20)
+
+    def same(got, epoch, start_step=0):
+        expected = list(TrainStream(str(root), num_workers=0, **kw).batches(epoch, start_step=start_step))
+        assert len(got) == len(expected) > 0
+        assert all(a.keys == b.keys and a.step == b.step and torch.equal(a.images, b.images)
+                   and torch.equal(a.targets, b.targets) for a, b in zip(got, expected))
+
+    stream = TrainStream(str(root), num_workers=1, **kw)
+    pids = []
+    for epoch in range(3):
+        got = []
+        for batch in stream.batches(epoch):
+            got.append(batch._replace(images=batch.images.clone()))  # the ring's buffer goes back to the worker
+            pids.append(_only_worker().pid)
+        same(got, epoch)
+    assert len(forks) == 1 and len(rings) == 1 and len(set(pids)) == 1
+    assert _only_worker().is_alive()  # kept for epoch 3, reading ahead
+
+    # epoch 3 from step 5: not where the kept worker stands (epoch 3, step 0): it stops, a new one starts
+    kept = _only_worker()
+    same([b._replace(images=b.images.clone()) for b in stream.batches(3, start_step=5)], 3, start_step=5)
+    kept.join(10)
+    assert not kept.is_alive() and len(forks) == 2 and len(rings) == 2
+
+    # an epoch left early keeps nothing: epoch 4 forks again
+    batches = stream.batches(4)
+    next(batches)
+    left = _only_worker()
+    batches.close()
+    left.join(10)
+    assert not left.is_alive()
+    same([b._replace(images=b.images.clone()) for b in stream.batches(4)], 4)
+    assert len(forks) == 3
+    last = _only_worker()
+    stream.close()
+    last.join(10)
+    assert not last.is_alive()
