@@ -75,10 +75,12 @@ _PREFETCH = 2  # chunks a DataLoader worker may have made or be making ahead of 
 
 class _ChunkRing:
     """Shared buffers for one DataLoader worker's image chunks, mapped before the worker is forked and
-    reused as long as it runs (epochs on, see ``TrainStream.batches``). The DataLoader's own hand-over, a fresh shared tensor per chunk, cost the worker a
-    copy into a new shm file and both processes a page fault per 4 KiB (90k faults an epoch of 1,984
-    images at 224 here, ~12 ms of CPU per 64-image chunk); a reused buffer costs neither after its first
-    use. The worker takes a free buffer id, stacks the chunk into it and sends the id.
+    reused as long as it runs (epoch after epoch, see ``TrainStream.batches``). The DataLoader's own
+    hand-over, a fresh shared tensor per chunk, cost the worker a copy into a new shm file and both
+    processes a page fault per 4 KiB (90k faults an epoch of 1,984 images at 224 here, ~12 ms of CPU per
+    64-image chunk); a reused buffer costs neither after its first use (that first use: ~40 ms of CPU for
+    a 5-buffer ring at 224, paid once per worker). The worker takes a free buffer id, stacks the chunk
+    into it and sends the id.
 
     The rank either copies the chunk out (several workers, pinned batches) and gives the id back at once,
     or, when the chunk is the whole batch, lends the buffer itself (``lend``): the id goes back only when
@@ -90,7 +92,8 @@ class _ChunkRing:
     def __init__(self, n: int, size: int, *, lendable: int = 0):
         depth = _PREFETCH + 1 + lendable
         # an anonymous shared mapping: inherited by the forked worker, no file, unmapped with its last view
-        # (populating it here, MAP_POPULATE, cost as much as the page faults of its first use: not done)
+        # (populating it here, MADV_POPULATE_WRITE, cost 33-42 ms for 48 MB, as much as the worker's first use
+        # (40 ms), and the worker still faults on every page (17 ms): a fork does not copy shared mappings' PTEs)
         self.buffers = np.frombuffer(mmap.mmap(-1, depth * n * size * size * 3), dtype=np.uint8)
         self.buffers = self.buffers.reshape(depth, n, size, size, 3)
         self.free = multiprocessing.get_context("fork").SimpleQueue()
@@ -362,16 +365,15 @@ class TrainStream(_DatasetStream):
         before its end, stops them; so does ``close()``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise StreamError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
-        kept, self._kept = self._kept, None  # dropping a DataLoader iterator shuts its workers down
+        kept, self._kept = self._kept, None
         if kept is not None and (kept.epoch, 0) == (epoch, start_step):
             chunks, rings = kept.chunks, kept.rings
         elif self.num_workers == 0:
             chunks, rings = self._dataset(epoch, start_step).chunks(self.rank_lanes, epoch=epoch,
                                                                      start_step=start_step), None
         else:
-            kept = None  # the old workers stop before new ones are forked
+            kept = None  # its DataLoader iterator freed: the old workers stop before new ones are forked
             chunks, rings = self._start_workers(epoch, start_step)
-        kept = None
         workers = max(self.num_workers, 1)
         for step in range(start_step, self.steps_per_epoch):
             parts = [next(chunks, None) for _ in range(workers)]
