@@ -630,3 +630,31 @@ def test_a_worker_that_read_an_epoch_to_its_end_reads_on_into_the_next_with_its_
     stream.close()
     last.join(10)
     assert not last.is_alive()
+
+
+def test_workers_exit_cleanly_in_a_process_where_prefect_runs(dataset):
+    """A process that ran a Prefect flow holds Prefect's event service, which registers a callback for the
+    shutdown of its threads (``threading._register_atexit``). A forked DataLoader worker inherited it and
+    failed in it at exit, with code 1, which the rank reported as "DataLoader worker (pid N) exited
+    unexpectedly" while shutting the worker down (seen in CI after tests/test_flows.py)."""
+    from prefect.events.clients import NullEventsClient
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root, _ = dataset
+    # the service a flow run starts; its client sends nowhere, and no API server is started (a closed port)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):
+        EventsWorker.instance(NullEventsClient)
+        try:
+            exits = []
+            for batches in (TrainStream(str(root), img_size=8, global_batch_size=16, rank=0, world_size=1, seed=3,
+                                        num_workers=1).batches(0),
+                            EvalStream(str(root), img_size=8, batch_size=16, num_workers=1).batches()):
+                next(batches)
+                worker = _only_worker()
+                batches.close()
+                worker.join(10)
+                exits.append(worker.exitcode)
+            assert exits == [0, 0]
+        finally:
+            EventsWorker.drain_all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -405,7 +406,8 @@ class TrainStream(_DatasetStream):
             dataset.rings = [_ChunkRing(len(self.rank_lanes[w::self.num_workers]) * k, self.img_size,
                                         lendable=lend) for w in range(self.num_workers)]
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=_PREFETCH,
-                            multiprocessing_context=_mp_context(), persistent_workers=False)
+                            multiprocessing_context=_mp_context(), persistent_workers=False,
+                            worker_init_fn=_forget_parent_thread_exits)
         return _start_workers(loader), dataset.rings
 
     def _assemble(self, parts: list[dict], step: int, epoch: int, rings: list[_ChunkRing] | None = None) -> Batch:
@@ -496,6 +498,19 @@ def _start_workers(loader: DataLoader) -> Iterator:
         return iter(loader)
 
 
+def _forget_parent_thread_exits(worker_id: int) -> None:
+    """In a forked DataLoader worker: drop the callbacks the parent registered to run when its threads shut
+    down (``threading._register_atexit``), which multiprocessing runs at the worker's exit. The worker has
+    none of those threads. Prefect's log and event services register one each in a process that ran a flow;
+    in a fork their state is reset, the callback fails, and the worker exits with code 1, which the rank
+    reports as "DataLoader worker (pid N) exited unexpectedly" while shutting it down. concurrent.futures'
+    own callbacks stay: they stop executors the worker itself may start."""
+    callbacks = getattr(threading, "_threading_atexits", None)
+    if callbacks:
+        callbacks[:] = [c for c in callbacks
+                        if getattr(getattr(c, "func", c), "__module__", "").startswith("concurrent.futures")]
+
+
 def _mp_context():
     # fork keeps the process's storage settings (endpoint) and is cheap; spawn where fork is unavailable
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -580,7 +595,8 @@ class EvalStream(_DatasetStream):
             parts = dataset.batches(self.start, self.stop)
         else:
             parts = _start_workers(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                              multiprocessing_context=_mp_context()))
+                                              multiprocessing_context=_mp_context(),
+                                              worker_init_fn=_forget_parent_thread_exits))
         step = 0
         for part in parts:
             for key, reason in part["corrupt"]:
