@@ -610,6 +610,7 @@ def test_a_worker_that_read_an_epoch_to_its_end_reads_on_into_the_next_with_its_
         same(got, epoch)
     assert len(forks) == 1 and len(rings) == 1 and len(set(pids)) == 1
     assert _only_worker().is_alive()  # kept for epoch 3, reading ahead
+    assert list(stream.batches(2, start_step=stream.steps_per_epoch)) == [] and len(forks) == 1  # empty: kept
 
     # epoch 3 from step 5: not where the kept worker stands (epoch 3, step 0): it stops, a new one starts
     kept = _only_worker()

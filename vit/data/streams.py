@@ -366,6 +366,8 @@ class TrainStream(_DatasetStream):
         before its end, stops them; so does ``close()``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise StreamError(f"start_step {start_step} outside [0, {self.steps_per_epoch}] for epoch {epoch}")
+        if start_step == self.steps_per_epoch:
+            return  # nothing left of this epoch: no workers forked, kept ones stay
         kept, self._kept = self._kept, None
         if kept is not None and (kept.epoch, 0) == (epoch, start_step):
             chunks, rings = kept.chunks, kept.rings
