@@ -578,7 +578,8 @@ def test_a_worker_that_read_an_epoch_to_its_end_reads_on_into_the_next_with_its_
     """One stream, 1 worker, epochs 0, 1, 2 read in a row (as vit.train's batches_from does): one worker
     forked and one ring mapped for all three, and every batch equals that of a new in-process stream at
     that epoch (the same samples, crops and flips). An epoch started elsewhere than where the kept worker
-    stands, or left before its end, forks a new worker; ``close()`` stops the kept one."""
+    stands, or left before its end, forks a new worker; ``close()`` stops the kept one. Two workers are
+    kept alike."""
     import vit.data.streams as streams
 
     rings, forks = [], []
@@ -631,6 +632,11 @@ def test_a_worker_that_read_an_epoch_to_its_end_reads_on_into_the_next_with_its_
     stream.close()
     last.join(10)
     assert not last.is_alive()
+
+    two = TrainStream(str(root), num_workers=2, **kw)  # two workers, each its ring: copied into the batch
+    for epoch in range(2):
+        same(list(two.batches(epoch)), epoch)
+    assert len(forks) == 4
 
 
 def test_workers_exit_cleanly_in_a_process_where_prefect_runs(dataset):
