@@ -484,6 +484,7 @@ def train(cfg: RunConfig, dist_info: Dist, *, status: StatusWriter, fault: Fault
             return {"final_loss": last_loss, "steps": done}
 
     # --- final weights, then run.json complete last
+    stream.close()  # the data workers kept for a next epoch: none comes
     if keys_file:
         keys_file.close()
     result = {"final_loss": last_loss, "steps": total, "corrupt_samples": corrupt}
