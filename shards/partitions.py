@@ -378,12 +378,40 @@ def _write_record(out_url: str, scan_id: str, units: list) -> None:
     for *_, scan in units:
         whole.extend(scan)
     whole.trim()
-    buffer = io.BytesIO()
-    np.savez(buffer, unit_keys=np.array([key for _, key, _, _ in units], dtype="S32"),
-             digests=np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
-             rows=np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns())
+    data = pack_arrays({"unit_keys": np.array([key for _, key, _, _ in units], dtype="S32"),
+                        "digests": np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
+                        "rows": np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns()})
     name = f"{scan_id}-{units[0][0]:08d}-{units[-1][0]:08d}.npz"
-    storage.write_bytes(storage.join(out_url, PLAN_DIR, name), buffer.getvalue(), durable=False)
+    storage.write_bytes(storage.join(out_url, PLAN_DIR, name), data, durable=False)
+
+
+def pack_arrays(arrays: dict) -> bytes:
+    """The form of every file in `_plan/`: an .npz of arrays (no pickle; read with unpack_arrays)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(data: bytes) -> dict:
+    """{name: array} of pack_arrays' bytes; a pickled array is refused (ValueError)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def array_spans(data: bytes) -> dict:
+    """{name: (start, stop)}: where each array's data lies in pack_arrays' bytes (members are
+    stored, not compressed), so that a reader can fetch a part of one array with a ranged read."""
+    spans = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            head = info.header_offset
+            start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(
+                data[head + 28:head + 30], "little")  # the local header: fixed part, name, extra field
+            npy = io.BytesIO(data[start:start + info.file_size])
+            version = np.lib.format.read_magic(npy)
+            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(npy)
+            spans[info.filename.removesuffix(".npy")] = (start + npy.tell(), start + info.file_size)
+    return spans
 
 
 def _load_records(urls) -> dict:
@@ -394,8 +422,7 @@ def _load_records(urls) -> dict:
     saved = {}
     for url in urls:
         try:
-            with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = unpack_arrays(storage.read_bytes(url))
             whole, start = ScanResults.from_columns(arrays), 0
         except (storage.StorageError, OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             continue
