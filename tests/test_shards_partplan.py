@@ -115,3 +115,30 @@ def test_an_empty_jsonl_manifest_says_so(tmp_path):
     with pytest.raises(ShardError, match=r"m\.jsonl: empty manifest \(no records\)$"):
         shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), partitions=3)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_plan_files_are_arrays_only(tree, tmp_path):
+    """Every file a plan leaves in <out>/_plan mid-run (scan records, partition states, route files)
+    is an .npz of .npy arrays that loads with allow_pickle=False; a state file holding a pickled
+    array is refused."""
+    import zipfile
+
+    import numpy as np
+    import pytest
+
+    from shards.partitions import pack_arrays
+    from shards.partplan import _load_state
+
+    out = tmp_path / "out"
+    plan = plan_shards(str(tree), str(out), shard_size=4, partitions=3, dedup_within="near")
+    files = sorted((out / "_plan").iterdir())
+    assert {f.name[:2] for f in files} >= {"s-", "r-"} and len(files) >= 7  # 3 states, 3 routes, scan records
+    for path in files:
+        assert all(name.endswith(".npy") for name in zipfile.ZipFile(path).namelist()), path
+        with np.load(path, allow_pickle=False) as data:
+            assert all(data[name].dtype != object for name in data.files)
+    assert sum(len(task.loaded().records) for task in plan.tasks) == plan.num_samples
+    state = next(f for f in files if f.name.startswith("s-"))
+    state.write_bytes(pack_arrays({"c_bad": np.array([("bad", "x")], dtype=object)}))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        _load_state(str(state))

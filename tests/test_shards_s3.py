@@ -263,3 +263,27 @@ def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_pat
     assert len(tails) == large
     assert all(int(hi) - int(lo) + 1 == 1024 for lo, hi in (r[len("bytes="):].split("-") for r in tails))
     assert manifest["shards"] == decoded["shards"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_shard_reads_each_route_section_with_one_get(s3, small_tree):
+    """A planned shard task knows where its section of each partition's route file lies: loading it
+    costs one ranged GET per partition holding some of its records, and none for the others."""
+    from shards import plan_shards
+
+    url = s3.url("datasets/routes")
+    plan = plan_shards(str(small_tree), url, shard_size=4, partitions=3)
+    client = storage.s3._client()
+    gets = []
+    handler = lambda params, **_: gets.append((params["Key"], params.get("Range")))  # noqa: E731
+    client.meta.events.register("provide-client-params.s3.GetObject", handler)
+    try:
+        for task in plan.tasks:
+            gets.clear()
+            assert len(task.loaded().records) == len(task)
+            sections = [(route, lo, hi) for route, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
+            assert sorted(gets) == sorted((storage.split(route)[1], f"bytes={lo}-{hi - 1}") for route, lo, hi in sections)
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
+    assert len(plan.tasks) == 8 and max(sum(hi > lo for lo, hi in task.spans) for task in plan.tasks) > 1
