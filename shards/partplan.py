@@ -99,32 +99,29 @@ class _Rows:
 
 class _Summary:
     """A partition's listing as partitions.merge sees it, without its rows. Its share of the
-    fingerprint's bytes (a line per file) and its buckets stay in its state file (`url`, at `spans`)."""
+    fingerprint's bytes (a line per file) comes with it when small (`share`), else stays in its state
+    file as its buckets do (`url`, at `spans`)."""
 
     def __init__(self, listing, reused: int, url: str, spans: dict):
         self.records = _Rows(len(listing.records), listing.records.label_names)
         self.skipped, self.fingerprint = listing.skipped, listing.fingerprint
         self.fp = None if listing.fp is None else b""
+        self.share = listing.fp if listing.fp is not None and len(listing.fp) <= _FP_READ else None
         self.class_files, self.class_names = listing.class_files, listing.class_names
         self.reused, self.url = reused, url
         self.spans = {name: spans[name] for name in ("fp", "bucket_cuts", "bucket_body")}
 
+    def shares(self):
+        """The partition's share of the fingerprint's bytes, a piece at a time."""
+        if self.share is not None:
+            yield self.share
+            return
+        lo, hi = self.spans["fp"]
+        for start in range(lo, hi, _FP_READ):
+            yield storage.read_range(self.url, start, min(_FP_READ, hi - start))
+
 
 _FP_READ = 1 << 20
-
-
-def _fingerprint(split, summaries: list[_Summary]) -> str:
-    """The listing's fingerprint as partitions.merge makes it (its head, then each partition's
-    share in order), the shares read back a piece at a time."""
-    from shards.sources import _Fingerprint
-
-    digest = _Fingerprint(split.kind)
-    digest.update(split.head)
-    for summary in summaries:
-        lo, hi = summary.spans["fp"]
-        for start in range(lo, hi, _FP_READ):
-            digest.update(storage.read_range(summary.url, start, min(_FP_READ, hi - start)))
-    return digest.hexdigest()
 
 
 def _buckets(records, scan, buckets: int) -> tuple[np.ndarray, bytes]:
@@ -164,18 +161,25 @@ def _scan_all(split, scan_args, out_url, tag, executor, progress):
     """Phase 1: (the merged listing, the partitions' _Summary)."""
     from shards.partitions import merge
 
-    summaries = []
+    from shards.sources import _Fingerprint
+
+    summaries, digest = [], _Fingerprint(split.kind)
+    digest.update(split.head)
 
     def scanned(results):
         for summary in results:
             summaries.append(summary)
+            if summary.fp is not None:  # a listing of units: the fingerprint as merge would make it from their bytes
+                for piece in summary.shares():
+                    digest.update(piece)
+                summary.share = None
             if progress is not None:
                 progress(len(summary.records))
             yield summary
     jobs = ((part, scan_args, out_url, tag, len(split.partitions)) for part in split.partitions)
     listing = merge(split, scanned(_results(executor, _scan_job, jobs)))
-    if summaries[0].fp is not None:  # a listing of units: hash their shares (merge saw none of their bytes)
-        listing.fingerprint = _fingerprint(split, summaries)
+    if summaries[0].fp is not None:
+        listing.fingerprint = digest.hexdigest()
     return listing, summaries
 
 
