@@ -138,10 +138,14 @@ def _buckets(records, scan, buckets: int) -> tuple[np.ndarray, bytes]:
     keys["hash"] = np.array([int.from_bytes(hashlib.blake2b(t, digest_size=8).digest(), "little") for t in texts],
                            dtype=np.uint64)
     of_key = keys["hash"] % np.uint64(buckets)
+    by_content, by_key = np.argsort(of_content, kind="stable"), np.argsort(of_key, kind="stable")  # rows in order
+    content, keys = content[by_content], keys[by_key]
+    edges = np.arange(buckets + 1, dtype=np.uint64)
+    at_content, at_key = np.searchsorted(of_content[by_content], edges), np.searchsorted(of_key[by_key], edges)
     pieces = []
-    for b in range(buckets):
-        named = np.flatnonzero(of_key == b)
-        pieces += [content[of_content == b].tobytes(), keys[named].tobytes(), b"".join(texts[i] for i in named.tolist())]
+    for lo, hi, klo, khi in zip(at_content[:-1].tolist(), at_content[1:].tolist(), at_key[:-1].tolist(),
+                                at_key[1:].tolist()):
+        pieces += [content[lo:hi].tobytes(), keys[klo:khi].tobytes(), b"".join(texts[i] for i in by_key[klo:khi].tolist())]
     return _cut(pieces)
 
 
