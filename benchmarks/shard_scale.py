@@ -162,14 +162,14 @@ def _upload(corpus: Path, url: str) -> int:
 
 
 def gets(work: Path, corpus: Path) -> None:
-    src = f"s3://{_BUCKET}/gets"
+    src = f"s3://{_BUCKET}/gets-{corpus.name}"  # by size: a --workdir kept between runs holds each corpus
     n = _upload(corpus, src)
     ranges: list = []
     plan_files = {"GetObject": 0, "PutObject": 0}  # requests on <out>/_plan/ (the plan's own files)
     client = storage.s3._client()
 
     def image(params, **_):
-        if params["Key"].startswith("gets/"):
+        if params["Key"].startswith(f"gets-{corpus.name}/"):
             ranges.append(params.get("Range"))
 
     def plan_file(params, event_name, **_):
@@ -213,7 +213,7 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
     from shards.storage.s3 import split
     from shards.workers import LoopbackCluster
 
-    src = f"s3://{_BUCKET}/photos"
+    src = f"s3://{_BUCKET}/{corpus.name}"
     n = _upload(corpus, src)
     env = dict(os.environ)
     with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one:
