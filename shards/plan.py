@@ -476,7 +476,7 @@ def default_partitions(workers: int) -> int:
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
                 partitions: int | None = None, **settings) -> ShardPlan:
     """List + scan + dedup + shuffle + split, partition by partition (shards.partplan). Returns the
-    plan; writes nothing but the partitions' scan records, rows and route files in `<out>/_plan/`
+    plan; writes nothing but the partitions' scan records, state and route files in `<out>/_plan/`
     (the tasks read their records from the routes). `pool`: an executor to run the partitions' jobs
     in (else one of `workers` processes is made for it). `partitions`: how many to cut the source
     into (default: default_partitions); the plan does not depend on it."""

@@ -78,6 +78,21 @@ def test_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, setting
         assert "a_b_x" in names and any(name.startswith("a_b_x_") for name in names)
 
 
+def test_buckets_read_in_ranges_by_several_jobs_give_the_same_dataset(tree, tmp_path, monkeypatch):
+    """A large source's buckets are split over jobs that each read a range of every state file: the
+    duplicates and colliding keys they find are those of one job over all buckets."""
+    from shards import partplan
+
+    one = shard_dataset(str(tree), str(tmp_path / "one"), partitions=1, shard_size=4, seed=3)
+    monkeypatch.setattr(partplan, "_BUCKET_ROWS", 4)  # 22 records: a job per bucket
+    jobs = []
+    monkeypatch.setattr(partplan, "_bucket_job", lambda job, real=partplan._bucket_job: jobs.append(job[:2]) or real(job))
+    many = shard_dataset(str(tree), str(tmp_path / "many"), partitions=5, shard_size=4, seed=3)
+    assert jobs == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert _dataset(tmp_path / "many", many) == _dataset(tmp_path / "one", one)
+    assert {s["kind"] for s in many["skipped"]} >= {"duplicate_exact"}
+
+
 def test_the_plan_holds_no_record_rows(tree, tmp_path):
     plan = plan_shards(str(tree), str(tmp_path / "out"), shard_size=4, partitions=3)
     assert all(task.records is None and task.routes for task in plan.tasks)
