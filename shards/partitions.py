@@ -407,7 +407,7 @@ def array_spans(data: bytes) -> dict:
             head = info.header_offset
             start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(
                 data[head + 28:head + 30], "little")  # the local header: fixed part, name, extra field
-            npy = io.BytesIO(data[start:start + info.file_size])
+            npy = io.BytesIO(data[start:start + min(info.file_size, 1 << 16)])  # its header, not a copy of it all
             version = np.lib.format.read_magic(npy)
             (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(npy)
             spans[info.filename.removesuffix(".npy")] = (start + npy.tell(), start + info.file_size)

@@ -64,13 +64,13 @@ def _save_state(url: str, records, scan, **arrays) -> dict:
 
 
 def _load_state(url: str):
-    """(records, scan, the other arrays) of a partition's state file."""
+    """(records, scan, keep mask or None) of a partition's state file."""
     from shards.plan import ScanResults
     from shards.table import RecordTable
 
     arrays = unpack_arrays(storage.read_bytes(url))
     scan = ScanResults.from_columns({k[2:]: v for k, v in arrays.items() if k.startswith("c_")})
-    return RecordTable.from_columns(arrays, "t_"), scan, arrays
+    return RecordTable.from_columns(arrays, "t_"), scan, arrays.get("keep")
 
 
 def _cut(pieces: list[bytes]) -> tuple[np.ndarray, bytes]:
@@ -394,8 +394,7 @@ def _near_job(job):
     states, threshold, kind = job
     near, out = HashIndex(threshold), []
     for url in states:
-        records, scan, arrays = _load_state(url)
-        keep = arrays["keep"].copy()
+        records, scan, keep = _load_state(url)
         skips = []
         for i in np.flatnonzero(keep).tolist():
             location = records.locations([i])[0]
@@ -455,8 +454,8 @@ def _totals_job(job):
     from shards.plan import _estimates
 
     state_url, start, n, seed, per, over = job
-    records, scan, arrays = _load_state(state_url)
-    kept, pos = _placed(arrays["keep"], start, n, seed)
+    records, scan, keep = _load_state(state_url)
+    kept, pos = _placed(keep, start, n, seed)
     est = _estimates(records, scan.nbytes, kept)
     if over is None:
         return block_totals(pos, est, per, n)
@@ -530,8 +529,8 @@ def _route_job(job):
     """Write the partition's route file (one section per shard: its records in position order);
     returns (its class histogram, the [start, stop) of each section in the file: int64 [shards + 1])."""
     state_url, route_url, start, n, seed, los, class_ids, classes, multi_label = job
-    records, scan, arrays = _load_state(state_url)
-    kept, pos = _placed(arrays["keep"], start, n, seed)
+    records, scan, keep = _load_state(state_url)
+    kept, pos = _placed(keep, start, n, seed)
     order = np.argsort(pos, kind="stable")
     kept, pos = kept[order], pos[order]
     shard = np.searchsorted(los, pos, side="right") - 1

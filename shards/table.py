@@ -406,12 +406,16 @@ class RecordTable:
         out.roots, out.label_names = json.loads(get("names").tobytes().decode("utf-8", "surrogatepass"))
         out._root_ids = {r: i for i, r in enumerate(out.roots)}
         out._label_ids = {n: i for i, n in enumerate(out.label_names)}
+        def column(name: str, code: str) -> array:
+            out = array(code)
+            out.frombytes(memoryview(np.ascontiguousarray(get(name))).cast("B"))  # one copy
+            return out
         for name, code in (("root_idx", "I"), ("labels", "I"), ("label_off", "Q"), ("offset", "q"), ("length", "q")):
-            setattr(out, name, array(code, get(name).tobytes()))
-        out.paths.buf, out.paths.off = bytearray(get("paths").tobytes()), array("Q", get("path_off").tobytes())
+            setattr(out, name, column(name, code))
+        out.paths.buf, out.paths.off = bytearray(get("paths")), column("path_off", "Q")
         if prefix + "keys" in arrays:
             out.keys = _Strings()
-            out.keys.buf, out.keys.off = bytearray(get("keys").tobytes()), array("Q", get("key_off").tobytes())
+            out.keys.buf, out.keys.off = bytearray(get("keys")), column("key_off", "Q")
         return out
 
     def make_keys_unique(self) -> int:
