@@ -378,18 +378,34 @@ def _write_record(out_url: str, scan_id: str, units: list) -> None:
     for *_, scan in units:
         whole.extend(scan)
     whole.trim()
-    data = pack_arrays({"unit_keys": np.array([key for _, key, _, _ in units], dtype="S32"),
-                        "digests": np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
-                        "rows": np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns()})
     name = f"{scan_id}-{units[0][0]:08d}-{units[-1][0]:08d}.npz"
-    storage.write_bytes(storage.join(out_url, PLAN_DIR, name), data, durable=False)
+    write_arrays(storage.join(out_url, PLAN_DIR, name),
+                 {"unit_keys": np.array([key for _, key, _, _ in units], dtype="S32"),
+                  "digests": np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
+                  "rows": np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns()})
 
 
-def pack_arrays(arrays: dict) -> bytes:
-    """The form of every file in `_plan/`: an .npz of arrays (no pickle; read with unpack_arrays)."""
+def pack_arrays(arrays: dict, file=None) -> bytes | None:
+    """The form of every file in `_plan/`: an .npz of arrays (no pickle; read with unpack_arrays),
+    written member by member to `file` (a binary file) if given, else returned."""
+    if file is not None:
+        np.savez(file, **arrays)
+        return None
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def write_arrays(url: str, arrays: dict) -> dict:
+    """Write pack_arrays' file of `arrays` at `url` (not fsynced) through a staging file, never whole
+    in memory (for s3:// one PUT under the multipart threshold, as write_bytes); returns its
+    array_spans."""
+    with storage.staged(url) as staging:
+        with open(staging.fd, "w+b") as file:
+            pack_arrays(arrays, file)
+            spans = array_spans(file)
+        staging.publish()
+    return spans
 
 
 def unpack_arrays(data: bytes) -> dict:
@@ -398,16 +414,19 @@ def unpack_arrays(data: bytes) -> dict:
         return {name: npz[name] for name in npz.files}
 
 
-def array_spans(data: bytes) -> dict:
-    """{name: (start, stop)}: where each array's data lies in pack_arrays' bytes (members are
-    stored, not compressed), so that a reader can fetch a part of one array with a ranged read."""
-    spans = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+def array_spans(data) -> dict:
+    """{name: (start, stop)}: where each array's data lies in pack_arrays' bytes or file `data` (members
+    are stored, not compressed), so that a reader can fetch a part of one array with a ranged read.
+    Only the headers are read."""
+    spans, file = {}, io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with zipfile.ZipFile(file) as archive:
         for info in archive.infolist():
-            head = info.header_offset
-            start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(
-                data[head + 28:head + 30], "little")  # the local header: fixed part, name, extra field
-            npy = io.BytesIO(data[start:start + min(info.file_size, 1 << 16)])  # its header, not a copy of it all
+            file.seek(info.header_offset + 26)
+            sizes = file.read(4)
+            start = info.header_offset + 30 + int.from_bytes(sizes[:2], "little") + int.from_bytes(
+                sizes[2:], "little")  # the local header: fixed part, name, extra field
+            file.seek(start)
+            npy = io.BytesIO(file.read(min(info.file_size, 1 << 16)))  # its header, not a copy of it all
             version = np.lib.format.read_magic(npy)
             (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(npy)
             spans[info.filename.removesuffix(".npy")] = (start + npy.tell(), start + info.file_size)

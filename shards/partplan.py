@@ -41,7 +41,7 @@ import numpy as np
 
 from shards import storage
 from shards.order import TAR_START, Shuffle, block_totals, records_per_block, shard_bounds
-from shards.partitions import array_spans, pack_arrays, unpack_arrays
+from shards.partitions import array_spans, pack_arrays, unpack_arrays, write_arrays
 
 _ROW = np.dtype([("key", "V32"), ("row", "<i8"), ("ok", "u1")])  # a content key of a bucket
 _KEY = np.dtype([("row", "<i8"), ("hash", "<u8"), ("size", "<u4")])  # a sample key of a bucket (its text apart)
@@ -57,10 +57,9 @@ def _plan_url(out_url: str, tag: str, what: str, i: int) -> str:
 
 
 def _save_state(url: str, records, scan, **arrays) -> dict:
-    """Write a partition's state file (its records, scan and `arrays`); returns array_spans of it."""
-    data = pack_arrays({**records.columns("t_"), **{f"c_{k}": v for k, v in scan.columns().items()}, **arrays})
-    storage.write_bytes(url, data, durable=False)
-    return array_spans(data)
+    """Write a partition's state file (its records, scan and `arrays`; streamed, not packed in memory
+    first); returns array_spans of it."""
+    return write_arrays(url, {**records.columns("t_"), **{f"c_{k}": v for k, v in scan.columns().items()}, **arrays})
 
 
 def _load_state(url: str):
