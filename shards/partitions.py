@@ -397,14 +397,14 @@ def pack_arrays(arrays: dict, file=None) -> bytes | None:
 
 
 def write_arrays(url: str, arrays: dict) -> dict:
-    """Write pack_arrays' file of `arrays` at `url` (not fsynced) through a staging file, never whole
-    in memory (for s3:// one PUT under the multipart threshold, as write_bytes); returns its
-    array_spans."""
-    with storage.staged(url) as staging:
-        with open(staging.fd, "w+b") as file:
-            pack_arrays(arrays, file)
-            spans = array_spans(file)
-        staging.publish()
+    """Write pack_arrays' file of `arrays` at `url` (not fsynced), streamed member by member
+    (storage.write_with), never whole in memory; returns its array_spans."""
+    spans = {}
+
+    def write(file):
+        pack_arrays(arrays, file)
+        spans.update(array_spans(file))
+    storage.write_with(url, write, durable=False)
     return spans
 
 
