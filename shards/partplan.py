@@ -539,9 +539,9 @@ def _route_job(job):
                                                offs[lo:hi + 1] - offs[lo])
                 for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
     where, body = _cut(sections)
-    del sections
-    spans = write_arrays(route_url, {"sections": np.frombuffer(body, dtype=np.uint8)})
-    return np.bincount(ids, minlength=len(classes)).astype(np.int64), where + spans["sections"][0]
+    data = pack_arrays({"sections": np.frombuffer(body, dtype=np.uint8)})
+    storage.write_bytes(route_url, data, durable=False)
+    return np.bincount(ids, minlength=len(classes)).astype(np.int64), where + array_spans(data)["sections"][0]
 
 
 def _write_routes(cfg, states, routes, starts, n, bounds, class_ids, classes, multi_label, run):
