@@ -5,7 +5,8 @@
    paths), bytes per record between the sizes, and that slope extrapolated to ImageNet-21k (14M)
    and JFT-300M (300M);
 2. gets: GET requests per image for an S3 source (real SeaweedFS): whole-object GETs and ranged
-   GETs of the ends (the scan);
+   GETs of the ends (the scan); and the GETs and PUTs of the plan's own files (`<out>/_plan/` on S3,
+   8 partitions and 16 shards as in the dask section's 2-worker runs);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
    pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
@@ -16,7 +17,7 @@
 
     .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first]
         [--memory-sizes 50000,200000,1000000]
-        [--images 600] [--repeats 3] [--workdir DIR]
+        [--images 2000] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
 ratios of parallel runs are bounded by what the other processes leave.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from shard_throughput import _MEMORY_CHILD, _make_corpus, _median_times  # noqa: E402
 
-from shards import shard_dataset, storage  # noqa: E402
+from shards import plan_shards, shard_dataset, storage, write_shard  # noqa: E402
 from shards.storage import _READ_THREADS  # noqa: E402
 
 _TINY_CHILD = """
@@ -161,20 +162,37 @@ def _upload(corpus: Path, url: str) -> int:
 
 
 def gets(work: Path, corpus: Path) -> None:
-    src = f"s3://{_BUCKET}/gets"
+    src = f"s3://{_BUCKET}/gets-{corpus.name}"  # by size: a --workdir kept between runs holds each corpus
     n = _upload(corpus, src)
     ranges: list = []
+    plan_files = {"GetObject": 0, "PutObject": 0}  # requests on <out>/_plan/ (the plan's own files)
     client = storage.s3._client()
-    handler = lambda params, **_: ranges.append(params.get("Range"))  # noqa: E731
-    client.meta.events.register("provide-client-params.s3.GetObject", handler)
+
+    def image(params, **_):
+        if params["Key"].startswith(f"gets-{corpus.name}/"):
+            ranges.append(params.get("Range"))
+
+    def plan_file(params, event_name, **_):
+        if "/_plan/" in params.get("Key", ""):
+            plan_files[event_name.rsplit(".", 1)[-1]] += 1
+    hooks = [("GetObject", image)] + [(op, plan_file) for op in plan_files]
+    for op, hook in hooks:
+        client.meta.events.register(f"provide-client-params.s3.{op}", hook)
+    out = f"s3://{_BUCKET}/gets_out"
     try:
-        shard_dataset(src, str(work / "gets_out"), shard_size=1000, workers=1)
+        _clear(out)
+        plan = plan_shards(src, out, shard_size=-(-n // 16), partitions=8)  # as the dask section's 2 workers
+        for index in range(len(plan.tasks)):
+            write_shard(plan, index)
     finally:
-        client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
-    shutil.rmtree(work / "gets_out", ignore_errors=True)
+        for op, hook in hooks:
+            client.meta.events.unregister(f"provide-client-params.s3.{op}", hook)
+    _clear(out)
     whole = sum(r is None for r in ranges)
     print(f"gets: {n} S3 images: {whole / n:.2f} whole-object GETs per image, {(len(ranges) - whole) / n:.2f} ranged "
-          "GETs of the ends per image (the scan)", flush=True)
+          f"GETs of the ends per image (the scan), with the plan's own files: {plan_files['GetObject']} GETs and "
+          f"{plan_files['PutObject']} PUTs on _plan/ for {len(plan.split.partitions)} partitions and {len(plan.tasks)} "
+          "shards", flush=True)
 
 
 def _boto_loop(keys: list[str], src: str, dst: str) -> None:
@@ -195,7 +213,7 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
     from shards.storage.s3 import split
     from shards.workers import LoopbackCluster
 
-    src = f"s3://{_BUCKET}/photos"
+    src = f"s3://{_BUCKET}/{corpus.name}"
     n = _upload(corpus, src)
     env = dict(os.environ)
     with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one:
@@ -285,7 +303,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="memory,gets,dask,first")
     ap.add_argument("--memory-sizes", default="50000,200000,1000000")
     ap.add_argument("--first-sizes", default="50000,200000")
-    ap.add_argument("--images", type=int, default=600, help="photos for the gets and dask sections (default 600)")
+    ap.add_argument("--images", type=int, default=2000, help="photos for the gets and dask sections (default 2000)")
     ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)

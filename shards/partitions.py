@@ -378,12 +378,59 @@ def _write_record(out_url: str, scan_id: str, units: list) -> None:
     for *_, scan in units:
         whole.extend(scan)
     whole.trim()
-    buffer = io.BytesIO()
-    np.savez(buffer, unit_keys=np.array([key for _, key, _, _ in units], dtype="S32"),
-             digests=np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
-             rows=np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns())
     name = f"{scan_id}-{units[0][0]:08d}-{units[-1][0]:08d}.npz"
-    storage.write_bytes(storage.join(out_url, PLAN_DIR, name), buffer.getvalue(), durable=False)
+    write_arrays(storage.join(out_url, PLAN_DIR, name),
+                 {"unit_keys": np.array([key for _, key, _, _ in units], dtype="S32"),
+                  "digests": np.array([digest.encode() for _, _, digest, _ in units], dtype="S64"),
+                  "rows": np.array([len(scan.ok) for *_, scan in units], dtype=np.int64), **whole.columns()})
+
+
+def pack_arrays(arrays: dict, file=None) -> bytes | None:
+    """The form of every file in `_plan/`: an .npz of arrays (no pickle; read with unpack_arrays),
+    written member by member to `file` (a binary file) if given, else returned."""
+    if file is not None:
+        np.savez(file, **arrays)
+        return None
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_arrays(url: str, arrays: dict) -> dict:
+    """Write pack_arrays' file of `arrays` at `url` (not fsynced), streamed member by member
+    (storage.write_with), never whole in memory; returns its array_spans."""
+    spans = {}
+
+    def write(file):
+        pack_arrays(arrays, file)
+        spans.update(array_spans(file))
+    storage.write_with(url, write, durable=False)
+    return spans
+
+
+def unpack_arrays(data: bytes) -> dict:
+    """{name: array} of pack_arrays' bytes; a pickled array is refused (ValueError)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def array_spans(data) -> dict:
+    """{name: (start, stop)}: where each array's data lies in pack_arrays' bytes or file `data` (members
+    are stored, not compressed), so that a reader can fetch a part of one array with a ranged read.
+    Only the headers are read."""
+    spans, file = {}, io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with zipfile.ZipFile(file) as archive:
+        for info in archive.infolist():
+            file.seek(info.header_offset + 26)
+            sizes = file.read(4)
+            start = info.header_offset + 30 + int.from_bytes(sizes[:2], "little") + int.from_bytes(
+                sizes[2:], "little")  # the local header: fixed part, name, extra field
+            file.seek(start)
+            npy = io.BytesIO(file.read(min(info.file_size, 1 << 16)))  # its header, not a copy of it all
+            version = np.lib.format.read_magic(npy)
+            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(npy)
+            spans[info.filename.removesuffix(".npy")] = (start + npy.tell(), start + info.file_size)
+    return spans
 
 
 def _load_records(urls) -> dict:
@@ -394,8 +441,7 @@ def _load_records(urls) -> dict:
     saved = {}
     for url in urls:
         try:
-            with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = unpack_arrays(storage.read_bytes(url))
             whole, start = ScanResults.from_columns(arrays), 0
         except (storage.StorageError, OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             continue
@@ -412,7 +458,7 @@ def _scan_job(job):
 def remove_records(out_url: str) -> None:
     """Delete the scan records (the dataset is complete), those of earlier plans too."""
     folder = storage.join(out_url, PLAN_DIR)
-    for item in storage.iter_files(folder) if storage.exists(folder) else ():
-        storage.delete(item["url"])
+    urls = [item["url"] for item in storage.iter_files(folder)] if storage.exists(folder) else []
+    storage.map_reads(storage.delete, urls, folder)  # on S3 a request each: several in flight
     if not storage.is_s3(folder) and os.path.isdir(folder):
         os.rmdir(folder)

@@ -1,25 +1,32 @@
 """The plan after the scan, partition by partition: the coordinator holds per-partition summaries
-(counts, byte totals, the fingerprint's shares), per-block totals, the shard bounds and the
-skipped records (the manifest lists them), never a row per record.
+(counts, byte totals, the fingerprint's shares), per-block totals, the shard bounds, where each
+shard's section lies in each route file, and the skipped records (the manifest lists them), never a
+row per record.
 
-Phases, each a job per partition (or per bucket) run in the workers' pool, or in this process:
+Phases, each a job per partition (or per range of buckets) run in the workers' pool, or in this
+process. Every file they leave in `<out>/_plan/` is an .npz of arrays (shards.partitions.pack_arrays:
+no pickle, read with allow_pickle=False):
 
-1. scan: list and scan the partition (shards.partitions.scan_partition), keep its rows in a state
-   file `<out>/_plan/s-<tag>-<i>.pkl`, and write its (content key, row) and (sample key, row) pairs
-   into hash buckets (one section per bucket of `b-<tag>-<i>.bin`);
-2. buckets: a job per bucket reads that section of every partition and finds the records whose
-   content key (or sample key) an earlier record in listing order has: the exact-duplicate and
-   key-collision candidates (few), sent back to the coordinator;
+1. scan: list and scan the partition (shards.partitions.scan_partition) and write its state file
+   `s-<tag>-<i>.npz`: its records and scan, its share of the fingerprint, and its (content key,
+   row) and (sample key, row) pairs by hash bucket, a byte range per bucket;
+2. buckets: a job per range of buckets reads that range of every partition's state file (one
+   ranged GET each) and finds the records whose content key (or sample key) an earlier record in
+   listing order has: the exact-duplicate and key-collision candidates (few), sent back to the
+   coordinator; a small source is one job;
 3. look: the partitions holding candidates give their paths (and, for keys read from the ends
    only, the sha256 of the whole records, which confirm them); the first copy in listing order
    stays, as plan._first_copies decides;
 4. keep: each partition renames its colliding keys, drops bad, unknown-class, excluded and
-   duplicate records, and sends back the skipped ones and its kept count and byte total; with
-   --dedup-within near one job then walks the kept records of all partitions in listing order;
-5. place: the kept record with global kept index j goes to position Shuffle(N, seed).forward(j);
-   each partition adds its records' estimated bytes per block of positions (shards.order) and
-   then writes its route file `r-<tag>-<i>.bin`: one section per shard, its records in position
-   order. A shard writer reads only its section of each route file (ShardTask.loaded).
+   duplicate records, rewrites its state file with its keep mask, and sends back the skipped ones,
+   its kept count, byte total and largest record; with --dedup-within near one job then walks the
+   kept records of all partitions in listing order;
+5. place: the kept record with global kept index j goes to position Shuffle(N, seed).forward(j).
+   Unless no block of positions can pass max_shard_bytes (its records times the largest estimate),
+   each partition adds its records' estimated bytes per block (shards.order); then each writes its
+   route file `r-<tag>-<i>.npz`: one section per shard, its records in position order, and sends
+   back where each section lies. A shard writer reads only its section of each (one ranged GET:
+   ShardTask.spans; ShardTask.loaded).
 
 The same arithmetic runs for one partition in this process, so the bytes are the same for any
 number of partitions and workers.
@@ -27,7 +34,6 @@ number of partitions and workers.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -35,36 +41,40 @@ import numpy as np
 
 from shards import storage
 from shards.order import TAR_START, Shuffle, block_totals, records_per_block, shard_bounds
+from shards.partitions import array_spans, pack_arrays, unpack_arrays, write_arrays
 
-_ROW = np.dtype([("key", "V32"), ("row", "<i8"), ("ok", "u1")])
-
-
-# ----------------------------------------------------------------------------- files of sections
-
-def _sections(parts: list[bytes]) -> bytes:
-    """Byte strings with a header of offsets: section i is read alone with read_section."""
-    head = 8 * (len(parts) + 2)
-    off = np.cumsum([head] + [len(p) for p in parts], dtype=np.uint64)
-    return np.r_[np.uint64(len(parts)), off].astype("<u8").tobytes() + b"".join(parts)
+_ROW = np.dtype([("key", "V32"), ("row", "<i8"), ("ok", "u1")])  # a content key of a bucket
+_KEY = np.dtype([("row", "<i8"), ("hash", "<u8"), ("size", "<u4")])  # a sample key of a bucket (its text apart)
+_BUCKET_ROWS = 1 << 20  # records per bucket job (about 100 MB of keys): a smaller source is one job
 
 
-def read_section(url: str, i: int) -> bytes:
-    lo, hi = np.frombuffer(storage.read_range(url, 8 * (i + 1), 16), dtype="<u8").tolist()
-    return storage.read_range(url, lo, hi - lo) if hi > lo else b""
+# ----------------------------------------------------------------------------- the files in _plan/
 
-
-def _state_url(out_url: str, tag: str, what: str, i: int) -> str:
+def _plan_url(out_url: str, tag: str, what: str, i: int) -> str:
     from shards.partitions import PLAN_DIR
 
-    return storage.join(out_url, PLAN_DIR, f"{what}-{tag}-{i:05d}.{'pkl' if what == 's' else 'bin'}")
+    return storage.join(out_url, PLAN_DIR, f"{what}-{tag}-{i:05d}.npz")
 
 
-def _load(url: str) -> dict:
-    return pickle.loads(storage.read_bytes(url))
+def _save_state(url: str, records, scan, **arrays) -> dict:
+    """Write a partition's state file (its records, scan and `arrays`; streamed, not packed in memory
+    first); returns array_spans of it."""
+    return write_arrays(url, {**records.columns("t_"), **{f"c_{k}": v for k, v in scan.columns().items()}, **arrays})
 
 
-def _save(url: str, state: dict) -> None:
-    storage.write_bytes(url, pickle.dumps(state, protocol=5), durable=False)
+def _load_state(url: str):
+    """(records, scan, keep mask or None) of a partition's state file."""
+    from shards.plan import ScanResults
+    from shards.table import RecordTable
+
+    arrays = unpack_arrays(storage.read_bytes(url))
+    scan = ScanResults.from_columns({k[2:]: v for k, v in arrays.items() if k.startswith("c_")})
+    return RecordTable.from_columns(arrays, "t_"), scan, arrays.get("keep")
+
+
+def _cut(pieces: list[bytes]) -> tuple[np.ndarray, bytes]:
+    """(byte offsets [len(pieces)+1], the pieces end to end)."""
+    return np.cumsum([0] + [len(p) for p in pieces], dtype=np.int64), b"".join(pieces)
 
 
 # ----------------------------------------------------------------------------- 1. scan
@@ -88,36 +98,54 @@ class _Rows:
 
 class _Summary:
     """A partition's listing as partitions.merge sees it, without its rows. Its share of the
-    fingerprint's bytes (a line per file) stays in a file (`fp_url`), hashed by _fingerprint."""
+    fingerprint's bytes (a line per file) comes with it when small (`share`), else stays in its state
+    file as its buckets do (`url`, at `spans`)."""
 
-    def __init__(self, listing, reused: int, fp_url: str):
+    def __init__(self, listing, reused: int, url: str, spans: dict):
         self.records = _Rows(len(listing.records), listing.records.label_names)
         self.skipped, self.fingerprint = listing.skipped, listing.fingerprint
-        self.fp, self.fp_url = (None, None) if listing.fp is None else (b"", fp_url)
-        self.fp_size = 0 if listing.fp is None else len(listing.fp)
+        self.fp = None if listing.fp is None else b""
+        self.share = listing.fp if listing.fp is not None and len(listing.fp) <= _FP_READ else None
         self.class_files, self.class_names = listing.class_files, listing.class_names
-        self.reused = reused
+        self.reused, self.url = reused, url
+        self.spans = {name: spans[name] for name in ("fp", "bucket_cuts", "bucket_body")}
+
+    def shares(self):
+        """The partition's share of the fingerprint's bytes, a piece at a time."""
+        if self.share is not None:
+            yield self.share
+            return
+        lo, hi = self.spans["fp"]
+        for start in range(lo, hi, _FP_READ):
+            yield storage.read_range(self.url, start, min(_FP_READ, hi - start))
 
 
 _FP_READ = 1 << 20
 
 
-def _fingerprint(split, summaries: list[_Summary]) -> str:
-    """The listing's fingerprint as partitions.merge makes it (its head, then each partition's
-    share in order), the shares read back a piece at a time."""
-    from shards.sources import _Fingerprint
-
-    digest = _Fingerprint(split.kind)
-    digest.update(split.head)
-    for summary in summaries:
-        for start in range(0, summary.fp_size, _FP_READ):
-            digest.update(storage.read_range(summary.fp_url, start, min(_FP_READ, summary.fp_size - start)))
-    return digest.hexdigest()
-
-
-def _key_hash(keys: list[str]) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                    "little") for k in keys], dtype=np.uint64)
+def _buckets(records, scan, buckets: int) -> tuple[np.ndarray, bytes]:
+    """A partition's keys by bucket: three pieces per bucket (content keys as _ROW, sample keys as
+    _KEY, their texts end to end), as _cut gives them."""
+    n = len(records)
+    content = np.zeros(n, dtype=_ROW)
+    content["key"] = scan.sha.view("V32").ravel()
+    content["row"], content["ok"] = np.arange(n), scan.ok
+    of_content = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel() % np.uint64(buckets)
+    texts = [k.encode("utf-8", "surrogatepass") for k in records.keys_of(range(n))]
+    keys = np.zeros(n, dtype=_KEY)
+    keys["row"], keys["size"] = np.arange(n), [len(t) for t in texts]
+    keys["hash"] = np.array([int.from_bytes(hashlib.blake2b(t, digest_size=8).digest(), "little") for t in texts],
+                           dtype=np.uint64)
+    of_key = keys["hash"] % np.uint64(buckets)
+    by_content, by_key = np.argsort(of_content, kind="stable"), np.argsort(of_key, kind="stable")  # rows in order
+    content, keys = content[by_content], keys[by_key]
+    edges = np.arange(buckets + 1, dtype=np.uint64)
+    at_content, at_key = np.searchsorted(of_content[by_content], edges), np.searchsorted(of_key[by_key], edges)
+    pieces = []
+    for lo, hi, klo, khi in zip(at_content[:-1].tolist(), at_content[1:].tolist(), at_key[:-1].tolist(),
+                                at_key[1:].tolist()):
+        pieces += [content[lo:hi].tobytes(), keys[klo:khi].tobytes(), b"".join(texts[i] for i in by_key[klo:khi].tolist())]
+    return _cut(pieces)
 
 
 def _scan_job(job) -> _Summary:
@@ -125,60 +153,106 @@ def _scan_job(job) -> _Summary:
 
     part, scan_args, out_url, tag, buckets = job
     listing, scan, reused = scan_partition(part, scan_args, out_url)
-    records = listing.records
-    n = len(records)
-    rows = np.arange(n)
-    content = np.zeros(n, dtype=_ROW)
-    content["key"] = scan.sha.view("V32").ravel()
-    content["row"], content["ok"] = rows, scan.ok
-    bucket = np.ascontiguousarray(scan.sha[:, :8]).view(np.uint64).ravel() % np.uint64(buckets)
-    keys = records.keys_of(range(n))
-    hashes = _key_hash(keys)
-    named = hashes % np.uint64(buckets)
-    parts = [content[bucket == b].tobytes() for b in range(buckets)]
-    for b in range(buckets):
-        picked = np.flatnonzero(named == b)
-        parts.append(pickle.dumps((picked, hashes[picked], [keys[i] for i in picked.tolist()]), protocol=5))
-    storage.write_bytes(_state_url(out_url, tag, "b", part.index), _sections(parts), durable=False)
-    _save(_state_url(out_url, tag, "s", part.index), {"records": records, "scan": scan})
-    fp_url = _state_url(out_url, tag, "f", part.index)
-    if listing.fp:
-        storage.write_bytes(fp_url, listing.fp, durable=False)
-    return _Summary(listing, reused, fp_url)
+    cuts, body = _buckets(listing.records, scan, buckets)
+    url = _plan_url(out_url, tag, "s", part.index)
+    spans = _save_state(url, listing.records, scan, fp=np.frombuffer(listing.fp or b"", dtype=np.uint8),
+                        bucket_cuts=cuts, bucket_body=np.frombuffer(body, dtype=np.uint8))  # cuts just before body
+    return _Summary(listing, reused, url, spans)
+
+
+def _scan_all(split, scan_args, out_url, tag, executor, progress):
+    """Phase 1: (the merged listing, the partitions' _Summary)."""
+    from shards.partitions import merge
+
+    from shards.sources import _Fingerprint
+
+    summaries, digest = [], _Fingerprint(split.kind)
+    digest.update(split.head)
+
+    def scanned(results):
+        for summary in results:
+            summaries.append(summary)
+            if summary.fp is not None:  # a listing of units: the fingerprint as merge would make it from their bytes
+                for piece in summary.shares():
+                    digest.update(piece)
+                summary.share = None
+            if progress is not None:
+                progress(len(summary.records))
+            yield summary
+    jobs = ((part, scan_args, out_url, tag, len(split.partitions)) for part in split.partitions)
+    listing = merge(split, scanned(_results(executor, _scan_job, jobs)))
+    if summaries[0].fp is not None:
+        listing.fingerprint = digest.hexdigest()
+    return listing, summaries
 
 
 # ----------------------------------------------------------------------------- 2. buckets
 
+def _read_buckets(url: str, spans: dict, lo: int, hi: int, buckets: int) -> tuple[np.ndarray, bytes]:
+    """(byte offsets of the pieces of buckets lo..hi-1 in `body`, body) of a state file: one ranged
+    GET when they are all the buckets (the cuts lie just before the body), else two."""
+    (cuts_lo, cuts_hi), (body_lo, body_hi) = spans["bucket_cuts"], spans["bucket_body"]
+    if lo == 0 and hi == buckets:
+        data = storage.read_range(url, cuts_lo, body_hi - cuts_lo)
+        return np.frombuffer(data[:cuts_hi - cuts_lo], dtype="<i8"), data[body_lo - cuts_lo:]
+    cuts = np.frombuffer(storage.read_range(url, cuts_lo + 24 * lo, 8 * (3 * (hi - lo) + 1)), dtype="<i8")
+    return cuts - cuts[0], storage.read_range(url, body_lo + int(cuts[0]), int(cuts[-1] - cuts[0]))
+
+
 def _bucket_job(job):
-    """(content candidates [(p, row, first p, first row)], key collisions [(p, row)]) of one bucket."""
+    """(content candidates [(p, row, first p, first row)], key collisions [(p, row)]) of buckets lo..hi-1."""
+    lo, hi, sources, buckets = job
+    read = [_read_buckets(url, spans, lo, hi, buckets) for url, spans in sources]
+    content, collisions = [], []
+    for b in range(hi - lo):
+        pieces = [[body[cuts[3 * b + j]:cuts[3 * b + j + 1]] for j in range(3)] for cuts, body in read]
+        found, named = _bucket(pieces)
+        content += found
+        collisions += named
+    return content, collisions
+
+
+def _bucket(pieces):
+    """_bucket_job's findings in one bucket, from each partition's three pieces of it."""
     from shards.plan import _first_copies
 
-    b, urls, buckets = job
-    rows, where = [], []
-    for p, url in enumerate(urls):
-        part = np.frombuffer(read_section(url, b), dtype=_ROW)
-        rows.append(part)
-        where.append(np.full(len(part), p, dtype=np.int64))
-    rows, where = np.concatenate(rows), np.concatenate(where)
-    keys = np.frombuffer(rows["key"].tobytes(), dtype=np.uint8).reshape(len(rows), 32)
-    first = _first_copies(keys, rows["ok"].astype(bool))
+    rows = [np.frombuffer(content, dtype=_ROW) for content, _, _ in pieces]
+    where = np.concatenate([np.full(len(part), p, dtype=np.int64) for p, part in enumerate(rows)])
+    rows = np.concatenate(rows)
+    first = _first_copies(np.frombuffer(rows["key"].tobytes(), dtype=np.uint8).reshape(len(rows), 32),
+                          rows["ok"].astype(bool))
     dup = np.flatnonzero(first != np.arange(len(rows)))
     content = [(int(where[i]), int(rows["row"][i]), int(where[first[i]]), int(rows["row"][first[i]])) for i in dup]
-    collisions, seen = [], set()
-    hashes, names = [], []
-    for p, url in enumerate(urls):
-        picked, part_hashes, part_keys = pickle.loads(read_section(url, buckets + b))
-        hashes.append(part_hashes)
-        names += [(p, int(r), k) for r, k in zip(picked.tolist(), part_keys)]
-    hashes = np.concatenate(hashes)
-    ordered = np.sort(hashes)
+    keys = [np.frombuffer(named, dtype=_KEY) for _, named, _ in pieces]
+    owner = np.concatenate([np.full(len(part), p, dtype=np.int64) for p, part in enumerate(keys)])
+    starts = np.concatenate([np.cumsum(part["size"], dtype=np.int64) - part["size"] for part in keys])
+    keys = np.concatenate(keys)
+    ordered = np.sort(keys["hash"])
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    for i in np.flatnonzero(np.isin(hashes, repeated)).tolist():  # in listing order
-        p, row, key = names[i]
+    collisions, seen = [], set()
+    for i in np.flatnonzero(np.isin(keys["hash"], repeated)).tolist():  # in listing order
+        text = pieces[owner[i]][2]
+        key = text[starts[i]:starts[i] + keys["size"][i]]
         if key in seen:
-            collisions.append((p, row))
+            collisions.append((int(owner[i]), int(keys["row"][i])))
         seen.add(key)
     return content, collisions
+
+
+def _find_duplicates(summaries, records: int, decode: bool, run):
+    """Phases 2-3: ({p: {row: path of its first copy}}, {p: {row: bad entry}}, {p: [rows whose key an
+    earlier record has]})."""
+    count = len(summaries)
+    jobs = min(count, max(1, -(-records // _BUCKET_ROWS)))
+    edges = [count * j // jobs for j in range(jobs + 1)]
+    sources = [(summary.url, summary.spans) for summary in summaries]
+    candidates, collisions = [], defaultdict(list)
+    for content, named in run(_bucket_job, [(lo, hi, sources, count) for lo, hi in zip(edges, edges[1:])]):
+        candidates += content
+        for p, row in named:
+            collisions[p].append(row)
+    drops, bad = _duplicates(candidates, [summary.url for summary in summaries], decode, run)
+    return drops, bad, collisions
 
 
 # ----------------------------------------------------------------------------- 3. look
@@ -188,7 +262,7 @@ def _look_job(job):
     from shards.plan import hash_records
 
     state_url, rows, whole = job
-    records = _load(state_url)["records"]
+    records = _load_state(state_url)[0]
     paths = records.paths_of(rows)
     digests = hash_records(records.locations(rows, paths)) if whole else [None] * len(rows)
     return dict(zip(rows, zip(paths, digests)))
@@ -255,16 +329,17 @@ def _kept_summary(records, scan, keep: np.ndarray, kind: str) -> dict:
 
     kept = np.flatnonzero(keep)
     off = records.label_offsets()
-    return {"kept": len(kept), "est": int(_estimates(records, scan.nbytes, kept).sum()),
+    est = _estimates(records, scan.nbytes, kept)
+    return {"kept": len(kept), "est": int(est.sum()), "largest": int(est.max()) if len(est) else 0,
             "multi": kind in ("jsonl", "csv") and off is not None and bool((np.diff(off)[kept] != 1).any()),
             "exts": sorted(set(scan.ext[kept].tolist()))}
 
 
 def _keep_job(job):
-    """([(row, skipped entry)], kept summary) of a partition; its keep mask joins its state file."""
+    """([(row, skipped entry)], kept summary) of a partition; its state file is written again with
+    its keep mask (its buckets and fingerprint share, read by now, left out)."""
     state_url, renames, drops, bad, class_ids, exclude, kind = job
-    state = _load(state_url)
-    records, scan = state["records"], state["scan"]
+    records, scan, _ = _load_state(state_url)
     if renames:
         records.rename_keys(renames)
     for row, result in bad.items():  # unreadable when hashed whole: a bad record now
@@ -304,7 +379,7 @@ def _keep_job(job):
                 continue
         if i in drops:
             skip("duplicate_exact", f"exact duplicate of {drops[i]}")
-    _save(state_url, {"records": records, "scan": scan, "keep": keep})
+    _save_state(state_url, records, scan, keep=keep)
     return skips, _kept_summary(records, scan, keep, kind)
 
 
@@ -318,8 +393,7 @@ def _near_job(job):
     states, threshold, kind = job
     near, out = HashIndex(threshold), []
     for url in states:
-        state = _load(url)
-        records, scan, keep = state["records"], state["scan"], state["keep"]
+        records, scan, keep = _load_state(url)
         skips = []
         for i in np.flatnonzero(keep).tolist():
             location = records.locations([i])[0]
@@ -333,16 +407,43 @@ def _near_job(job):
                 continue
             near.add(int(scan.dhash[i]), records.path(i), payload=location)
         if skips:
-            _save(url, state)
+            _save_state(url, records, scan, keep=keep)
         out.append((skips, _kept_summary(records, scan, keep, kind)))
     return out
 
 
+def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run):
+    """Phase 4: (skipped entries, kept count per partition, their kept summaries summed)."""
+    from shards.plan import ShardError, _reason_kind
+
+    drops, bad, collisions = found
+    kept = run(_keep_job, [(states[p], sorted(collisions.get(p, ())), drops.get(p, {}), bad.get(p, {}), class_ids,
+                            exclude, split.kind) for p in range(len(states))])
+    if cfg.dedup_within == "near":
+        near = run(_near_job, [(states, cfg.near_dup_threshold, split.kind)])[0]
+        kept = [(skips + more, summary) for (skips, _), (more, summary) in zip(kept, near)]
+    skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
+    for skips, _ in kept:
+        skipped += [entry for _, entry in sorted(skips, key=lambda item: item[0])]
+    if cfg.strict and skipped:
+        first = skipped[0]
+        raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
+                         f"{first.get('path') or first.get('key')}: {first['reason']}")
+    counts = [summary["kept"] for _, summary in kept]
+    if not sum(counts):
+        raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
+                         f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
+    total = {"multi": any(summary["multi"] for _, summary in kept),
+             "exts": sorted({e for _, summary in kept for e in summary["exts"]}),
+             "est": sum(summary["est"] for _, summary in kept), "largest": max(summary["largest"] for _, summary in kept)}
+    return skipped, counts, total
+
+
 # ----------------------------------------------------------------------------- 5. place
 
-def _placed(state: dict, start: int, n: int, seed: int):
+def _placed(keep: np.ndarray, start: int, n: int, seed: int):
     """(kept rows, their positions) of a partition whose first kept record has global kept index `start`."""
-    kept = np.flatnonzero(state["keep"])
+    kept = np.flatnonzero(keep)
     return kept, Shuffle(n, seed).forward(start + np.arange(len(kept)))
 
 
@@ -352,51 +453,119 @@ def _totals_job(job):
     from shards.plan import _estimates
 
     state_url, start, n, seed, per, over = job
-    state = _load(state_url)
-    kept, pos = _placed(state, start, n, seed)
-    est = _estimates(state["records"], state["scan"].nbytes, kept)
+    records, scan, keep = _load_state(state_url)
+    kept, pos = _placed(keep, start, n, seed)
+    est = _estimates(records, scan.nbytes, kept)
     if over is None:
         return block_totals(pos, est, per, n)
     inside = np.isin(pos // per, over)
     return pos[inside], est[inside]
 
 
+def _shard_bounds(cfg, states, starts, n, total, run):
+    """Phase 5, the cut: the shards' [lo, hi) positions. The partitions' totals per block are asked
+    for only when a block could pass max_shard_bytes (its records times the largest estimate)."""
+    per = records_per_block(n, total["est"], cfg.shard_size, cfg.max_shard_bytes)
+    blocks = -(-n // per)
+    if TAR_START + per * total["largest"] <= cfg.max_shard_bytes:  # no block is over: a shard per block
+        return shard_bounds(n, per, np.zeros(blocks, dtype=np.int64), cfg.max_shard_bytes, None)
+    place = [(states[p], starts[p], n, cfg.seed, per) for p in range(len(states))]
+    totals = sum(run(_totals_job, [job + (None,) for job in place]))
+    over = np.flatnonzero(TAR_START + totals > cfg.max_shard_bytes)
+    est_of = {}
+    if len(over):  # blocks over the limit (few): their records' estimates in position order
+        found = run(_totals_job, [job + (over,) for job in place])
+        pos = np.concatenate([f[0] for f in found])
+        est = np.concatenate([f[1] for f in found])
+        est = est[np.argsort(pos)]
+        pos = np.sort(pos)
+        for b in over.tolist():
+            est_of[b] = est[np.searchsorted(pos, b * per):np.searchsorted(pos, (b + 1) * per)]
+    return shard_bounds(n, per, totals, cfg.max_shard_bytes, est_of.__getitem__)
+
+
+# A route section: these arrays end to end after a header of their sizes (data only, no pickle): a
+# shard's records of one partition, in position order, with their own table of roots and labels.
+_SECTION = (("pos", "<i8"), ("names", "u1"), ("root_idx", "<u4"), ("paths", "u1"), ("path_off", "<u8"),
+            ("keys", "u1"), ("key_off", "<u8"), ("labels", "<u4"), ("label_off", "<u8"), ("offset", "<i8"),
+            ("length", "<i8"), ("ext", "u1"), ("width", "<i4"), ("height", "<i4"), ("nbytes", "<i8"),
+            ("sha", "u1"), ("class_ids", "<i4"), ("class_off", "<i8"))
+
+
+def _pack_section(arrays: dict) -> bytes:
+    sizes = np.array([arrays[name].size if name in arrays else 0 for name, _ in _SECTION], dtype="<i8")
+    return sizes.tobytes() + b"".join(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes()
+                                      for name, dtype in _SECTION if name in arrays)
+
+
+def _unpack_section(data: bytes) -> dict:
+    sizes = np.frombuffer(data[:8 * len(_SECTION)], dtype="<i8").tolist()
+    out, at = {}, 8 * len(_SECTION)
+    for (name, dtype), size in zip(_SECTION, sizes):
+        if size or name not in ("keys", "key_off"):  # no keys: each derived from its path
+            out[name] = np.frombuffer(data, dtype=dtype, count=size, offset=at)
+        at += size * np.dtype(dtype).itemsize
+    out["sha"] = out["sha"].reshape(-1, 32)
+    return out
+
+
+def _section(records, scan, rows: np.ndarray, pos: np.ndarray, ids: np.ndarray, off: np.ndarray) -> bytes:
+    """The route section of `rows` (their positions `pos`, class ids `ids` at offsets `off`)."""
+    from shards.table import RecordTable
+
+    table = records.take(rows)
+    roots, root_idx = np.unique(np.frombuffer(table.root_idx, dtype=np.uint32), return_inverse=True)
+    table.roots, table.root_idx = [table.roots[r] for r in roots.tolist()], root_idx.astype(np.uint32)
+    labels, label_idx = np.unique(np.frombuffer(table.labels, dtype=np.uint32), return_inverse=True)
+    table.label_names, table.labels = [table.label_names[i] for i in labels.tolist()], label_idx.astype(np.uint32)
+    columns = {name: np.asarray(value) for name, value in RecordTable.columns(table).items()}
+    return _pack_section({**columns, "pos": pos, "ext": scan.ext[rows], "width": scan.width[rows],
+                          "height": scan.height[rows], "nbytes": scan.nbytes[rows], "sha": scan.sha[rows],
+                          "class_ids": ids, "class_off": off})
+
+
 def _route_job(job):
     """Write the partition's route file (one section per shard: its records in position order);
-    returns its class histogram."""
+    returns (its class histogram, the [start, stop) of each section in the file: int64 [shards + 1])."""
     state_url, route_url, start, n, seed, los, class_ids, classes, multi_label = job
-    state = _load(state_url)
-    records, scan = state["records"], state["scan"]
-    kept, pos = _placed(state, start, n, seed)
+    records, scan, keep = _load_state(state_url)
+    kept, pos = _placed(keep, start, n, seed)
     order = np.argsort(pos, kind="stable")
     kept, pos = kept[order], pos[order]
     shard = np.searchsorted(los, pos, side="right") - 1
     ids, offs = class_ids_of(records, kept, _label_map(records, class_ids), multi_label)
     cuts = np.searchsorted(shard, np.arange(len(los) + 1))
-    parts = []
-    for s in range(len(los)):
-        lo, hi = int(cuts[s]), int(cuts[s + 1])
-        if lo == hi:
-            parts.append(b"")
-            continue
-        rows = kept[lo:hi]
-        parts.append(pickle.dumps({
-            "pos": pos[lo:hi], "records": records.take(rows), "ext": scan.ext[rows], "width": scan.width[rows],
-            "height": scan.height[rows], "nbytes": scan.nbytes[rows], "sha": scan.sha[rows],
-            "class_ids": ids[offs[lo]:offs[hi]], "class_off": offs[lo:hi + 1] - offs[lo]}, protocol=5))
-    storage.write_bytes(route_url, _sections(parts), durable=False)
-    return np.bincount(ids, minlength=len(classes)).astype(np.int64)
+    sections = [b"" if lo == hi else _section(records, scan, kept[lo:hi], pos[lo:hi], ids[offs[lo]:offs[hi]],
+                                               offs[lo:hi + 1] - offs[lo])
+                for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
+    where, body = _cut(sections)
+    data = pack_arrays({"sections": np.frombuffer(body, dtype=np.uint8)})
+    storage.write_bytes(route_url, data, durable=False)
+    return np.bincount(ids, minlength=len(classes)).astype(np.int64), where + array_spans(data)["sections"][0]
+
+
+def _write_routes(cfg, states, routes, starts, n, bounds, class_ids, classes, multi_label, run):
+    """Phase 5, the routes: (the class histogram, where each shard's section lies in each route
+    file: int64 [partitions, shards + 1])."""
+    los = np.array([lo for lo, _ in bounds], dtype=np.int64)
+    done = run(_route_job, [(states[p], routes[p], starts[p], n, cfg.seed, los, class_ids, classes, multi_label)
+                            for p in range(len(states))])
+    return sum(histogram for histogram, _ in done), np.stack([where for _, where in done])
 
 
 def load_route(task):
-    """The records of a routed shard task, from its section of each partition's route file, in
-    position order: (records, columns {ext, width, height, nbytes, sha}, class_ids, class_off)."""
+    """The records of a routed shard task, from its section of each partition's route file (a
+    ranged GET each, those on S3 in flight together), in position order: (records, columns {ext,
+    width, height, nbytes, sha}, class_ids, class_off)."""
     from shards.table import RecordTable
 
-    pieces = [pickle.loads(data) for data in (read_section(url, task.index) for url in task.routes) if data]
+    wanted = [(url, lo, hi) for url, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
+    pieces = [_unpack_section(data) for data in storage.map_reads(
+        lambda where: storage.read_range(where[0], where[1], where[2] - where[1]), wanted,
+        wanted[0][0] if wanted else "")]
     records = RecordTable()
     for piece in pieces:
-        records.extend(piece["records"])
+        records.extend(RecordTable.from_columns(piece))
     order = np.argsort(np.concatenate([p["pos"] for p in pieces]), kind="stable")
     columns = {name: np.concatenate([p[name] for p in pieces])[order] for name in ("ext", "width", "height",
                                                                                     "nbytes", "sha")}
@@ -421,91 +590,42 @@ def _results(pool, fn, jobs):
     return ordered_map(pool, fn, jobs, ahead=2 * pool._max_workers)
 
 
+def plan_tag(split, cfg, scan_args: tuple) -> str:
+    """What names a plan's files in `_plan/`: the source's partitions and the settings they depend on."""
+    return hashlib.sha256(repr((split.kind, split.url, [p.units for p in split.partitions], scan_args, cfg.seed,
+                                cfg.shard_size, cfg.max_shard_bytes)).encode()).hexdigest()[:16]
+
+
 def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, exclude, *, pool=None, workers=1,
                     progress=None):
     """The plan's parts (a Planned): the merged listing facts (its records: a count), classes, skipped
-    records, the shards' [lo, hi) positions and the route files. `classes_of(listing)`: the class list."""
-    from shards.partitions import merge
-    from shards.plan import ShardError, _reason_kind
+    records, the shards' [lo, hi) positions, the route files and where each shard's section lies in
+    them. `classes_of(listing)`: the class list."""
     from shards.workers import process_pool
 
-    decode = scan_args[1]
-    tag = hashlib.sha256(repr((split.kind, split.url, [p.units for p in split.partitions], scan_args, cfg.seed,
-                               cfg.shard_size, cfg.max_shard_bytes)).encode()).hexdigest()[:16]
-    count = len(split.partitions)
-    states = [_state_url(out_url, tag, "s", i) for i in range(count)]
+    tag, count = plan_tag(split, cfg, scan_args), len(split.partitions)
+    states = [_plan_url(out_url, tag, "s", i) for i in range(count)]
+    routes = [_plan_url(out_url, tag, "r", i) for i in range(count)]
     with nullcontext(pool) if pool is not None or workers <= 1 or count == 1 else process_pool(workers) as executor:
         run = lambda fn, jobs: list(_results(executor, fn, jobs))  # noqa: E731
-        summaries = []
-
-        def scanned(results):
-            for summary in results:
-                summaries.append(summary)
-                if progress is not None:
-                    progress(len(summary.records))
-                yield summary
-        jobs = ((part, scan_args, out_url, tag, count) for part in split.partitions)
-        listing = merge(split, scanned(_results(executor, _scan_job, jobs)))
-        if summaries[0].fp is not None:  # a listing of units: hash their shares (merge saw none of their bytes)
-            listing.fingerprint = _fingerprint(split, summaries)
+        listing, summaries = _scan_all(split, scan_args, out_url, tag, executor, progress)
+        found = _find_duplicates(summaries, len(listing.records), scan_args[1], run)
         reused = sum(summary.reused for summary in summaries)
-        # 2-3: exact duplicates and colliding keys, by buckets
-        buckets = [_state_url(out_url, tag, "b", i) for i in range(count)]
-        candidates, collisions = [], defaultdict(list)
-        for content, named in run(_bucket_job, [(b, buckets, count) for b in range(count)]):
-            candidates += content
-            for p, row in named:
-                collisions[p].append(row)
-        drops, bad = _duplicates(candidates, states, decode, run)
-        del candidates
-        # 4: what each partition keeps
+        del summaries
         classes = classes_of(listing)
         class_ids = {name: i for i, name in enumerate(classes)}
-        kept = run(_keep_job, [(states[p], sorted(collisions.get(p, ())), drops.get(p, {}), bad.get(p, {}), class_ids,
-                                exclude, split.kind) for p in range(count)])
-        if cfg.dedup_within == "near":
-            near = run(_near_job, [(states, cfg.near_dup_threshold, split.kind)])[0]
-            kept = [(skips + more, summary) for (skips, _), (more, summary) in zip(kept, near)]
-        skipped = [dict(s, kind=_reason_kind(s["reason"])) for s in listing.skipped]
-        for skips, _ in kept:
-            skipped += [entry for _, entry in sorted(skips, key=lambda item: item[0])]
-        if cfg.strict and skipped:
-            first = skipped[0]
-            raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
-                             f"{first.get('path') or first.get('key')}: {first['reason']}")
-        counts = [summary["kept"] for _, summary in kept]
-        n = sum(counts)
-        if not n:
-            raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
-                             f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-        multi_label = any(summary["multi"] for _, summary in kept)
-        exts = sorted({e for _, summary in kept for e in summary["exts"]})
-        total_est = sum(summary["est"] for _, summary in kept)
-        starts = np.r_[0, np.cumsum(counts)][:-1].tolist()
-        del kept
-        # 5: positions, blocks of positions, shards, route files
-        per = records_per_block(n, total_est, cfg.shard_size, cfg.max_shard_bytes)
-        place = [(states[p], starts[p], n, cfg.seed, per) for p in range(count)]
-        totals = sum(run(_totals_job, [job + (None,) for job in place]))
-        over = np.flatnonzero(TAR_START + totals > cfg.max_shard_bytes)
-        est_of = {}
-        if len(over):  # blocks over the limit (few): their records' estimates in position order
-            found = run(_totals_job, [job + (over,) for job in place])
-            pos = np.concatenate([f[0] for f in found])
-            est = np.concatenate([f[1] for f in found])
-            est = est[np.argsort(pos)]
-            pos = np.sort(pos)
-            for b in over.tolist():
-                est_of[b] = est[np.searchsorted(pos, b * per):np.searchsorted(pos, (b + 1) * per)]
-        bounds = shard_bounds(n, per, totals, cfg.max_shard_bytes, est_of.__getitem__)
-        los = np.array([lo for lo, _ in bounds], dtype=np.int64)
-        routes = [_state_url(out_url, tag, "r", p) for p in range(count)]
-        histogram = sum(run(_route_job, [(states[p], routes[p], starts[p], n, cfg.seed, los, class_ids, classes,
-                                          multi_label) for p in range(count)]))
-    return Planned(listing, classes, skipped, bounds, routes, histogram.tolist(), multi_label, exts, reused)
+        skipped, counts, total = _keep_all(split, cfg, listing, states, found, class_ids, exclude, run)
+        del found
+        n, starts = sum(counts), np.r_[0, np.cumsum(counts)][:-1].tolist()
+        bounds = _shard_bounds(cfg, states, starts, n, total, run)
+        histogram, spans = _write_routes(cfg, states, routes, starts, n, bounds, class_ids, classes, total["multi"],
+                                         run)
+    return Planned(listing, classes, skipped, bounds, routes, spans, histogram.tolist(), total["multi"], total["exts"],
+                   reused)
 
 
 class Planned:
-    def __init__(self, listing, classes, skipped, bounds, routes, histogram, multi_label, exts, reused):
+    def __init__(self, listing, classes, skipped, bounds, routes, spans, histogram, multi_label, exts, reused):
         self.listing, self.classes, self.skipped, self.bounds, self.routes = listing, classes, skipped, bounds, routes
+        self.spans = spans  # int64 [partitions, shards + 1]: shard s's section of route p is spans[p, s:s + 2]
         self.histogram, self.multi_label, self.exts, self.reused = histogram, multi_label, exts, reused

@@ -79,8 +79,8 @@ _EXT_CODE = {e: i for i, e in enumerate(IMAGE_EXTS)}
 class ShardTask:
     """The unit of work: write shard `name` to `url` from its rows (idempotent).
 
-    A planned task is routed: it names the partitions' route files (`routes`) whose section
-    `index` holds its records, and `count`; `loaded()` reads them (in the writer) into a compact
+    A planned task is routed: it names the partitions' route files (`routes`), where in each its
+    section lies (`spans`: one ranged read each), and `count`; `loaded()` reads them (in the writer) into a compact
     table and columns of its own. A task may also point into a shared table and scan columns
     (`rows`); pickled, it then carries only its own records."""
 
@@ -104,6 +104,7 @@ class ShardTask:
     source_fingerprint: str = ""  # the listing's (paths, sizes, mtimes): part of the digest, as keys may hash only the ends
     rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
     routes: tuple = ()  # the route files of the partitions (shards.partplan), while not loaded
+    spans: tuple = ()  # [start, stop) of this task's section in each route file (empty: none there)
     count: int = -1  # its records, while not loaded
 
     _COLUMNS = ("ext", "width", "height", "nbytes", "sha")
@@ -123,7 +124,7 @@ class ShardTask:
 
         records, columns, ids, off = load_route(self)
         return replace(self, records=records, class_ids=ids, class_off=off if self.multi_label else None,
-                       routes=(), count=-1, **columns)
+                       routes=(), spans=(), count=-1, **columns)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -475,7 +476,7 @@ def default_partitions(workers: int) -> int:
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
                 partitions: int | None = None, **settings) -> ShardPlan:
     """List + scan + dedup + shuffle + split, partition by partition (shards.partplan). Returns the
-    plan; writes nothing but the partitions' scan records, rows and route files in `<out>/_plan/`
+    plan; writes nothing but the partitions' scan records, state and route files in `<out>/_plan/`
     (the tasks read their records from the routes). `pool`: an executor to run the partitions' jobs
     in (else one of `workers` processes is made for it). `partitions`: how many to cut the source
     into (default: default_partitions); the plan does not depend on it."""
@@ -521,7 +522,8 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
                                records=None, class_ids=None, class_off=None, ext=None, width=None, height=None,
                                nbytes=None, sha=None, classes=planned.classes, multi_label=planned.multi_label,
                                resize=cfg.resize, quality=cfg.quality, max_pixels=cfg.max_pixels,
-                               source_fingerprint=listing.fingerprint, routes=tuple(planned.routes), count=hi - lo))
+                               source_fingerprint=listing.fingerprint, routes=tuple(planned.routes),
+                               spans=tuple(map(tuple, planned.spans[:, index:index + 2].tolist())), count=hi - lo))
     source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint,
               "records": len(listing.records)}
     if exclude is not None:

@@ -7,6 +7,7 @@ view of one row on demand; `take(indices)` copies a subset (a shard task carries
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from array import array
@@ -385,6 +386,37 @@ class RecordTable:
         self._root_ids = {r: i for i, r in enumerate(self.roots)}
         self._label_ids = {n: i for i, n in enumerate(self.label_names)}
         self._key_hash = array("q", [0]) * len(self) if "_later" in state else None
+
+    def columns(self, prefix: str = "") -> dict:
+        """The table as arrays only (for an .npz: no pickle); RecordTable.from_columns reads them back."""
+        names = json.dumps([self.roots, self.label_names]).encode("utf-8", "surrogatepass")
+        out = {"names": np.frombuffer(names, dtype=np.uint8), "root_idx": np.frombuffer(self.root_idx, dtype=np.uint32),
+               "paths": np.frombuffer(self.paths.buf, dtype=np.uint8), "path_off": np.frombuffer(self.paths.off, np.uint64),
+               "labels": np.frombuffer(self.labels, dtype=np.uint32), "label_off": np.frombuffer(self.label_off, np.uint64),
+               "offset": np.frombuffer(self.offset, dtype=np.int64), "length": np.frombuffer(self.length, dtype=np.int64)}
+        if self.keys is not None:
+            out["keys"], out["key_off"] = np.frombuffer(self.keys.buf, np.uint8), np.frombuffer(self.keys.off, np.uint64)
+        return {prefix + name: value for name, value in out.items()}
+
+    @classmethod
+    def from_columns(cls, arrays: dict, prefix: str = "") -> "RecordTable":
+        get = lambda name: arrays[prefix + name]  # noqa: E731
+        out = cls()
+        out._key_hash = None
+        out.roots, out.label_names = json.loads(get("names").tobytes().decode("utf-8", "surrogatepass"))
+        out._root_ids = {r: i for i, r in enumerate(out.roots)}
+        out._label_ids = {n: i for i, n in enumerate(out.label_names)}
+        def column(name: str, code: str) -> array:
+            out = array(code)
+            out.frombytes(memoryview(np.ascontiguousarray(get(name))).cast("B"))  # one copy
+            return out
+        for name, code in (("root_idx", "I"), ("labels", "I"), ("label_off", "Q"), ("offset", "q"), ("length", "q")):
+            setattr(out, name, column(name, code))
+        out.paths.buf, out.paths.off = bytearray(get("paths")), column("path_off", "Q")
+        if prefix + "keys" in arrays:
+            out.keys = _Strings()
+            out.keys.buf, out.keys.off = bytearray(get("keys")), column("key_off", "Q")
+        return out
 
     def make_keys_unique(self) -> int:
         """Give colliding keys a short hash of their path (first occurrence keeps its key); returns changes."""

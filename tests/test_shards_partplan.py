@@ -78,6 +78,21 @@ def test_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, setting
         assert "a_b_x" in names and any(name.startswith("a_b_x_") for name in names)
 
 
+def test_buckets_read_in_ranges_by_several_jobs_give_the_same_dataset(tree, tmp_path, monkeypatch):
+    """A large source's buckets are split over jobs that each read a range of every state file: the
+    duplicates and colliding keys they find are those of one job over all buckets."""
+    from shards import partplan
+
+    one = shard_dataset(str(tree), str(tmp_path / "one"), partitions=1, shard_size=4, seed=3)
+    monkeypatch.setattr(partplan, "_BUCKET_ROWS", 4)  # 22 records: a job per bucket
+    jobs = []
+    monkeypatch.setattr(partplan, "_bucket_job", lambda job, real=partplan._bucket_job: jobs.append(job[:2]) or real(job))
+    many = shard_dataset(str(tree), str(tmp_path / "many"), partitions=5, shard_size=4, seed=3)
+    assert jobs == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert _dataset(tmp_path / "many", many) == _dataset(tmp_path / "one", one)
+    assert {s["kind"] for s in many["skipped"]} >= {"duplicate_exact"}
+
+
 def test_the_plan_holds_no_record_rows(tree, tmp_path):
     plan = plan_shards(str(tree), str(tmp_path / "out"), shard_size=4, partitions=3)
     assert all(task.records is None and task.routes for task in plan.tasks)
@@ -115,3 +130,30 @@ def test_an_empty_jsonl_manifest_says_so(tmp_path):
     with pytest.raises(ShardError, match=r"m\.jsonl: empty manifest \(no records\)$"):
         shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), partitions=3)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_plan_files_are_arrays_only(tree, tmp_path):
+    """Every file a plan leaves in <out>/_plan mid-run (scan records, partition states, route files)
+    is an .npz of .npy arrays that loads with allow_pickle=False; a state file holding a pickled
+    array is refused."""
+    import zipfile
+
+    import numpy as np
+    import pytest
+
+    from shards.partitions import pack_arrays
+    from shards.partplan import _load_state
+
+    out = tmp_path / "out"
+    plan = plan_shards(str(tree), str(out), shard_size=4, partitions=3, dedup_within="near")
+    files = sorted((out / "_plan").iterdir())
+    assert {f.name[:2] for f in files} >= {"s-", "r-"} and len(files) >= 7  # 3 states, 3 routes, scan records
+    for path in files:
+        assert all(name.endswith(".npy") for name in zipfile.ZipFile(path).namelist()), path
+        with np.load(path, allow_pickle=False) as data:
+            assert all(data[name].dtype != object for name in data.files)
+    assert sum(len(task.loaded().records) for task in plan.tasks) == plan.num_samples
+    state = next(f for f in files if f.name.startswith("s-"))
+    state.write_bytes(pack_arrays({"c_bad": np.array([("bad", "x")], dtype=object)}))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        _load_state(str(state))

@@ -263,3 +263,54 @@ def test_one_whole_object_get_per_image_the_scan_reads_only_the_ends(s3, tmp_pat
     assert len(tails) == large
     assert all(int(hi) - int(lo) + 1 == 1024 for lo, hi in (r[len("bytes="):].split("-") for r in tails))
     assert manifest["shards"] == decoded["shards"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_shard_reads_each_route_section_with_one_get(s3, small_tree):
+    """A planned shard task knows where its section of each partition's route file lies: loading it
+    costs one ranged GET per partition holding some of its records, and none for the others."""
+    from shards import plan_shards
+
+    url = s3.url("datasets/routes")
+    plan = plan_shards(str(small_tree), url, shard_size=4, partitions=3)
+    client = storage.s3._client()
+    gets = []
+    handler = lambda params, **_: gets.append((params["Key"], params.get("Range")))  # noqa: E731
+    client.meta.events.register("provide-client-params.s3.GetObject", handler)
+    try:
+        for task in plan.tasks:
+            gets.clear()
+            assert len(task.loaded().records) == len(task)
+            sections = [(route, lo, hi) for route, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
+            assert sorted(gets) == sorted((storage.split(route)[1], f"bytes={lo}-{hi - 1}") for route, lo, hi in sections)
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.GetObject", handler)
+    assert len(plan.tasks) == 8 and max(sum(hi > lo for lo, hi in task.spans) for task in plan.tasks) > 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_plan_file_is_streamed_up_with_one_put(s3, tmp_path):
+    """A _plan/ file written member by member (write_arrays, never whole in memory) costs one PUT, as
+    write_bytes of its bytes did; it holds the arrays where its spans say, on S3 and locally alike."""
+    import numpy as np
+
+    from shards.partitions import array_spans, unpack_arrays, write_arrays
+
+    arrays = {"a": np.arange(5000, dtype=np.int64), "b": np.frombuffer(b"xyz" * 700, dtype=np.uint8)}
+    calls: list[str] = []
+    client = storage.s3._client()
+    handler = lambda event_name, **_: calls.append(event_name.rsplit(".", 1)[-1])  # noqa: E731
+    client.meta.events.register("provide-client-params.s3.*", handler)
+    try:
+        spans = write_arrays(s3.url("plan/x.npz"), arrays)
+    finally:
+        client.meta.events.unregister("provide-client-params.s3.*", handler)
+    assert calls == ["PutObject"]
+    data = storage.read_bytes(s3.url("plan/x.npz"))
+    assert spans == array_spans(data) == write_arrays(str(tmp_path / "x.npz"), arrays)
+    assert (tmp_path / "x.npz").read_bytes()[slice(*spans["a"])] == data[slice(*spans["a"])] == arrays["a"].tobytes()
+    assert data[slice(*spans["b"])] == arrays["b"].tobytes()
+    assert {name: value.tolist() for name, value in unpack_arrays(data).items()} == \
+        {name: value.tolist() for name, value in arrays.items()}

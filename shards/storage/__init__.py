@@ -297,6 +297,14 @@ def write_bytes(url: str | os.PathLike, data: bytes, *, durable: bool = True) ->
     store.write_bytes(url, data, durable)
 
 
+def write_with(url: str | os.PathLike, write, *, durable: bool = True) -> None:
+    """Publish at `url` whole what write(file) writes to a binary file (readable too), as write_bytes
+    would publish its bytes (the same requests on S3), without holding them in memory: streamed to
+    the local staging file, or for s3:// to an anonymous temp file, then uploaded."""
+    store, url = backend(url)
+    store.write_with(url, write, durable)
+
+
 def write_json(url: str | os.PathLike, obj, *, durable: bool = True) -> None:
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8"),
                 durable=durable)

@@ -113,6 +113,10 @@ class Storage(ABC):
     def write_bytes(self, url: str, data: bytes, durable: bool = True) -> None: ...
 
     @abstractmethod
+    def write_with(self, url: str, write, durable: bool = True) -> None:
+        """Publish at `url` whole what write(file) writes to a binary file (readable too)."""
+
+    @abstractmethod
     def upload_file(self, local_path: str, url: str) -> None:
         """Publish a copy of a local file at `url` (atomic)."""
 

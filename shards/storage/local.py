@@ -15,7 +15,7 @@ def _atomic_local_write(path: str, write, durable: bool = True) -> None:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "w+b") as f:  # readable too: a writer may read back what it wrote
                 write(f)
                 f.flush()
                 if durable:
@@ -144,6 +144,9 @@ class LocalStorage(Storage):
 
     def write_bytes(self, url, data, durable=True):
         _atomic_local_write(url, lambda f: f.write(data), durable)
+
+    def write_with(self, url, write, durable=True):
+        _atomic_local_write(url, write, durable)
 
     def upload_file(self, local_path, url):
         if os.path.abspath(url) == os.path.abspath(local_path):

@@ -331,11 +331,22 @@ class S3Storage(Storage):
         return len(data)
 
     def write_bytes(self, url, data, durable=True):
+        self._put(url, data if len(data) < _settings.multipart_threshold else io.BytesIO(data), len(data))
+
+    def write_with(self, url, write, durable=True):
+        with tempfile.TemporaryFile() as f:  # no name: nothing left behind if this process is killed
+            write(f)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            self._put(url, f, size)
+
+    def _put(self, url, body, size: int) -> None:
+        """One PUT of `body` (bytes or a binary file) under the multipart threshold, else a multipart upload."""
         bucket, key = split(url)
-        if len(data) < _settings.multipart_threshold:
-            _s3_call(url, _client().put_object, Bucket=bucket, Key=key, Body=data)
+        if size < _settings.multipart_threshold:
+            _s3_call(url, _client().put_object, Bucket=bucket, Key=key, Body=body)
         else:
-            _s3_call(url, _client().upload_fileobj, io.BytesIO(data), bucket, key, Config=_transfer_config())
+            _s3_call(url, _client().upload_fileobj, body, bucket, key, Config=_transfer_config())
 
     def upload_file(self, local_path, url):
         bucket, key = split(url)
