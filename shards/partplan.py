@@ -422,9 +422,11 @@ def _results(pool, fn, jobs):
 
 
 def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, exclude, *, pool=None, workers=1,
-                    progress=None):
+                    progress=None, earlier=None):
     """The plan's parts (a Planned): the merged listing facts (its records: a count), classes, skipped
-    records, the shards' [lo, hi) positions and the route files. `classes_of(listing)`: the class list."""
+    records, the shards' [lo, hi) positions and the route files. `classes_of(listing)`: the class list.
+    `earlier(states, run, drops, bad, collisions)`: adds the duplicates and colliding keys of records
+    planned before these (shards.windows: earlier windows); then a plan may keep no record."""
     from shards.partitions import merge
     from shards.plan import ShardError, _reason_kind
     from shards.workers import process_pool
@@ -458,6 +460,8 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
                 collisions[p].append(row)
         drops, bad = _duplicates(candidates, states, decode, run)
         del candidates
+        if earlier is not None:
+            earlier(states, run, drops, bad, collisions)
         # 4: what each partition keeps
         classes = classes_of(listing)
         class_ids = {name: i for i, name in enumerate(classes)}
@@ -475,7 +479,7 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
                              f"{first.get('path') or first.get('key')}: {first['reason']}")
         counts = [summary["kept"] for _, summary in kept]
         n = sum(counts)
-        if not n:
+        if not n and earlier is None:
             raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                              f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
         multi_label = any(summary["multi"] for _, summary in kept)
@@ -502,7 +506,9 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
         routes = [_state_url(out_url, tag, "r", p) for p in range(count)]
         histogram = sum(run(_route_job, [(states[p], routes[p], starts[p], n, cfg.seed, los, class_ids, classes,
                                           multi_label) for p in range(count)]))
-    return Planned(listing, classes, skipped, bounds, routes, histogram.tolist(), multi_label, exts, reused)
+    planned = Planned(listing, classes, skipped, bounds, routes, histogram.tolist(), multi_label, exts, reused)
+    planned.summaries = summaries  # shards.windows: the partitions' shares of the fingerprint
+    return planned
 
 
 class Planned:

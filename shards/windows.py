@@ -1,0 +1,319 @@
+"""The windowed plan (`vitpipe shard --window RECORDS`): shards written while the rest of the source
+is still being scanned.
+
+A window is a run of consecutive units of the source in listing order (class folders or S3 key
+prefixes, per-synset tars: shards.partitions.split_source), closed at a unit boundary once it
+holds at least `window` listed records. The windows follow from the units' record counts alone, so
+they are the same for any number of workers and partitions. Each window is planned as the global
+plan plans a source (shards.partplan.plan_partitions over the window's units, cut into pieces):
+the same scan, de-duplication, Shuffle over the window's kept records and split into shards. Its
+shards are numbered after the previous window's and written (in the workers' pool) while the
+next windows are listed, scanned and planned; the manifest and its fingerprint (the whole
+listing's, as without a window) come at the end.
+
+De-duplication keeps the first copy in listing order, across windows too: a record is dropped if
+a record of an earlier window (or an earlier one of its own) has its content, and its sample key
+is renamed if a record of an earlier window has that key. A window needs only the windows before
+it. Each piece of a window writes its records' content keys and sample keys into _BUCKETS hash
+buckets (`<out>/_plan/k-<window>-<piece>.bin`, one section per bucket); a job per bucket reads
+that section of every earlier piece's file: the coordinator holds no row per record. Cost: a
+window reads the keys of every record before it (32-byte content key + 16 bytes of references
+for each readable record, a 64-bit hash and the key's string for each record), so N records in
+windows of W read about N^2 / (2 W) keys in all, in _BUCKETS requests per earlier piece.
+
+A shard holds the records of one window: with class folders, a range of classes (see README).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections import defaultdict
+
+import numpy as np
+
+from shards import storage
+
+_BUCKETS = 16
+_KEY = np.dtype([("key", "V32"), ("row", "<i8")])
+
+
+def windows_of(counts, window: int):
+    """(first unit, stop) of each window from the units' record counts (an iterable, in listing order):
+    a window closes after the unit that brings it to >= `window` records; the rest is the last one."""
+    start, held, stop = 0, 0, 0
+    for stop, count in enumerate(counts, 1):
+        held += count
+        if held >= window:
+            yield start, stop
+            start, held = stop, 0
+    if start < stop:
+        yield start, stop
+
+
+def _count_job(job) -> int:
+    """The records a unit lists (by names alone: no image is read)."""
+    from shards.partitions import list_unit
+
+    kind, url, unit = job
+    return len(list_unit(kind, url, unit, stats=False).records)
+
+
+# ----------------------------------------------------------------------------- keys of earlier windows
+
+def _bucket_of(values: np.ndarray) -> np.ndarray:
+    return values % np.uint64(_BUCKETS)
+
+
+def _keys_job(job) -> None:
+    """Write a piece's content keys (readable records) and sample keys (all records), by bucket."""
+    from shards.partplan import _key_hash, _load, _sections
+
+    state_url, keys_url = job
+    state = _load(state_url)
+    records, scan = state["records"], state["scan"]
+    ok = np.flatnonzero(scan.ok)
+    content = np.zeros(len(ok), dtype=_KEY)
+    content["key"], content["row"] = scan.sha[ok].view("V32").ravel(), ok
+    bucket = _bucket_of(np.ascontiguousarray(scan.sha[ok, :8]).view(np.uint64).ravel())
+    keys = records.keys_of(range(len(records)))
+    hashes = _key_hash(keys)
+    named = _bucket_of(hashes)
+    parts = [content[bucket == b].tobytes() for b in range(_BUCKETS)]
+    for b in range(_BUCKETS):
+        picked = np.flatnonzero(named == b)
+        parts.append(pickle.dumps((picked, hashes[picked], [keys[i] for i in picked.tolist()]), protocol=5))
+    storage.write_bytes(keys_url, _sections(parts), durable=False)
+
+
+def _earlier_job(job):
+    """One bucket: ([(piece, row, [(earlier piece id, row), ...] in listing order)] of this window's
+    records whose content key an earlier window's record has, [(piece, row)] whose sample key it has)."""
+    from shards.partplan import read_section
+
+    b, earlier, pieces = job  # earlier: [(piece id, keys url)] in listing order; pieces: this window's keys urls
+    found, ids = [], []
+    for piece, url in earlier:
+        part = np.frombuffer(read_section(url, b), dtype=_KEY)
+        found.append(part)
+        ids.append(np.full(len(part), piece, dtype=np.int64))
+    before = np.concatenate(found) if found else np.zeros(0, _KEY)
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    by_key = defaultdict(list)
+    for key, piece, row in zip(before["key"].tolist(), ids.tolist(), before["row"].tolist()):
+        by_key[key].append((piece, row))
+    content = []
+    for p, url in enumerate(pieces):
+        part = np.frombuffer(read_section(url, b), dtype=_KEY)
+        content += [(p, row, by_key[key]) for key, row in zip(part["key"].tolist(), part["row"].tolist())
+                    if key in by_key]
+    del by_key
+    seen = set()
+    for _, url in earlier:
+        seen.update(pickle.loads(read_section(url, _BUCKETS + b))[2])
+    collisions = []
+    for p, url in enumerate(pieces):
+        picked, _, keys = pickle.loads(read_section(url, _BUCKETS + b))
+        collisions += [(p, int(row)) for row, key in zip(picked.tolist(), keys) if key in seen]
+    return content, collisions
+
+
+class Earlier:
+    """plan_partitions' `earlier` hook: the records of the windows planned so far (their pieces'
+    state and key files), and what a window's records have in common with them."""
+
+    def __init__(self, out_url: str, decode: bool):
+        self.out_url, self.decode = out_url, decode
+        self.states: list[str] = []  # every earlier piece's state file, by piece id
+        self.keys: list[str] = []  # and its keys file
+
+    def __call__(self, states, run, drops, bad, collisions) -> None:
+        from shards.partitions import PLAN_DIR
+
+        first = len(self.states)
+        keys = [storage.join(self.out_url, PLAN_DIR, f"k-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bin")
+                for url in states]
+        run(_keys_job, list(zip(states, keys)))
+        earlier = list(enumerate(self.keys))
+        matches = []
+        for content, named in run(_earlier_job, [(b, earlier, keys) for b in range(_BUCKETS)]):
+            matches += content
+            for p, row in named:
+                collisions[p].append(row)
+        self.states += states
+        self.keys += keys
+        for (p, row), (piece, first_row) in self._firsts(matches, first, run).items():
+            drops[p][row] = self._paths[piece, first_row]
+        for (p, row), result in self._bad.items():
+            bad[p][row] = result
+
+    def _firsts(self, matches, first: int, run) -> dict:
+        """{(p, row): (earlier piece, row) of its first copy}: the first earlier record with the same
+        key (its bytes; keys read from the ends only are confirmed by hashing the records whole)."""
+        from shards.partplan import _look_job
+
+        self._paths, self._bad = {}, {}
+        if not matches:
+            return {}
+        wanted = defaultdict(set)
+        for p, row, refs in matches:
+            wanted[first + p].add(row)
+            for piece, earlier_row in (refs if not self.decode else refs[:1]):
+                wanted[piece].add(earlier_row)
+        pieces = sorted(wanted)
+        looked = {}
+        for piece, found in zip(pieces, run(_look_job, [(self.states[piece], sorted(wanted[piece]), not self.decode)
+                                                       for piece in pieces])):
+            looked.update(((piece, row), result) for row, result in found.items())
+        self._paths = {where: found[0] for where, found in looked.items()}
+        out = {}
+        for p, row, refs in matches:
+            if self.decode:
+                out[p, row] = tuple(refs[0])
+                continue
+            digest = looked[first + p, row][1]
+            if isinstance(digest, tuple):  # unreadable when hashed whole: a bad record now
+                self._bad[p, row] = digest
+                continue
+            same = [ref for ref in refs if looked[tuple(ref)][1] == digest]
+            if same:
+                out[p, row] = tuple(same[0])
+        return out
+
+
+# ----------------------------------------------------------------------------- planning and writing
+
+def _classes(split, cfg) -> list[str]:
+    """The class list, known before any window is planned: --classes, a folder tree's class folders
+    (its top-level listing), a tars folder's synsets."""
+    from shards.plan import ShardSettingsError, load_class_index
+
+    if cfg.classes:
+        return load_class_index(cfg.classes)
+    if split.kind == "imagefolder":
+        if split.class_files:  # a local tree: every folder at the top, as the listing counts them
+            return sorted(split.class_files)
+        return sorted(p.units[0] for p in split.partitions if p.units[0] and not p.units[0].startswith("."))
+    if split.kind == "i21k-tars":
+        return list(split.class_names)
+    raise ShardSettingsError(f"window: a {split.kind} manifest's classes and multi-label flag need its whole listing; "
+                             "shard it without --window")
+
+
+def _window_split(split, units: list, first: int, pieces: int):
+    """The source split of the units [first, first + len(units)), cut into `pieces` partitions."""
+    from shards.partitions import Partition, SourceSplit
+
+    per = -(-len(units) // max(1, min(pieces, len(units))))
+    class_files = {u: 0 for u in units if u in split.class_files}
+    if first == 0:  # folders at the top that are not units (links): counted empty, as the whole listing does
+        every = {part.units[0] for part in split.partitions}
+        class_files.update({name: 0 for name in split.class_files if name not in every})
+    return SourceSplit(split.kind, split.url,
+                       [Partition(i, split.kind, split.url, tuple(units[lo:lo + per]), first + lo)
+                        for i, lo in enumerate(range(0, len(units), per))],
+                       head=split.head, class_files=class_files, class_names=split.class_names)
+
+
+def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, partitions: int | None = None,
+                  progress: bool = False, on_shard_done=None, map_shards=None, **settings) -> dict:
+    """shards.shard_dataset with `window`: plan a window, hand its shards to the writers, plan the
+    next (see the module's docstring); returns the manifest. `partitions`: the pieces each window is
+    cut into (default: 4 per worker)."""
+    import json
+    from collections import Counter
+    from dataclasses import asdict
+
+    from shards.manifest import finish_dataset
+    from shards.partitions import attach_records, split_source
+    from shards.partplan import _fingerprint, _results, plan_partitions
+    from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, default_partitions,
+                             scan_setup, settings_fingerprint, shard_tasks)
+    from shards.sources import SourceError
+    from shards.writer import write_shard
+
+    cfg = ShardSettings(**settings)
+    if window < 1:
+        raise ShardSettingsError(f"window={window}: must be >= 1 record")
+    if cfg.dedup_within == "near":
+        raise ShardSettingsError("window: --dedup-within near walks every record before each one; use it without "
+                                 "--window")
+    out_url = storage.normalize(out_url)
+    cores = pool._max_workers if pool is not None else workers
+    try:
+        split = split_source(source, format=cfg.format, partitions=1 << 40)  # a partition per unit
+        classes = _classes(split, cfg)
+    except SourceError as err:
+        raise ShardError(str(err)) from None
+    scan_args, exclude = scan_setup(cfg)
+    storage.remove_stale_staging(out_url)  # left by writers of this dataset that were killed
+    units = [part.units[0] for part in split.partitions]
+    earlier = Earlier(out_url, scan_args[1])
+    tasks, entries, pending, summaries, skipped = [], [], {}, [], []
+    histogram, multi_label, exts, listed, reused, fingerprint = np.zeros(len(classes), np.int64), False, set(), 0, 0, ""
+
+    def done(task, entry):
+        entries.append(entry)
+        if on_shard_done is not None:
+            on_shard_done(entry)
+
+    def collect(block: bool):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while pending:
+            finished, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(pending.pop(future), future.result())
+            if not block and not finished:
+                return
+
+    try:
+        counts = _results(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
+        for start, stop in windows_of(counts, window):
+            part = _window_split(split, units[start:stop], start, partitions or default_partitions(cores))
+            attach_records(part, out_url, scan_args)
+            planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
+                                      workers=workers, earlier=earlier)
+            batch = shard_tasks(cfg, out_url, planned, first=len(tasks))
+            tasks += batch
+            summaries += planned.summaries
+            skipped += planned.skipped
+            histogram += np.asarray(planned.histogram, dtype=np.int64)
+            multi_label |= planned.multi_label
+            exts.update(planned.exts)
+            listed += len(planned.listing.records)
+            reused += planned.reused
+            fingerprint = planned.listing.fingerprint
+            if progress:
+                print(f"window {start}..{stop - 1} of {len(units)} units: {sum(len(t) for t in batch)} records in "
+                      f"{len(batch)} shard(s)", flush=True)
+            if map_shards is not None:
+                for task, entry in zip(batch, map_shards(batch)):
+                    done(task, entry)
+            elif pool is None:
+                for task in batch:
+                    done(task, write_shard(task))
+            else:
+                pending.update((pool.submit(write_shard, task), task) for task in batch)
+                collect(block=False)
+        collect(block=True)
+    except (SourceError, storage.StorageError) as err:
+        raise ShardError(str(err)) from None
+    finally:
+        for future in pending:
+            future.cancel()
+    if not tasks:
+        raise ShardError(f"{split.url}: no usable images ({len(skipped)} skipped; first: "
+                         f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
+    if summaries[0].fp is not None:  # the whole listing's fingerprint: its head, then every unit's share
+        fingerprint = _fingerprint(split, summaries)
+    source_info = {"kind": split.kind, "url": split.url, "fingerprint": fingerprint, "records": listed}
+    if exclude is not None:
+        source_info["exclude_fingerprint"] = exclude.fingerprint
+    plan_fp = settings_fingerprint(fingerprint, cfg, exclude.fingerprint if exclude else "")
+    plan = ShardPlan(name=cfg.name, out_url=out_url, tasks=tasks, classes=classes, multi_label=multi_label,
+                     source=source_info, settings={**asdict(cfg), "window": window}, skipped=skipped,
+                     dropped=dict(sorted(Counter(s["kind"] for s in skipped).items())),
+                     fingerprint=hashlib.sha256(json.dumps([plan_fp, window]).encode()).hexdigest(),
+                     label_histogram=histogram.tolist(), split=split, scan_args=scan_args, units_reused=reused,
+                     ext_codes=sorted(exts))
+    return finish_dataset(plan, entries)
