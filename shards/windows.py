@@ -301,6 +301,9 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     finally:
         for future in pending:
             future.cancel()
+    if progress and reused:
+        print(f"plan: {reused} unit(s) of the source (class folders, tars) taken from their scan records instead of "
+              "scanned again", flush=True)
     if not tasks:
         raise ShardError(f"{split.url}: no usable images ({len(skipped)} skipped; first: "
                          f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")

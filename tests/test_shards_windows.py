@@ -1,0 +1,203 @@
+"""The windowed plan (shards.windows, `vitpipe shard --window`): the same bytes for any partitions
+and workers, de-duplication and colliding keys across windows (the first copy in listing order
+stays), a shard written before the last class folder is scanned, and a run killed mid-way that
+resumes to the same bytes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shards import shard_dataset
+from shards.testdata import encode, photo_crops
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ["a b", "a_b", "c", "d", "e", "f"]
+
+
+def _write_tree(root: Path, gate: bool = False) -> None:
+    """Six class folders of 4-5 crops; with a window of 4 records each folder is a window of its own."""
+    crops = photo_crops(24, size=(96, 72), seed=7)
+    files = {f"{FOLDERS[i % 6]}/{i:02d}.jpg": encode(crop, "JPEG", quality=90) for i, crop in enumerate(crops[:22])}
+    twin = bytearray(files["c/02.jpg"])  # same size, first and last KB as c/02.jpg, other bytes between
+    middle = len(twin) // 2
+    twin[middle:middle + 16] = bytes(b ^ 0x5A for b in twin[middle:middle + 16])
+    files.update({
+        "a b/x.jpg": encode(crops[22], "PNG"), "a_b/x.jpg": encode(crops[23], "PNG"),  # both keyed a_b_x
+        "e/dup.jpg": files["a b/00.jpg"],  # a copy in a later window
+        "d/dup-in.jpg": files["d/03.jpg"],  # a copy in its own window
+        "f/twin.jpg": bytes(twin),  # the same content key read from the ends, not the same bytes
+        "../eval/e/same.jpg": files["f/05.jpg"]})
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    if gate:  # the last folder's scan waits at this FIFO until a writer opens it
+        os.mkfifo(root / "f" / "zz-gate.jpg")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("windows") / "tree"
+    _write_tree(root)
+    return root
+
+
+def _dataset(out: Path, manifest: dict) -> dict:
+    return {"shards": manifest["shards"], "skipped": manifest["skipped"], "histogram": manifest["label_histogram"],
+            "fingerprint": manifest["fingerprint"], "source": manifest["source"],
+            "bytes": {s["name"]: (out / s["name"]).read_bytes() for s in manifest["shards"]}}
+
+
+def _shard_members(path: Path) -> list[tuple[str, str]]:
+    """(key, class folder) of each sample of a shard."""
+    import json
+
+    with tarfile.open(path) as tar:
+        return [(m.name.rsplit(".", 1)[0], json.loads(tar.extractfile(m).read())["path"].split("/")[0])
+                for m in tar.getmembers() if m.name.endswith(".json")]
+
+
+@pytest.mark.parametrize("settings", [
+    {"shard_size": 3},
+    {"shard_size": 50, "max_shard_bytes": 64 * 1024, "exclude": "EVAL"},
+], ids=["header", "bytes+exclude"])
+def test_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, settings):
+    from shards import source_fingerprint
+
+    settings = dict(settings, seed=4, window=4)
+    if settings.get("exclude") == "EVAL":
+        settings["exclude"] = str(tree.parent / "eval")
+    runs = {}
+    for partitions, workers in ((1, 1), (2, 1), (3, 2), (5, 2)):
+        out = tmp_path / f"p{partitions}w{workers}"
+        runs[partitions, workers] = _dataset(out, shard_dataset(str(tree), str(out), partitions=partitions,
+                                                                workers=workers, **settings))
+        assert not (out / "_plan").exists()
+    reference = runs[1, 1]
+    for key, got in runs.items():
+        assert got == reference, key
+    assert reference["source"]["fingerprint"] == source_fingerprint(str(tree))  # the whole listing's, as without
+    assert reference["source"]["records"] == 27
+    # a shard holds the records of one window (here: one class folder), in the windows' order
+    folders = []
+    for shard in reference["shards"]:
+        held = {folder for _, folder in _shard_members(tmp_path / "p1w1" / shard["name"])}
+        assert len(held) == 1, (shard["name"], held)
+        folders += held
+    assert folders == sorted(folders, key=FOLDERS.index)
+    kinds = {s["path"]: (s["kind"], s["reason"]) for s in reference["skipped"]}
+    assert kinds["e/dup.jpg"] == ("duplicate_exact", "exact duplicate of a b/00.jpg")  # a later window's copy
+    assert kinds["d/dup-in.jpg"] == ("duplicate_exact", "exact duplicate of d/03.jpg")  # within its window
+    assert "f/twin.jpg" not in kinds  # confirmed by its bytes: not a copy
+    if "exclude" in settings:
+        assert kinds["f/05.jpg"][0] == "excluded_exact"
+        assert all(s["bytes"] <= 64 * 1024 for s in reference["shards"])
+    names = [key for shard in reference["shards"] for key, _ in _shard_members(tmp_path / "p1w1" / shard["name"])]
+    assert len(names) == len(set(names)) == sum(s["samples"] for s in reference["shards"])
+    # "a b/x.jpg" (first window) keeps a_b_x; "a_b/x.jpg" (the next window) is renamed
+    assert "a_b_x" in names and sum(name.startswith("a_b_x_") for name in names) == 1
+
+
+def test_a_seed_decides_the_order_and_the_window_the_shards(tree, tmp_path):
+    def run(tag, **kw):
+        out = tmp_path / tag
+        return _dataset(out, shard_dataset(str(tree), str(out), shard_size=3, **kw))
+
+    first = run("s1", seed=1, window=4)
+    assert run("s1-again", seed=1, window=4) == first
+    assert run("s2", seed=2, window=4)["bytes"] != first["bytes"]
+    wide = run("w12", seed=1, window=12)
+    assert wide["bytes"] != first["bytes"] and wide["skipped"] == first["skipped"]
+
+
+def _release(gate: Path, out: Path, seen: dict, stop: threading.Event, timeout: float = 120.0) -> None:
+    """Open the FIFO for writing (letting its scan go on) once a shard file is in `out`, or after `timeout`;
+    records whether a shard was there first."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        if "shard" not in seen and (any(out.glob("*.tar")) or time.monotonic() > deadline):
+            seen["shard"] = sorted(p.name for p in out.glob("*.tar"))
+        if "shard" in seen:
+            try:
+                os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO until the scan opens it
+                seen["released"] = True
+                return
+            except OSError:
+                pass
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_shard_is_written_before_the_last_folder_is_scanned(tmp_path, workers):
+    root = tmp_path / "tree"
+    _write_tree(root, gate=True)
+    out = tmp_path / "out"
+    seen, stop = {}, threading.Event()
+    releaser = threading.Thread(target=_release, args=(root / "f" / "zz-gate.jpg", out, seen, stop))
+    releaser.start()
+    try:
+        manifest = shard_dataset(str(root), str(out), shard_size=3, seed=4, window=4, workers=workers)
+    finally:
+        stop.set()
+        releaser.join()
+    assert seen.get("released") and seen["shard"], seen  # the scan of f waited for a written shard
+    assert set(seen["shard"]) < {s["name"] for s in manifest["shards"]}
+    assert {s["path"]: s["kind"] for s in manifest["skipped"]}["f/zz-gate.jpg"] == "unreadable"  # a FIFO
+
+
+@pytest.mark.timeout(240)
+def test_a_run_killed_mid_way_resumes_to_the_same_bytes(tmp_path):
+    """`vitpipe shard --window` SIGKILLed while the last folder's scan waits (earlier windows' shards
+    written): the re-run takes the scanned folders from their records, keeps the shards written and
+    makes the same bytes as a run that never stopped."""
+    root = tmp_path / "tree"
+    _write_tree(root, gate=True)
+    out = tmp_path / "out"
+    args = ["--window", "4", "--shard-size", "3", "--seed", "4", "--workers", "1"]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vitpipe"), "--quiet", "shard", str(root), str(out),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*.tar"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the gate holds the scan of f: nothing more is written
+        written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+        assert proc.poll() is None and len(written) >= 4, (written, proc.poll())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert not (out / "manifest.json").exists() and (out / "_plan").exists()
+    (root / "f" / "zz-gate.jpg").unlink()
+    (root / "f" / "zz-gate.jpg").write_bytes(encode(photo_crops(1, size=(80, 60), seed=99)[0], "JPEG"))
+    reference = tmp_path / "ref"
+    expected = _dataset(reference, shard_dataset(str(root), str(reference), shard_size=3, seed=4, window=4))
+    again = subprocess.run([str(Path(sys.executable).parent / "vitpipe"), "shard", str(root), str(out), *args,
+                            "--workers", "2", "--partitions", "3"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "unit(s) of the source (class folders, tars) taken from their scan records" in again.stdout
+    import json
+
+    assert _dataset(out, json.loads((out / "manifest.json").read_text())) == expected
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in written} == written
+
+
+def test_bad_window_settings_say_what_to_do(tree, tmp_path):
+    from shards import ShardError, ShardSettingsError
+
+    with pytest.raises(ShardSettingsError, match=r"^window=0: must be >= 1 record$"):
+        shard_dataset(str(tree), str(tmp_path / "o1"), window=0)
+    with pytest.raises(ShardSettingsError, match="--dedup-within near .* use it without --window"):
+        shard_dataset(str(tree), str(tmp_path / "o2"), window=4, dedup_within="near")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg", "label": "x"}\n')
+    with pytest.raises(ShardError, match="jsonl manifest's classes .* shard it without --window"):
+        shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "o3"), window=4)
+    assert not any((tmp_path / name / "manifest.json").exists() for name in ("o1", "o2", "o3"))
