@@ -85,35 +85,34 @@ def _keys_job(job) -> None:
     storage.write_bytes(keys_url, _sections(parts), durable=False)
 
 
+def _prefix(keys: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of 32-byte keys (a _KEY "key" column) as uint64."""
+    return np.frombuffer(keys.tobytes(), dtype=np.uint64)[::4].copy() if len(keys) else np.zeros(0, np.uint64)
+
+
 def _earlier_job(job):
     """One bucket: ([(piece, row, [(earlier piece id, row), ...] in listing order)] of this window's
-    records whose content key an earlier window's record has, [(piece, row)] whose sample key it has)."""
+    records whose content key an earlier window's record has, [(piece, row)] whose sample key it has).
+    The earlier pieces' sections are read one at a time, and only their keys this window has are kept."""
     from shards.partplan import read_section
 
     b, earlier, pieces = job  # earlier: [(piece id, keys url)] in listing order; pieces: this window's keys urls
-    found, ids = [], []
+    mine = [np.frombuffer(read_section(url, b), dtype=_KEY) for url in pieces]
+    names = [pickle.loads(read_section(url, _BUCKETS + b)) for url in pieces]
+    wanted = _prefix(np.concatenate([part["key"] for part in mine])) if mine else np.zeros(0, np.uint64)
+    hashes = np.concatenate([hashed for _, hashed, _ in names]) if names else np.zeros(0, np.uint64)
+    refs, seen = defaultdict(list), set()
     for piece, url in earlier:
         part = np.frombuffer(read_section(url, b), dtype=_KEY)
-        found.append(part)
-        ids.append(np.full(len(part), piece, dtype=np.int64))
-    before = np.concatenate(found) if found else np.zeros(0, _KEY)
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    by_key = defaultdict(list)
-    for key, piece, row in zip(before["key"].tolist(), ids.tolist(), before["row"].tolist()):
-        by_key[key].append((piece, row))
-    content = []
-    for p, url in enumerate(pieces):
-        part = np.frombuffer(read_section(url, b), dtype=_KEY)
-        content += [(p, row, by_key[key]) for key, row in zip(part["key"].tolist(), part["row"].tolist())
-                    if key in by_key]
-    del by_key
-    seen = set()
-    for _, url in earlier:
-        seen.update(pickle.loads(read_section(url, _BUCKETS + b))[2])
-    collisions = []
-    for p, url in enumerate(pieces):
-        picked, _, keys = pickle.loads(read_section(url, _BUCKETS + b))
-        collisions += [(p, int(row)) for row, key in zip(picked.tolist(), keys) if key in seen]
+        part = part[np.isin(_prefix(part["key"]), wanted)]
+        for key, row in zip(part["key"].tolist(), part["row"].tolist()):
+            refs[key].append((piece, row))
+        _, hashed, keys = pickle.loads(read_section(url, _BUCKETS + b))
+        seen.update(keys[i] for i in np.flatnonzero(np.isin(hashed, hashes)).tolist())
+    content = [(p, row, refs[key]) for p, part in enumerate(mine)
+               for key, row in zip(part["key"].tolist(), part["row"].tolist()) if key in refs]
+    collisions = [(p, int(row)) for p, (picked, _, keys) in enumerate(names)
+                  for row, key in zip(picked.tolist(), keys) if key in seen]
     return content, collisions
 
 
