@@ -201,3 +201,18 @@ def test_bad_window_settings_say_what_to_do(tree, tmp_path):
     with pytest.raises(ShardError, match="jsonl manifest's classes .* shard it without --window"):
         shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "o3"), window=4)
     assert not any((tmp_path / name / "manifest.json").exists() for name in ("o1", "o2", "o3"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_the_same_bytes_on_a_dask_cluster(tree, tmp_path):
+    """Windows planned and written by a real `dask scheduler` + 2 `dask worker` processes: the bytes
+    of one process."""
+    from shards.workers import LoopbackCluster
+
+    expected = _dataset(tmp_path / "one", shard_dataset(str(tree), str(tmp_path / "one"), shard_size=3, seed=4,
+                                                        window=4))
+    with LoopbackCluster(2, log_dir=str(tmp_path)) as cluster:
+        out = tmp_path / "dask"
+        assert _dataset(out, shard_dataset(str(tree), str(out), shard_size=3, seed=4, window=4, partitions=3,
+                                           dask=cluster.address)) == expected
