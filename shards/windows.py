@@ -15,11 +15,13 @@ De-duplication keeps the first copy in listing order, across windows too: a reco
 a record of an earlier window (or an earlier one of its own) has its content, and its sample key
 is renamed if a record of an earlier window has that key. A window needs only the windows before
 it. Each piece of a window writes its records' content keys and sample keys into _BUCKETS hash
-buckets (`<out>/_plan/k-<window>-<piece>.bin`, one section per bucket); a job per bucket reads
-that section of every earlier piece's file: the coordinator holds no row per record. Cost: a
-window reads the keys of every record before it (32-byte content key + 16 bytes of references
-for each readable record, a 64-bit hash and the key's string for each record), so N records in
-windows of W read about N^2 / (2 W) keys in all, in _BUCKETS requests per earlier piece.
+buckets (`<out>/_plan/k-<hash of the piece's state file>.bin`, one section per bucket); a job per
+bucket reads that section of every earlier piece's file, one file at a time, and keeps only the
+keys its window has: the coordinator holds no row per record. Cost: a window reads the keys of
+every record before it (a 32-byte content key and its 8-byte row for each readable record, a
+64-bit hash of the sample key for each record), so N records in windows of W read about
+N^2 / (2 W) keys in all, in 2 * _BUCKETS sections per earlier piece (the key strings only where
+a hash is the same).
 
 A shard holds the records of one window: with class folders, a range of classes (see README).
 """
@@ -79,9 +81,9 @@ def _keys_job(job) -> None:
     hashes = _key_hash(keys)
     named = _bucket_of(hashes)
     parts = [content[bucket == b].tobytes() for b in range(_BUCKETS)]
-    for b in range(_BUCKETS):
-        picked = np.flatnonzero(named == b)
-        parts.append(pickle.dumps((picked, hashes[picked], [keys[i] for i in picked.tolist()]), protocol=5))
+    picked = [np.flatnonzero(named == b) for b in range(_BUCKETS)]
+    parts += [hashes[rows].astype("<u8").tobytes() for rows in picked]  # read by later windows first
+    parts += [pickle.dumps((rows, [keys[i] for i in rows.tolist()]), protocol=5) for rows in picked]
     storage.write_bytes(keys_url, _sections(parts), durable=False)
 
 
@@ -98,20 +100,23 @@ def _earlier_job(job):
 
     b, earlier, pieces = job  # earlier: [(piece id, keys url)] in listing order; pieces: this window's keys urls
     mine = [np.frombuffer(read_section(url, b), dtype=_KEY) for url in pieces]
-    names = [pickle.loads(read_section(url, _BUCKETS + b)) for url in pieces]
+    names = [pickle.loads(read_section(url, 2 * _BUCKETS + b)) for url in pieces]
     wanted = _prefix(np.concatenate([part["key"] for part in mine])) if mine else np.zeros(0, np.uint64)
-    hashes = np.concatenate([hashed for _, hashed, _ in names]) if names else np.zeros(0, np.uint64)
+    hashes = np.concatenate([np.frombuffer(read_section(url, _BUCKETS + b), dtype="<u8") for url in pieces]
+                            or [np.zeros(0, np.uint64)])
     refs, seen = defaultdict(list), set()
     for piece, url in earlier:
         part = np.frombuffer(read_section(url, b), dtype=_KEY)
         part = part[np.isin(_prefix(part["key"]), wanted)]
         for key, row in zip(part["key"].tolist(), part["row"].tolist()):
             refs[key].append((piece, row))
-        _, hashed, keys = pickle.loads(read_section(url, _BUCKETS + b))
-        seen.update(keys[i] for i in np.flatnonzero(np.isin(hashed, hashes)).tolist())
+        hit = np.flatnonzero(np.isin(np.frombuffer(read_section(url, _BUCKETS + b), dtype="<u8"), hashes))
+        if len(hit):  # the key strings, read only where a hash is the same
+            keys = pickle.loads(read_section(url, 2 * _BUCKETS + b))[1]
+            seen.update(keys[i] for i in hit.tolist())
     content = [(p, row, refs[key]) for p, part in enumerate(mine)
                for key, row in zip(part["key"].tolist(), part["row"].tolist()) if key in refs]
-    collisions = [(p, int(row)) for p, (picked, _, keys) in enumerate(names)
+    collisions = [(p, int(row)) for p, (picked, keys) in enumerate(names)
                   for row, key in zip(picked.tolist(), keys) if key in seen]
     return content, collisions
 
@@ -140,19 +145,20 @@ class Earlier:
                 collisions[p].append(row)
         self.states += states
         self.keys += keys
-        for (p, row), (piece, first_row) in self._firsts(matches, first, run).items():
-            drops[p][row] = self._paths[piece, first_row]
-        for (p, row), result in self._bad.items():
+        firsts, paths, unreadable = self._firsts(matches, first, run)
+        for (p, row), (piece, first_row) in firsts.items():
+            drops[p][row] = paths[piece, first_row]
+        for (p, row), result in unreadable.items():
             bad[p][row] = result
 
-    def _firsts(self, matches, first: int, run) -> dict:
-        """{(p, row): (earlier piece, row) of its first copy}: the first earlier record with the same
-        key (its bytes; keys read from the ends only are confirmed by hashing the records whole)."""
+    def _firsts(self, matches, first: int, run):
+        """({(p, row): (earlier piece, row) of its first copy}, {(piece, row): path}, {(p, row): bad
+        result}): the first copy is the first earlier record with the same key (the same bytes: keys read
+        from the ends only are confirmed by hashing the records whole)."""
         from shards.partplan import _look_job
 
-        self._paths, self._bad = {}, {}
         if not matches:
-            return {}
+            return {}, {}, {}
         wanted = defaultdict(set)
         for p, row, refs in matches:
             wanted[first + p].add(row)
@@ -163,20 +169,19 @@ class Earlier:
         for piece, found in zip(pieces, run(_look_job, [(self.states[piece], sorted(wanted[piece]), not self.decode)
                                                        for piece in pieces])):
             looked.update(((piece, row), result) for row, result in found.items())
-        self._paths = {where: found[0] for where, found in looked.items()}
-        out = {}
+        out, unreadable = {}, {}
         for p, row, refs in matches:
             if self.decode:
                 out[p, row] = tuple(refs[0])
                 continue
             digest = looked[first + p, row][1]
             if isinstance(digest, tuple):  # unreadable when hashed whole: a bad record now
-                self._bad[p, row] = digest
+                unreadable[p, row] = digest
                 continue
             same = [ref for ref in refs if looked[tuple(ref)][1] == digest]
             if same:
                 out[p, row] = tuple(same[0])
-        return out
+        return out, {where: found[0] for where, found in looked.items()}, unreadable
 
 
 # ----------------------------------------------------------------------------- planning and writing
@@ -186,16 +191,16 @@ def _classes(split, cfg) -> list[str]:
     (its top-level listing), a tars folder's synsets."""
     from shards.plan import ShardSettingsError, load_class_index
 
+    if split.kind not in ("imagefolder", "i21k-tars"):
+        raise ShardSettingsError(f"window: a {split.kind} manifest's classes and multi-label flag need its whole "
+                                 "listing; shard it without --window")
     if cfg.classes:
         return load_class_index(cfg.classes)
-    if split.kind == "imagefolder":
-        if split.class_files:  # a local tree: every folder at the top, as the listing counts them
-            return sorted(split.class_files)
-        return sorted(p.units[0] for p in split.partitions if p.units[0] and not p.units[0].startswith("."))
     if split.kind == "i21k-tars":
         return list(split.class_names)
-    raise ShardSettingsError(f"window: a {split.kind} manifest's classes and multi-label flag need its whole listing; "
-                             "shard it without --window")
+    if split.class_files:  # a local tree: every folder at the top, as the listing counts them
+        return sorted(split.class_files)
+    return sorted(p.units[0] for p in split.partitions if p.units[0] and not p.units[0].startswith("."))
 
 
 def _window_split(split, units: list, first: int, pieces: int):
