@@ -36,7 +36,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
 
     `window`: write shards while the rest of the source is still scanned: the source is planned in
     windows of consecutive units (class folders, tars) of at least `window` records each, shuffled
-    within the window (shards.windows); `partitions` then cuts each window.
+    within the window (shards.windows); `partitions` then cuts each window (default: 2 per worker).
     """
     import time
 

@@ -222,7 +222,8 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
                   progress: bool = False, on_shard_done=None, map_shards=None, **settings) -> dict:
     """shards.shard_dataset with `window`: plan a window, hand its shards to the writers, plan the
     next (see the module's docstring); returns the manifest. `partitions`: the pieces each window is
-    cut into (default: 4 per worker)."""
+    cut into (default: 2 per worker; a window's plan phases are fixed costs per piece, and the next
+    window's jobs queue behind its own, so fewer pieces than the global plan's 4 per worker)."""
     import json
     from collections import Counter
     from dataclasses import asdict
@@ -230,8 +231,8 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     from shards.manifest import finish_dataset
     from shards.partitions import attach_records, split_source
     from shards.partplan import _fingerprint, _results, plan_partitions
-    from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, default_partitions,
-                             scan_setup, settings_fingerprint, shard_tasks)
+    from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, scan_setup,
+                             settings_fingerprint, shard_tasks)
     from shards.sources import SourceError
     from shards.writer import write_shard
 
@@ -273,7 +274,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     try:
         counts = _results(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
         for start, stop in windows_of(counts, window):
-            part = _window_split(split, units[start:stop], start, partitions or default_partitions(cores))
+            part = _window_split(split, units[start:stop], start, partitions or 2 * max(1, cores))
             attach_records(part, out_url, scan_args)
             planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
                                       workers=workers, earlier=earlier)
