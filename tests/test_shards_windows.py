@@ -216,3 +216,29 @@ def test_the_same_bytes_on_a_dask_cluster(tree, tmp_path):
         out = tmp_path / "dask"
         assert _dataset(out, shard_dataset(str(tree), str(out), shard_size=3, seed=4, window=4, partitions=3,
                                            dask=cluster.address)) == expected
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_s3_class_folders_and_tars_give_the_local_windows(s3, tree, tmp_path):
+    """Windows of S3 key prefixes (the classes from the prefixes, before any is listed) and of a
+    folder of per-synset tars, local and on S3 (real SeaweedFS): the same shards."""
+    from shards import storage
+
+    def run(source, out, **kw):
+        return shard_dataset(source, out, shard_size=3, seed=4, window=4, **kw)
+
+    storage.copy_tree(str(tree), s3.url("windows/tree"))
+    local = run(str(tree), str(tmp_path / "a"))
+    assert run(s3.url("windows/tree"), str(tmp_path / "b"), workers=2)["shards"] == local["shards"]
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for folder in sorted(p for p in tree.iterdir() if p.is_dir()):
+        with tarfile.open(tars / f"n{FOLDERS.index(folder.name)}.tar", "w") as tar:
+            for image in sorted(folder.iterdir()):
+                tar.add(image, arcname=image.name)
+    storage.copy_tree(str(tars), s3.url("windows/tars"))
+    local_tars = run(str(tars), str(tmp_path / "c"))
+    from_s3 = run(s3.url("windows/tars"), s3.url("windows/out"), workers=2, partitions=3)
+    assert from_s3["shards"] == local_tars["shards"] and from_s3["classes"] == [f"n{i}" for i in range(6)]
+    assert {s["kind"] for s in from_s3["skipped"]} == {"duplicate_exact"} and len(local_tars["shards"]) > 6
