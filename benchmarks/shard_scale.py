@@ -293,7 +293,8 @@ def first(work: Path, sizes: list[int], window: int, repeats: int) -> None:
     out = {key: statistics.median(values) for key, values in firsts.items()}
     for plan, n in runs:
         print(f"first: {plan:>13}, {n:>8} records: first shard after {out[plan, n]:.1f} s "
-              f"(all {totals[plan, n]:.1f} s; runs {', '.join(f'{v:.1f}' for v in firsts[plan, n])})", flush=True)
+              f"(all {totals[plan, n]:.1f} s; runs {', '.join(f'{v:.1f}' for v in firsts[plan, n])}; {_load()})",
+              flush=True)
     lo, hi = min(sizes), max(sizes)
     for plan in dict.fromkeys(plan for plan, _ in runs):
         print(f"first: {plan:>13}: {hi // 1000}k vs {lo // 1000}k: {out[plan, hi] / out[plan, lo]:.2f}x the time "
