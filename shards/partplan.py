@@ -422,11 +422,12 @@ def _results(pool, fn, jobs):
 
 
 def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, exclude, *, pool=None, workers=1,
-                    progress=None, earlier=None):
+                    progress=None, earlier=None, multi_label=None):
     """The plan's parts (a Planned): the merged listing facts (its records: a count), classes, skipped
     records, the shards' [lo, hi) positions and the route files. `classes_of(listing)`: the class list.
     `earlier(states, run, drops, bad, collisions)`: adds the duplicates and colliding keys of records
-    planned before these (shards.windows: earlier windows); then a plan may keep no record."""
+    planned before these (shards.windows: earlier windows); then a plan may keep no record. `multi_label`:
+    the flag decided before (shards.windows); None: set if a kept record has other than one label."""
     from shards.partitions import merge
     from shards.plan import ShardError, _reason_kind
     from shards.workers import process_pool
@@ -482,7 +483,8 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
         if not n and earlier is None:
             raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                              f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
-        multi_label = any(summary["multi"] for _, summary in kept)
+        if multi_label is None:
+            multi_label = any(summary["multi"] for _, summary in kept)
         exts = sorted({e for _, summary in kept for e in summary["exts"]})
         total_est = sum(summary["est"] for _, summary in kept)
         starts = np.r_[0, np.cumsum(counts)][:-1].tolist()

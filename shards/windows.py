@@ -36,6 +36,7 @@ import numpy as np
 from shards import storage
 
 _BUCKETS = 16
+_MANIFESTS = ("jsonl", "csv")
 _KEY = np.dtype([("key", "V32"), ("row", "<i8")])
 
 
@@ -52,12 +53,31 @@ def windows_of(counts, window: int):
         yield start, stop
 
 
-def _count_job(job) -> int:
-    """The records a unit lists (by names alone: no image is read)."""
+def _count_job(job):
+    """The records a unit lists (by names alone: no image is read); of a manifest's unit also its
+    class names and whether a record has other than one label."""
     from shards.partitions import list_unit
 
     kind, url, unit = job
-    return len(list_unit(kind, url, unit, stats=False).records)
+    records = list_unit(kind, url, unit, stats=False).records
+    if kind not in _MANIFESTS:
+        return len(records)
+    off = records.label_offsets()
+    return len(records), records.label_names, off is not None and bool((np.diff(off) != 1).any())
+
+
+def _manifest_labels(infos, cfg) -> tuple[list, list[str], bool]:
+    """(counts, class list, multi-label flag) of a manifest from every unit's _count_job: the class
+    list is --classes or the sorted names of the whole listing's labels (as without a window), the
+    flag is set if a listed record has other than one label."""
+    from shards.plan import load_class_index
+
+    counts, names, multi = [], set(), False
+    for count, labels, several in infos:
+        counts.append(count)
+        names.update(labels)
+        multi |= several
+    return counts, load_class_index(cfg.classes) if cfg.classes else sorted(names), multi
 
 
 # ----------------------------------------------------------------------------- keys of earlier windows
@@ -187,13 +207,10 @@ class Earlier:
 # ----------------------------------------------------------------------------- planning and writing
 
 def _classes(split, cfg) -> list[str]:
-    """The class list, known before any window is planned: --classes, a folder tree's class folders
-    (its top-level listing), a tars folder's synsets."""
-    from shards.plan import ShardSettingsError, load_class_index
+    """The class list of a folder tree or tars, known before any window is planned: --classes, a
+    folder tree's class folders (its top-level listing), a tars folder's synsets."""
+    from shards.plan import load_class_index
 
-    if split.kind not in ("imagefolder", "i21k-tars"):
-        raise ShardSettingsError(f"window: a {split.kind} manifest's classes and multi-label flag need its whole "
-                                 "listing; shard it without --window")
     if cfg.classes:
         return load_class_index(cfg.classes)
     if split.kind == "i21k-tars":
@@ -246,7 +263,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     cores = pool._max_workers if pool is not None else workers
     try:
         split = split_source(source, format=cfg.format, partitions=1 << 40)  # a partition per unit
-        classes = _classes(split, cfg)
+        classes = None if split.kind in _MANIFESTS else _classes(split, cfg)
     except SourceError as err:
         raise ShardError(str(err)) from None
     scan_args, exclude = scan_setup(cfg)
@@ -254,7 +271,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     units = [part.units[0] for part in split.partitions]
     earlier = Earlier(out_url, scan_args[1])
     tasks, entries, pending, summaries, skipped = [], [], {}, [], []
-    histogram, multi_label, exts, listed, reused, fingerprint = np.zeros(len(classes), np.int64), False, set(), 0, 0, ""
+    multi_label, exts, listed, reused, fingerprint = False, set(), 0, 0, ""  # folders and tars: one label each
 
     def done(task, entry):
         entries.append(entry)
@@ -273,17 +290,19 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
 
     try:
         counts = _results(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
+        if classes is None:  # a manifest: its labels, every unit's, before the first window is planned
+            counts, classes, multi_label = _manifest_labels(counts, cfg)
+        histogram = np.zeros(len(classes), np.int64)
         for start, stop in windows_of(counts, window):
             part = _window_split(split, units[start:stop], start, partitions or 2 * max(1, cores))
             attach_records(part, out_url, scan_args)
             planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
-                                      workers=workers, earlier=earlier)
+                                      workers=workers, earlier=earlier, multi_label=multi_label)
             batch = shard_tasks(cfg, out_url, planned, first=len(tasks))
             tasks += batch
             summaries += planned.summaries
             skipped += planned.skipped
             histogram += np.asarray(planned.histogram, dtype=np.int64)
-            multi_label |= planned.multi_label
             exts.update(planned.exts)
             listed += len(planned.listing.records)
             reused += planned.reused

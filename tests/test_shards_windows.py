@@ -187,6 +187,93 @@ def test_a_run_killed_mid_way_resumes_to_the_same_bytes(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in written} == written
 
 
+def _write_manifest(root: Path, kind: str) -> Path:
+    """A manifest of the tree's files (paths relative to it), in listing order: the first 8 records
+    with one label ("label": a string in jsonl), every third one after with two (a list)."""
+    import csv
+    import json
+
+    files = sorted((str(p.relative_to(root.parent)) for p in root.rglob("*") if not p.is_dir()),
+                   key=lambda path: (FOLDERS.index(path.split("/")[1]), path))
+    labels = [[path.split("/")[1]] + ([f"x{i % 2}"] if i >= 8 and i % 3 == 0 else []) for i, path in enumerate(files)]
+    out = root.parent / f"m.{kind}"
+    with open(out, "w", newline="") as f:
+        if kind == "csv":
+            writer = csv.writer(f)
+            writer.writerow(["path", "labels"])
+            writer.writerows([path, ";".join(names)] for path, names in zip(files, labels))
+        else:
+            f.writelines(json.dumps({"path": path, "label": names[0]} if i < 8 else {"path": path, "labels": names})
+                         + "\n" for i, (path, names) in enumerate(zip(files, labels)))
+    return out
+
+
+def _labels_by_path(out: Path, manifest: dict) -> dict:
+    """{path: class names} of every sample; a multi-label dataset's samples have no .cls member."""
+    import json
+
+    found = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            assert manifest["multi_label"] is not any(m.name.endswith(".cls") for m in tar.getmembers()), shard
+            for meta in (json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")):
+                found[meta["path"]] = meta["classes"]
+    return found
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_manifest_gives_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, monkeypatch, kind):
+    """A multi-label manifest (jsonl: units of whole lines, here ~200 bytes each; csv: one unit) with
+    --window: the same bytes for any partitions and workers, and the global plan's class list,
+    multi-label flag, labels and skipped records, though its first unit has one label per record."""
+    from shards import partitions
+
+    monkeypatch.setattr(partitions, "_MANIFEST_BLOCK", 200)
+    source = str(_write_manifest(tree, kind))
+    runs, manifests = {}, {}
+    for p, w in ((1, 1), (2, 1), (3, 2)):
+        out = tmp_path / f"p{p}w{w}"
+        manifests[p, w] = shard_dataset(source, str(out), partitions=p, workers=w, shard_size=3, seed=4, window=4)
+        runs[p, w] = _dataset(out, manifests[p, w])
+    assert [key for key, got in runs.items() if got != runs[1, 1]] == []
+    whole = shard_dataset(source, str(tmp_path / "global"), shard_size=3, seed=4)
+    windowed = manifests[1, 1]
+    assert windowed["multi_label"] is whole["multi_label"] is True
+    assert windowed["classes"] == whole["classes"] == sorted(set(FOLDERS) | {"x0", "x1"})
+    assert windowed["label_histogram"] == whole["label_histogram"]
+    assert windowed["source"] == whole["source"]
+    assert ({(s["path"], s["kind"]) for s in windowed["skipped"]} == {(s["path"], s["kind"]) for s in whole["skipped"]}
+            == {("tree/e/dup.jpg", "duplicate_exact"), ("tree/d/dup-in.jpg", "duplicate_exact")})
+    labels = _labels_by_path(tmp_path / "p1w1", windowed)
+    assert labels == _labels_by_path(tmp_path / "global", whole) and len(labels) == 25
+    assert any(len(names) == 2 for names in labels.values())
+    if kind == "jsonl":  # windows of a few lines each: a shard holds the records of one window
+        assert len(windowed["shards"]) > len(whole["shards"]) and runs[1, 1]["bytes"] != _dataset(
+            tmp_path / "global", whole)["bytes"]
+
+
+def test_a_manifest_shard_is_written_before_the_last_block_is_scanned(tmp_path, monkeypatch):
+    from shards import partitions
+
+    monkeypatch.setattr(partitions, "_MANIFEST_BLOCK", 200)
+    root = tmp_path / "tree"
+    _write_tree(root, gate=True)
+    source = _write_manifest(root, "jsonl")
+    assert source.read_text().splitlines()[-1].startswith('{"path": "tree/f/zz-gate.jpg"')
+    out = tmp_path / "out"
+    seen, stop = {}, threading.Event()
+    releaser = threading.Thread(target=_release, args=(root / "f" / "zz-gate.jpg", out, seen, stop))
+    releaser.start()
+    try:
+        manifest = shard_dataset(str(source), str(out), shard_size=3, seed=4, window=4, workers=2)
+    finally:
+        stop.set()
+        releaser.join()
+    assert seen.get("released") and seen["shard"], seen  # the scan of the last block waited for a written shard
+    assert set(seen["shard"]) < {s["name"] for s in manifest["shards"]}
+    assert {s["path"]: s["kind"] for s in manifest["skipped"]}["tree/f/zz-gate.jpg"] == "unreadable"
+
+
 def test_bad_window_settings_say_what_to_do(tree, tmp_path):
     from shards import ShardError, ShardSettingsError
 
@@ -194,9 +281,9 @@ def test_bad_window_settings_say_what_to_do(tree, tmp_path):
         shard_dataset(str(tree), str(tmp_path / "o1"), window=0)
     with pytest.raises(ShardSettingsError, match="--dedup-within near .* use it without --window"):
         shard_dataset(str(tree), str(tmp_path / "o2"), window=4, dedup_within="near")
-    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg", "label": "x"}\n')
-    with pytest.raises(ShardError, match="jsonl manifest's classes .* shard it without --window"):
-        shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "o3"), window=4)
+    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg", "label": "x"}\n{"path": "b.jpg"}\n')
+    with pytest.raises(ShardError, match=r"m.jsonl:2: 'labels' must be a list of class names$"):
+        shard_dataset(str(tmp_path / "m.jsonl"), str(tmp_path / "o3"), window=4)  # before any window is planned
     assert not any((tmp_path / name / "manifest.json").exists() for name in ("o1", "o2", "o3"))
 
 
