@@ -250,6 +250,13 @@ def test_a_manifest_gives_the_same_dataset_for_any_partitions_and_workers(tree, 
     if kind == "jsonl":  # windows of a few lines each: a shard holds the records of one window
         assert len(windowed["shards"]) > len(whole["shards"]) and runs[1, 1]["bytes"] != _dataset(
             tmp_path / "global", whole)["bytes"]
+    index = tmp_path / "classes.txt"  # --classes: its list, the records of other classes skipped as without
+    index.write_text("f\nc\nx1\n")
+    only = shard_dataset(source, str(tmp_path / "listed"), shard_size=3, seed=4, window=4, classes=str(index))
+    whole = shard_dataset(source, str(tmp_path / "listed-global"), shard_size=3, seed=4, classes=str(index))
+    assert only["classes"] == ["f", "c", "x1"] and only["label_histogram"] == whole["label_histogram"]
+    assert {s["path"] for s in only["skipped"] if s["kind"] == "unknown_class"} == {
+        s["path"] for s in whole["skipped"] if s["kind"] == "unknown_class"} != set()
 
 
 def test_a_manifest_shard_is_written_before_the_last_block_is_scanned(tmp_path, monkeypatch):
@@ -304,10 +311,10 @@ def test_the_same_bytes_on_a_dask_cluster(tree, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_s3_class_folders_and_tars_give_the_local_windows(s3, tree, tmp_path):
-    """Windows of S3 key prefixes (the classes from the prefixes, before any is listed) and of a
-    folder of per-synset tars, local and on S3 (real SeaweedFS): the same shards."""
-    from shards import storage
+def test_s3_class_folders_tars_and_a_manifest_give_the_local_windows(s3, tree, tmp_path, monkeypatch):
+    """Windows of S3 key prefixes (the classes from the prefixes, before any is listed), of a folder
+    of per-synset tars and of a jsonl manifest's lines, local and on S3 (real SeaweedFS): the same shards."""
+    from shards import partitions, storage
 
     def run(source, out, **kw):
         return shard_dataset(source, out, shard_size=3, seed=4, window=4, **kw)
@@ -326,3 +333,9 @@ def test_s3_class_folders_and_tars_give_the_local_windows(s3, tree, tmp_path):
     from_s3 = run(s3.url("windows/tars"), s3.url("windows/out"), workers=2, partitions=3)
     assert from_s3["shards"] == local_tars["shards"] and from_s3["classes"] == [f"n{i}" for i in range(6)]
     assert {s["kind"] for s in from_s3["skipped"]} == {"duplicate_exact"} and len(local_tars["shards"]) > 6
+    manifest = _write_manifest(tree, "jsonl")  # a manifest on S3, its images beside it: the local windows
+    storage.write_bytes(s3.url("windows/m.jsonl"), manifest.read_bytes())
+    monkeypatch.setattr(partitions, "_MANIFEST_BLOCK", 200)
+    local_manifest = run(str(manifest), str(tmp_path / "d"))
+    assert len(local_manifest["shards"]) > 6 and local_manifest["multi_label"]
+    assert run(s3.url("windows/m.jsonl"), str(tmp_path / "e"), workers=2)["shards"] == local_manifest["shards"]
