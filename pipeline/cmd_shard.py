@@ -44,7 +44,7 @@ def register(subparsers) -> None:
                    help="pieces the source is cut into for listing and scanning (default: 4 per worker)")
     p.add_argument("--window", type=int, default=None, metavar="RECORDS",
                    help="write shards while the rest of the source is scanned: plan it in windows of consecutive "
-                        "class folders/tars of at least RECORDS records, each shuffled on its own; --partitions then "
+                        "class folders/tars/manifest blocks of at least RECORDS records, each shuffled on its own; --partitions then "
                         "cuts each window (default 2 per worker). Default: one global shuffle, the first shard after "
                         "the whole scan")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the global shuffle (default: {_S.seed})")

@@ -38,7 +38,7 @@ class DatasetParams(_Params):
                                                            "(None: 4 per worker; the shards do not depend on it)")
     window: int | None = Field(None, ge=1, description="records per window: shards are written while the rest of the source "
                                                        "is scanned, each shuffled within a window of consecutive class "
-                                                       "folders/tars (None: one global shuffle)")
+                                                       "folders/tars/manifest blocks (None: one global shuffle)")
 
 
 class TrainParams(_Params):

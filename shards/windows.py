@@ -2,9 +2,14 @@
 is still being scanned.
 
 A window is a run of consecutive units of the source in listing order (class folders or S3 key
-prefixes, per-synset tars: shards.partitions.split_source), closed at a unit boundary once it
-holds at least `window` listed records. The windows follow from the units' record counts alone, so
-they are the same for any number of workers and partitions. Each window is planned as the global
+prefixes, per-synset tars, a jsonl manifest's 16 MB blocks of whole lines; a csv manifest is one
+unit: shards.partitions.split_source), closed at a unit boundary once it holds at least `window`
+listed records. The windows follow from the units' record counts alone, so they are the same for
+any number of workers and partitions. The class list is known before the first window: --classes,
+a tree's class folders, a tars folder's synsets; a manifest's units are all listed first (by names,
+in the workers; the coordinator keeps each unit's count and class names), which gives its class
+list (as without a window) and its multi-label flag: set if a listed record has other than one
+label (without a window: a kept one; they differ only if every such record is skipped). Each window is planned as the global
 plan plans a source (shards.partplan.plan_partitions over the window's units, cut into pieces):
 the same scan, de-duplication, Shuffle over the window's kept records and split into shards. Its
 shards are numbered after the previous window's and written (in the workers' pool) while the
