@@ -7,10 +7,10 @@ unit: shards.partitions.split_source), closed at a unit boundary once it holds a
 listed records. The windows follow from the units' record counts alone, so they are the same for
 any number of workers and partitions. The class list is known before the first window: --classes,
 a tree's class folders, a tars folder's synsets; a manifest's units are all listed first (by names,
-in the workers; the coordinator keeps each unit's count and class names), which gives its class
-list (as without a window) and its multi-label flag: set if a listed record has other than one
-label (without a window: a kept one; they differ only if every such record is skipped). Each window is planned as the global
-plan plans a source (shards.partplan.plan_partitions over the window's units, cut into pieces):
+in the workers; the coordinator keeps each unit's count and the set of class names), which gives
+its class list (as without a window) and its multi-label flag: set if a listed record has other
+than one label (without a window: a kept one; they differ only if every such record is skipped).
+Each window is planned as the global plan plans a source (shards.partplan.plan_partitions over the window's units, cut into pieces):
 the same scan, de-duplication, Shuffle over the window's kept records and split into shards. Its
 shards are numbered after the previous window's and written (in the workers' pool) while the
 next windows are listed, scanned and planned; the manifest and its fingerprint (the whole
@@ -71,18 +71,15 @@ def _count_job(job):
     return len(records), records.label_names, off is not None and bool((np.diff(off) != 1).any())
 
 
-def _manifest_labels(infos, cfg) -> tuple[list, list[str], bool]:
-    """(counts, class list, multi-label flag) of a manifest from every unit's _count_job: the class
-    list is --classes or the sorted names of the whole listing's labels (as without a window), the
-    flag is set if a listed record has other than one label."""
-    from shards.plan import load_class_index
-
+def _manifest_labels(infos) -> tuple[list, list[str], bool]:
+    """(counts, sorted class names, multi-label flag: a record has other than one label) of a
+    manifest from every unit's _count_job."""
     counts, names, multi = [], set(), False
     for count, labels, several in infos:
         counts.append(count)
         names.update(labels)
         multi |= several
-    return counts, load_class_index(cfg.classes) if cfg.classes else sorted(names), multi
+    return counts, sorted(names), multi
 
 
 # ----------------------------------------------------------------------------- keys of earlier windows
@@ -212,8 +209,8 @@ class Earlier:
 # ----------------------------------------------------------------------------- planning and writing
 
 def _classes(split, cfg) -> list[str]:
-    """The class list of a folder tree or tars, known before any window is planned: --classes, a
-    folder tree's class folders (its top-level listing), a tars folder's synsets."""
+    """The class list, known before any window is planned: --classes, a folder tree's class folders
+    (its top-level listing), a tars folder's synsets (a manifest's: _manifest_labels)."""
     from shards.plan import load_class_index
 
     if cfg.classes:
@@ -268,7 +265,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     cores = pool._max_workers if pool is not None else workers
     try:
         split = split_source(source, format=cfg.format, partitions=1 << 40)  # a partition per unit
-        classes = None if split.kind in _MANIFESTS else _classes(split, cfg)
+        classes = None if split.kind in _MANIFESTS and not cfg.classes else _classes(split, cfg)
     except SourceError as err:
         raise ShardError(str(err)) from None
     scan_args, exclude = scan_setup(cfg)
@@ -295,8 +292,9 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
 
     try:
         counts = _results(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
-        if classes is None:  # a manifest: its labels, every unit's, before the first window is planned
-            counts, classes, multi_label = _manifest_labels(counts, cfg)
+        if split.kind in _MANIFESTS:  # every unit's labels before the first window is planned
+            counts, names, multi_label = _manifest_labels(counts)
+            classes = names if classes is None else classes
         histogram = np.zeros(len(classes), np.int64)
         for start, stop in windows_of(counts, window):
             part = _window_split(split, units[start:stop], start, partitions or 2 * max(1, cores))
