@@ -11,10 +11,10 @@ in the workers; the coordinator keeps each unit's count and the set of class nam
 its class list (as without a window) and its multi-label flag: set if a listed record has other
 than one label (without a window: a kept one; they differ only if every such record is skipped).
 Each window is planned as the global plan plans a source (shards.partplan.plan_partitions over
-the window's units, cut into pieces): the same scan, de-duplication, Shuffle over the window's kept records and split into shards. Its
-shards are numbered after the previous window's and written (in the workers' pool) while the
-next windows are listed, scanned and planned; the manifest and its fingerprint (the whole
-listing's, as without a window) come at the end.
+the window's units, cut into pieces): the same scan, de-duplication, Shuffle over the window's
+kept records and split into shards. Its shards are numbered after the previous window's and
+written (in the workers' pool) while the next windows are listed, scanned and planned; the
+manifest and its fingerprint (the whole listing's, as without a window) come at the end.
 
 De-duplication keeps the first copy in listing order, across windows too: a record is dropped if
 a record of an earlier window (or an earlier one of its own) has its content, and its sample key
