@@ -102,6 +102,40 @@ def test_the_same_dataset_for_any_partitions_and_workers(tree, tmp_path, setting
     assert "a_b_x" in names and sum(name.startswith("a_b_x_") for name in names) == 1
 
 
+def test_the_windowed_plan_files_are_arrays_only(tree, tmp_path, monkeypatch):
+    """Mid-run, every file the windows leave in <out>/_plan (scan records, states, routes, the key
+    files later windows read) is an .npz of .npy arrays that loads with allow_pickle=False, and a
+    shard reads its section of each route file with one ranged read, as without a window."""
+    import zipfile
+
+    import numpy as np
+
+    from shards import storage
+    from shards.writer import write_shard
+
+    out, seen, reads = tmp_path / "out", set(), []
+    read_range = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda url, start, size: reads.append((url, start, size))
+                        or read_range(url, start, size))
+
+    def write(batch):
+        for path in (out / "_plan").iterdir():
+            seen.add(path.name[:2])
+            assert all(name.endswith(".npy") for name in zipfile.ZipFile(path).namelist()), path
+            with np.load(path, allow_pickle=False) as data:
+                assert all(data[name].dtype != object for name in data.files), path
+        for task in batch:
+            reads.clear()
+            assert len(task.loaded().records) == len(task)
+            sections = [(route, lo, hi - lo) for route, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
+            assert sorted(reads) == sorted(sections) and len(task.spans) == len(task.routes)
+        return [write_shard(task) for task in batch]
+
+    manifest = shard_dataset(str(tree), str(out), partitions=2, shard_size=3, seed=4, window=4, map_shards=write)
+    assert seen >= {"s-", "r-", "k-"} and not (out / "_plan").exists()
+    assert sum(s["samples"] for s in manifest["shards"]) == manifest["num_samples"] > 0
+
+
 def test_a_seed_decides_the_order_and_the_window_the_shards(tree, tmp_path):
     def run(tag, **kw):
         out = tmp_path / tag
