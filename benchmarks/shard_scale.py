@@ -11,12 +11,16 @@
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
    pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
    one read at a time per worker (what storage.map_reads' requests in flight give);
-4. first: time to the first shard written for a 200k-record source vs a 50k one;
+4. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
+   2 local workers), the global plan and --window (default 20k records: 40 of the 50k tree's 100
+   class folders, 10 of the 200k tree's) side by side; --first-source manifest: a jsonl manifest
+   of the same files (multi-label), in units of 1 MB (about 23k of its lines);
 5. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
    heap (tracemalloc) after each planning phase, and the bytes per record of what the plan holds.
 
     .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first]
         [--memory-sizes 50000,200000,1000000]
+        [--first-sizes 50000,200000] [--window 20000] [--first-source tree|manifest]
         [--images 2000] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
@@ -265,37 +269,78 @@ def _clear(url: str) -> None:
         storage.delete(item["url"])
 
 
-def first(work: Path, sizes: list[int]) -> None:
-    out = {}
+def _first_shard(tree: Path, dest: Path, times: list, **settings) -> None:
+    """Shard `tree` into `dest` (2 local workers, shards of 10k); appends the time to the first shard
+    file seen in `dest` (a watcher thread polling every 10 ms)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if dest.exists() and any(name.endswith(".tar") for name in os.listdir(dest)):
+                seen.append(time.perf_counter())
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    start = time.perf_counter()
+    watcher.start()
+    try:
+        shard_dataset(str(tree), str(dest), shard_size=10000, workers=2, **settings)
+    finally:
+        stop.set()
+        watcher.join()
+    times.append((seen[0] if seen else time.perf_counter()) - start)
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+_MANIFEST_BLOCK = 1 << 20  # the first section's manifest units (16 MB in shards.partitions: ~350k of its lines)
+
+
+def _tiny_manifest(tree: Path, n: int) -> Path:
+    """A jsonl manifest of the tiny tree's files, class by class as the tree lists them: labels
+    ["cNN"], every 10th record also the next class (multi-label, as JFT-300M)."""
+    import json
+
+    out = tree.parent / f"{tree.name}.jsonl"
+    if not out.exists():
+        with open(out, "w") as f:
+            f.writelines(json.dumps({"path": f"{tree.name}/c{c:02d}/{i}.jpg",
+                                     "labels": [f"c{c:02d}"] + ([f"c{(c + 1) % 100:02d}"] if i % 10 == 0 else [])})
+                         + "\n" for c in range(100) for i in range(c, n, 100))
+    return out
+
+
+def first(work: Path, sizes: list[int], window: int, repeats: int, source: str = "tree") -> None:
+    """Time to the first shard written, the global plan and --window side by side at each size (medians
+    of `repeats`, the four runs interleaved), and the ratio between the sizes. `source` "manifest": a
+    jsonl manifest of the same files, cut into units of _MANIFEST_BLOCK bytes."""
+    import statistics
+
+    from shards import partitions
+
+    if source == "manifest":
+        partitions._MANIFEST_BLOCK = _MANIFEST_BLOCK
+    runs, firsts = {}, {}
     for n in sizes:
         tree = work / f"tiny{n}"
         _tiny_tree(tree, n)
-        dest = work / f"first{n}"
-        shutil.rmtree(dest, ignore_errors=True)
-        seen: list[float] = []
-        stop = threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                if dest.exists() and any(name.endswith(".tar") for name in os.listdir(dest)):
-                    seen.append(time.perf_counter())
-                    return
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        start = time.perf_counter()
-        watcher.start()
-        try:
-            shard_dataset(str(tree), str(dest), shard_size=10000, workers=2)
-        finally:
-            stop.set()
-            watcher.join()
-        out[n] = (seen[0] if seen else time.perf_counter()) - start
-        shutil.rmtree(dest, ignore_errors=True)
-        print(f"first: {n:>8} records: first shard after {out[n]:.1f} s ({_load()})", flush=True)
+        tree = _tiny_manifest(tree, n) if source == "manifest" else tree
+        for plan, settings in (("global", {}), (f"window {window}", {"window": window})):
+            firsts[plan, n] = []
+            runs[plan, n] = (lambda tree=tree, n=n, plan=plan, settings=settings:
+                             _first_shard(tree, work / f"first{n}", firsts[plan, n], **settings))
+    totals = _median_times(runs, repeats)
+    out = {key: statistics.median(values) for key, values in firsts.items()}
+    for plan, n in runs:
+        print(f"first: {source}, {plan:>13}, {n:>8} records: first shard after {out[plan, n]:.1f} s "
+              f"(all {totals[plan, n]:.1f} s; runs {', '.join(f'{v:.1f}' for v in firsts[plan, n])}; {_load()})",
+              flush=True)
     lo, hi = min(sizes), max(sizes)
-    print(f"first: {hi // 1000}k vs {lo // 1000}k: {out[hi] / out[lo]:.2f}x the time for {hi / lo:.0f}x the records",
-          flush=True)
+    for plan in dict.fromkeys(plan for plan, _ in runs):
+        print(f"first: {source}, {plan:>13}: {hi // 1000}k vs {lo // 1000}k: {out[plan, hi] / out[plan, lo]:.2f}x the time "
+              f"for {hi / lo:.0f}x the records ({_load()})", flush=True)
 
 
 def main(argv=None) -> int:
@@ -303,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="memory,gets,dask,first")
     ap.add_argument("--memory-sizes", default="50000,200000,1000000")
     ap.add_argument("--first-sizes", default="50000,200000")
+    ap.add_argument("--window", type=int, default=20000, help="records per window in the first section (default 20000)")
+    ap.add_argument("--first-source", choices=("tree", "manifest"), default="tree",
+                    help="the first section's source: the class-folder tree, or a jsonl manifest of its files")
     ap.add_argument("--images", type=int, default=2000, help="photos for the gets and dask sections (default 2000)")
     ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -326,7 +374,7 @@ def main(argv=None) -> int:
         if "dask" in sections:
             dask(work, corpus, args.repeats)
         if "first" in sections:
-            first(work, [int(v) for v in args.first_sizes.split(",")])
+            first(work, [int(v) for v in args.first_sizes.split(",")], args.window, args.repeats, args.first_source)
     finally:
         if store is not None:
             store.stop()

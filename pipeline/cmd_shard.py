@@ -42,6 +42,11 @@ def register(subparsers) -> None:
                         "$VITPIPE_DASK_ADDRESS, else --workers local processes); the shards are the same bytes")
     p.add_argument("--partitions", type=int, default=None,
                    help="pieces the source is cut into for listing and scanning (default: 4 per worker)")
+    p.add_argument("--window", type=int, default=None, metavar="RECORDS",
+                   help="write shards while the rest of the source is scanned: plan it in windows of consecutive "
+                        "class folders/tars/manifest blocks of at least RECORDS records, each shuffled on its own; --partitions then "
+                        "cuts each window (default 2 per worker). Default: one global shuffle, the first shard after "
+                        "the whole scan")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the global shuffle (default: {_S.seed})")
     p.add_argument("--strict", action="store_true", default=None, help="fail instead of skipping any bad record")
     p.set_defaults(func=run_shard)
@@ -61,6 +66,7 @@ def run_shard(args) -> int:
 
     params = DatasetParams(source=args.source, url=args.out_url, name=args.name, shard_size=args.shard_size,
                            workers=args.workers, dask_address=args.dask, partitions=args.partitions,
+                           window=args.window,
                            settings={k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
     manifest = shard_stage(params, progress=not args.quiet)
     if manifest["skipped_stage"]:

@@ -36,6 +36,9 @@ class DatasetParams(_Params):
                                                        "(None: $VITPIPE_DASK_ADDRESS, else local processes)")
     partitions: int | None = Field(None, ge=1, description="pieces the source is cut into for listing and scanning "
                                                            "(None: 4 per worker; the shards do not depend on it)")
+    window: int | None = Field(None, ge=1, description="records per window: shards are written while the rest of the source "
+                                                       "is scanned, each shuffled within a window of consecutive class "
+                                                       "folders/tars/manifest blocks (None: one global shuffle)")
 
 
 class TrainParams(_Params):

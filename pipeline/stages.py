@@ -106,6 +106,8 @@ def existing_dataset(params: DatasetParams) -> dict | None:
     if params.source is None:
         return manifest
     wanted = json.loads(json.dumps(asdict(ShardSettings(name=params.name, shard_size=params.shard_size, **params.settings))))
+    if params.window is not None:
+        wanted["window"] = params.window
     if manifest.get("settings") != wanted:
         return None
     if (manifest.get("source") or {}).get("fingerprint") != source_fingerprint(params.source, format=wanted["format"]):
@@ -145,7 +147,7 @@ def shard_stage(params: DatasetParams, *, map_shards: Callable | None = None, pr
         manifest = shard_dataset(params.source, params.url, name=params.name, shard_size=params.shard_size,
                                  workers=params.workers or usable_cores(), progress=progress, map_shards=map_shards,
                                  on_shard_done=written.append, dask=dask_address(params),
-                                 partitions=params.partitions, **params.settings)
+                                 partitions=params.partitions, window=params.window, **params.settings)
     except Interrupted as stop:
         stop.kept = f"kept {len(written)} complete shard(s) in {params.url} (no manifest yet)"
         raise

@@ -18,7 +18,8 @@ __all__ = ["shard_dataset", "plan_shards", "write_shard", "finish_dataset", "sou
 
 
 def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, on_shard_done=None,
-                  map_shards=None, dask: str | None = None, partitions: int | None = None, **settings) -> dict:
+                  map_shards=None, dask: str | None = None, partitions: int | None = None, window: int | None = None,
+                  **settings) -> dict:
     """Shard `source` into `out_url` (local folder or s3:// prefix); returns the manifest dict.
 
     `settings` are ShardSettings fields (name, shard_size, max_shard_bytes, resize, quality, seed,
@@ -32,6 +33,10 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
     need no shared file system when source and destination are on S3); else `workers` local
     processes. `partitions`: how many pieces the source is cut into for listing and scanning
     (default: 4 per worker); the dataset's bytes do not depend on it, nor on the workers.
+
+    `window`: write shards while the rest of the source is still scanned: the source is planned in
+    windows of consecutive units (class folders, tars) of at least `window` records each, shuffled
+    within the window (shards.windows); `partitions` then cuts each window (default: 2 per worker).
     """
     import time
 
@@ -63,12 +68,18 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
             from shards.workers import process_pool
 
             pool = stack.enter_context(process_pool(workers))
-        plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, partitions=partitions,
-                           **settings)
-        manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done, map_shards=map_shards)
+        if window is not None:
+            from shards.windows import shard_windows
+
+            manifest = shard_windows(source, out_url, window=window, pool=pool, workers=workers, partitions=partitions,
+                                     progress=progress, on_shard_done=on_shard_done, map_shards=map_shards, **settings)
+        else:
+            plan = plan_shards(source, out_url, workers=workers, progress=progress, pool=pool, partitions=partitions,
+                               **settings)
+            manifest = _write_all(plan, pool, progress=progress, on_shard_done=on_shard_done, map_shards=map_shards)
     from shards.partitions import remove_records
 
-    remove_records(plan.out_url)  # the dataset is complete: no re-plan needed
+    remove_records(storage.normalize(out_url))  # the dataset is complete: no re-plan needed
     if progress:
         from shards.storage import join
 
@@ -79,7 +90,7 @@ def shard_dataset(source, out_url, *, workers: int = 1, progress: bool = False, 
               f"{f'the Dask cluster at {dask}' if dask else f'{workers} worker' + ('s' if workers > 1 else '')}); "
               f"skipped {len(manifest['skipped'])}"
               + (f" {manifest['dropped']}" if manifest["dropped"] else ""))
-        print(f"manifest: {join(plan.out_url, 'manifest.json')}")
+        print(f"manifest: {join(storage.normalize(out_url), 'manifest.json')}")
     return manifest
 
 

@@ -160,14 +160,21 @@ def _scan_job(job) -> _Summary:
     return _Summary(listing, reused, url, spans)
 
 
-def _scan_all(split, scan_args, out_url, tag, executor, progress):
-    """Phase 1: (the merged listing, the partitions' _Summary)."""
-    from shards.partitions import merge
-
+def listing_digest(split):
+    """The running fingerprint of a listing of units (sources._Fingerprint) before its first unit."""
     from shards.sources import _Fingerprint
 
-    summaries, digest = [], _Fingerprint(split.kind)
+    digest = _Fingerprint(split.kind)
     digest.update(split.head)
+    return digest
+
+
+def _scan_all(split, scan_args, out_url, tag, executor, progress, digest=None):
+    """Phase 1: (the merged listing, the partitions' _Summary). `digest`: the running fingerprint of
+    the units listed before these (shards.windows), updated with theirs; else one from the head."""
+    from shards.partitions import merge
+
+    summaries, digest = [], listing_digest(split) if digest is None else digest
 
     def scanned(results):
         for summary in results:
@@ -412,8 +419,9 @@ def _near_job(job):
     return out
 
 
-def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run):
-    """Phase 4: (skipped entries, kept count per partition, their kept summaries summed)."""
+def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run, empty=False):
+    """Phase 4: (skipped entries, kept count per partition, their kept summaries summed). `empty`: no
+    kept record is no error (a window whose records earlier windows have)."""
     from shards.plan import ShardError, _reason_kind
 
     drops, bad, collisions = found
@@ -430,7 +438,7 @@ def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run):
         raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
                          f"{first.get('path') or first.get('key')}: {first['reason']}")
     counts = [summary["kept"] for _, summary in kept]
-    if not sum(counts):
+    if not sum(counts) and not empty:
         raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "
                          f"{skipped[0]['path'] if skipped else '-'}: {skipped[0]['reason'] if skipped else '-'})")
     total = {"multi": any(summary["multi"] for _, summary in kept),
@@ -597,10 +605,14 @@ def plan_tag(split, cfg, scan_args: tuple) -> str:
 
 
 def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, exclude, *, pool=None, workers=1,
-                    progress=None):
+                    progress=None, earlier=None, multi_label=None, digest=None):
     """The plan's parts (a Planned): the merged listing facts (its records: a count), classes, skipped
     records, the shards' [lo, hi) positions, the route files and where each shard's section lies in
-    them. `classes_of(listing)`: the class list."""
+    them. `classes_of(listing)`: the class list. For shards.windows (a window's plan):
+    `earlier(states, run, drops, bad, collisions)` adds the duplicates and colliding keys of records
+    planned before these (then a plan may keep no record); `multi_label`: the flag decided before
+    (None: set if a kept record has other than one label); `digest`: the listing's running
+    fingerprint (sources._Fingerprint) over the units before these, carried on (_scan_all)."""
     from shards.workers import process_pool
 
     tag, count = plan_tag(split, cfg, scan_args), len(split.partitions)
@@ -608,20 +620,22 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
     routes = [_plan_url(out_url, tag, "r", i) for i in range(count)]
     with nullcontext(pool) if pool is not None or workers <= 1 or count == 1 else process_pool(workers) as executor:
         run = lambda fn, jobs: list(_results(executor, fn, jobs))  # noqa: E731
-        listing, summaries = _scan_all(split, scan_args, out_url, tag, executor, progress)
+        listing, summaries = _scan_all(split, scan_args, out_url, tag, executor, progress, digest)
         found = _find_duplicates(summaries, len(listing.records), scan_args[1], run)
+        if earlier is not None:
+            earlier(states, run, *found)
         reused = sum(summary.reused for summary in summaries)
         del summaries
         classes = classes_of(listing)
         class_ids = {name: i for i, name in enumerate(classes)}
-        skipped, counts, total = _keep_all(split, cfg, listing, states, found, class_ids, exclude, run)
+        skipped, counts, total = _keep_all(split, cfg, listing, states, found, class_ids, exclude, run,
+                                           empty=earlier is not None)
         del found
+        multi = total["multi"] if multi_label is None else multi_label
         n, starts = sum(counts), np.r_[0, np.cumsum(counts)][:-1].tolist()
         bounds = _shard_bounds(cfg, states, starts, n, total, run)
-        histogram, spans = _write_routes(cfg, states, routes, starts, n, bounds, class_ids, classes, total["multi"],
-                                         run)
-    return Planned(listing, classes, skipped, bounds, routes, spans, histogram.tolist(), total["multi"], total["exts"],
-                   reused)
+        histogram, spans = _write_routes(cfg, states, routes, starts, n, bounds, class_ids, classes, multi, run)
+    return Planned(listing, classes, skipped, bounds, routes, spans, histogram.tolist(), multi, total["exts"], reused)
 
 
 class Planned:

@@ -473,6 +473,28 @@ def default_partitions(workers: int) -> int:
     return 4 * max(1, workers)
 
 
+def scan_setup(cfg: ShardSettings):
+    """(scan_args (max_pixels, decode), the exclude index or None) of the settings."""
+    decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
+    return (cfg.max_pixels, decode), load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
+
+
+def shard_tasks(cfg: ShardSettings, out_url: str, planned, first: int = 0) -> list[ShardTask]:
+    """The routed tasks of a plan's shards (shards.partplan.Planned), numbered from `first`."""
+    tasks = []
+    for index, (lo, hi) in enumerate(planned.bounds, first):
+        shard_name = f"{cfg.name}-{index:06d}.tar"
+        tasks.append(ShardTask(index=index - first, name=shard_name, url=storage.join(out_url, shard_name),
+                               out_url=out_url, records=None, class_ids=None, class_off=None, ext=None, width=None,
+                               height=None, nbytes=None, sha=None, classes=planned.classes,
+                               multi_label=planned.multi_label, resize=cfg.resize, quality=cfg.quality,
+                               max_pixels=cfg.max_pixels, source_fingerprint=planned.listing.fingerprint,
+                               routes=tuple(planned.routes),
+                               spans=tuple(map(tuple, planned.spans[:, index - first:index - first + 2].tolist())),
+                               count=hi - lo))
+    return tasks
+
+
 def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool = False, pool=None,
                 partitions: int | None = None, **settings) -> ShardPlan:
     """List + scan + dedup + shuffle + split, partition by partition (shards.partplan). Returns the
@@ -495,9 +517,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         from tqdm import tqdm
 
         bar = tqdm(desc="list+scan", unit="img", dynamic_ncols=True)
-    decode = cfg.validate == "decode" or bool(cfg.exclude) or cfg.dedup_within == "near"  # dHash needs pixels
-    scan_args = (cfg.max_pixels, decode)
-    exclude = load_exclude(cfg.exclude, threshold=cfg.near_dup_threshold) if cfg.exclude else None
+    scan_args, exclude = scan_setup(cfg)
 
     def classes_of(listing) -> list[str]:
         return load_class_index(cfg.classes) if cfg.classes else list(listing.class_names)
@@ -515,15 +535,7 @@ def plan_shards(source: str, out_url: str, *, workers: int = 1, progress: bool =
         print(f"plan: {planned.reused} unit(s) of the source (class folders, tars, manifest blocks) taken from their "
               "scan records instead of scanned again")
     listing, skipped = planned.listing, planned.skipped
-    tasks = []
-    for index, (lo, hi) in enumerate(planned.bounds):
-        shard_name = f"{cfg.name}-{index:06d}.tar"
-        tasks.append(ShardTask(index=index, name=shard_name, url=storage.join(out_url, shard_name), out_url=out_url,
-                               records=None, class_ids=None, class_off=None, ext=None, width=None, height=None,
-                               nbytes=None, sha=None, classes=planned.classes, multi_label=planned.multi_label,
-                               resize=cfg.resize, quality=cfg.quality, max_pixels=cfg.max_pixels,
-                               source_fingerprint=listing.fingerprint, routes=tuple(planned.routes),
-                               spans=tuple(map(tuple, planned.spans[:, index:index + 2].tolist())), count=hi - lo))
+    tasks = shard_tasks(cfg, out_url, planned)
     source = {"kind": listing.kind, "url": listing.url, "fingerprint": listing.fingerprint,
               "records": len(listing.records)}
     if exclude is not None:

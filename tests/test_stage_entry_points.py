@@ -66,16 +66,19 @@ def test_shard_defaults_are_one_set(tmp_path):
     assert args.shard_size == DatasetParams.model_fields["shard_size"].default == 10_000
 
 
-def test_shard_cli_and_flow_write_the_same_dataset(prefect_api, digits_tree, tmp_path, capsys):
+@pytest.mark.parametrize("window", [None, 400])
+def test_shard_cli_and_flow_write_the_same_dataset(prefect_api, digits_tree, tmp_path, capsys, window):
     cli, flow = tmp_path / "cli", tmp_path / "flow"
-    assert main(["shard", str(digits_tree), str(cli), "--shard-size", "200", "--workers", "2"]) == 0
-    manifest = flows.shard_dataset(DatasetParams(source=str(digits_tree), url=str(flow), shard_size=200))
+    windowed = ["--window", str(window)] if window else []
+    assert main(["shard", str(digits_tree), str(cli), "--shard-size", "200", "--workers", "2", *windowed]) == 0
+    manifest = flows.shard_dataset(DatasetParams(source=str(digits_tree), url=str(flow), shard_size=200, window=window))
     assert not manifest["skipped_stage"]
     assert sorted(os.listdir(cli)) == sorted(os.listdir(flow))
     a, b = (storage.read_json(str(d / "manifest.json")) for d in (cli, flow))
     assert sorted(a) == sorted(b) and a["shards"] == b["shards"] and a["settings"] == b["settings"]
+    assert a["settings"].get("window") == window
     capsys.readouterr()
-    assert main(["shard", str(digits_tree), str(flow), "--shard-size", "200"]) == 0  # the flow's dataset: skipped
+    assert main(["shard", str(digits_tree), str(flow), "--shard-size", "200", *windowed]) == 0  # the flow's: skipped
     assert "nothing to do" in capsys.readouterr().out
 
 
