@@ -337,6 +337,16 @@ def first(work: Path, sizes: list[int], window: int, repeats: int, source: str =
         print(f"first: {source}, {plan:>13}, {n:>8} records: first shard after {out[plan, n]:.1f} s "
               f"(all {totals[plan, n]:.1f} s; runs {', '.join(f'{v:.1f}' for v in firsts[plan, n])}; {_load()})",
               flush=True)
+    if source == "manifest":  # what --window does before the first window: every line listed (here in one process)
+        from shards.windows import _count_job, _manifest_labels
+
+        for n in sizes:
+            start = time.perf_counter()
+            split = partitions.split_source(str(_tiny_manifest(work / f"tiny{n}", n)), partitions=1 << 40)
+            _manifest_labels(_count_job((split.kind, split.url, part.units[0])) for part in split.partitions)
+            took = time.perf_counter() - start
+            print(f"first: manifest, {n:>8} records: the label pass in one process {took:.2f} s, "
+                  f"{took / n * 1e6:.1f} us per record ({_load()})", flush=True)
     lo, hi = min(sizes), max(sizes)
     for plan in dict.fromkeys(plan for plan, _ in runs):
         print(f"first: {source}, {plan:>13}: {hi // 1000}k vs {lo // 1000}k: {out[plan, hi] / out[plan, lo]:.2f}x the time "

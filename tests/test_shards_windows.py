@@ -1,7 +1,8 @@
 """The windowed plan (shards.windows, `vitpipe shard --window`): the same bytes for any partitions
 and workers, de-duplication and colliding keys across windows (the first copy in listing order
-stays), a shard written before the last class folder is scanned, and a run killed mid-way that
-resumes to the same bytes."""
+stays), a shard written before the last class folder (or jsonl block) is scanned, a run killed
+mid-way that resumes to the same bytes, and jsonl/csv manifests (the global plan's classes and
+multi-label flag)."""
 from __future__ import annotations
 
 import os
