@@ -86,15 +86,14 @@ def _manifest_labels(infos) -> tuple[list, list[str], bool]:
 def _keys_job(job) -> np.ndarray:
     """Write a piece's content keys and sample keys by bucket (shards.partplan._buckets); returns
     where each bucket's three pieces lie in the file (byte offsets, int64 [3 * _BUCKETS + 1])."""
-    from shards.partitions import array_spans, pack_arrays
+    from shards.partitions import write_arrays
     from shards.partplan import _buckets, _load_state
 
     state_url, keys_url = job
     records, scan, _ = _load_state(state_url)
     cuts, body = _buckets(records, scan, _BUCKETS)
-    data = pack_arrays({"bucket_body": np.frombuffer(body, dtype=np.uint8)})
-    storage.write_bytes(keys_url, data, durable=False)
-    return cuts + array_spans(data)["bucket_body"][0]
+    spans = write_arrays(keys_url, {"bucket_body": np.frombuffer(body, dtype=np.uint8)})
+    return cuts + spans["bucket_body"][0]
 
 
 def _prefix(keys: np.ndarray) -> np.ndarray:
