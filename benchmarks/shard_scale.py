@@ -8,7 +8,9 @@
    GETs of the ends (the scan); and the GETs and PUTs of the plan's own files (`<out>/_plan/` on S3,
    8 partitions and 16 shards as in the dask section's 2-worker runs);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
-   workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), and
+   workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), from S3 to
+   S3 and from a local folder to a local folder (on 2 cores the S3 runs share them with the SeaweedFS
+   server: one worker's run already takes more than one core), and
    pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
    one read at a time per worker (what storage.map_reads' requests in flight give);
 4. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
@@ -227,11 +229,18 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
             url = f"s3://{_BUCKET}/out/{tag}"
             return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=-(-n // 16), **kw))
 
-        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64)},
-                              repeats)
-        print(f"dask: --resize 64 on {n} photos: 2 workers {n / times['resize 2 workers']:.1f} img/s, 1 worker "
-              f"{n / times['resize 1 worker']:.1f} img/s: {times['resize 1 worker'] / times['resize 2 workers']:.2f}x "
-              f"({_load()})", flush=True)
+        def run_local(cluster, tag, **kw):  # a local folder to a local folder: no SeaweedFS sharing the cores
+            url = work / "out" / tag
+            return lambda: (shutil.rmtree(url, ignore_errors=True),
+                            shard_dataset(str(corpus), str(url), dask=cluster.address, shard_size=-(-n // 16), **kw))
+
+        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64),
+                               "local 2 workers": run_local(two, "l2", resize=64),
+                               "local 1 worker": run_local(one, "l1", resize=64)}, repeats)
+        for where, two_, one_ in (("S3 -> S3", "resize 2 workers", "resize 1 worker"),
+                                  ("local folder -> local folder", "local 2 workers", "local 1 worker")):
+            print(f"dask: --resize 64 on {n} photos, {where}: 2 workers {n / times[two_]:.1f} img/s, 1 worker "
+                  f"{n / times[one_]:.1f} img/s: {times[one_] / times[two_]:.2f}x ({_load()})", flush=True)
         keys = [split(item["url"])[1] for item in storage.iter_files(src)]
         with Client(two.address, set_as_default=False) as client:
             def bare():
