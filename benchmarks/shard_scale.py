@@ -9,21 +9,22 @@
    8 partitions and 16 shards as in the dask section's 2-worker runs);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), from S3 to
-   S3 and from a local folder to a local folder (on 2 cores the S3 runs share them with the SeaweedFS
-   server: one worker's run already takes more than one core), and
+   S3 (on 2 cores the SeaweedFS server shares them with the workers), and
    pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
    one read at a time per worker (what storage.map_reads' requests in flight give);
-4. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
+4. local: --resize images/s with 2 workers vs 1 from a local folder to a local folder (no server),
+   on --local-images photos;
+5. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
    2 local workers), the global plan and --window (default 20k records: 40 of the 50k tree's 100
    class folders, 10 of the 200k tree's) side by side; --first-source manifest: a jsonl manifest
    of the same files (multi-label), in units of 1 MB (about 23k of its lines);
-5. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
+6. attribute (not run by default): at the largest --memory-sizes, the coordinator's peak RSS and
    heap (tracemalloc) after each planning phase, and the bytes per record of what the plan holds.
 
-    .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,first]
+    .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,local,first]
         [--memory-sizes 50000,200000,1000000]
         [--first-sizes 50000,200000] [--window 20000] [--first-source tree|manifest]
-        [--images 2000] [--repeats 3] [--workdir DIR]
+        [--images 2000] [--local-images 8000] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
 ratios of parallel runs are bounded by what the other processes leave.
@@ -229,18 +230,11 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
             url = f"s3://{_BUCKET}/out/{tag}"
             return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=-(-n // 16), **kw))
 
-        def run_local(cluster, tag, **kw):  # a local folder to a local folder: no SeaweedFS sharing the cores
-            url = work / "out" / tag
-            return lambda: (shutil.rmtree(url, ignore_errors=True),
-                            shard_dataset(str(corpus), str(url), dask=cluster.address, shard_size=-(-n // 16), **kw))
-
-        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64),
-                               "local 2 workers": run_local(two, "l2", resize=64),
-                               "local 1 worker": run_local(one, "l1", resize=64)}, repeats)
-        for where, two_, one_ in (("S3 -> S3", "resize 2 workers", "resize 1 worker"),
-                                  ("local folder -> local folder", "local 2 workers", "local 1 worker")):
-            print(f"dask: --resize 64 on {n} photos, {where}: 2 workers {n / times[two_]:.1f} img/s, 1 worker "
-                  f"{n / times[one_]:.1f} img/s: {times[one_] / times[two_]:.2f}x ({_load()})", flush=True)
+        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64)},
+                              repeats)
+        print(f"dask: --resize 64 on {n} photos, S3 -> S3: 2 workers {n / times['resize 2 workers']:.1f} img/s, 1 worker "
+              f"{n / times['resize 1 worker']:.1f} img/s: {times['resize 1 worker'] / times['resize 2 workers']:.2f}x "
+              f"({_load()})", flush=True)
         keys = [split(item["url"])[1] for item in storage.iter_files(src)]
         with Client(two.address, set_as_default=False) as client:
             def bare():
@@ -263,6 +257,25 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
         print(f"dask: the same pass-through with one read at a time per worker (storage.map_reads off): "
               f"{n / times['one read at a time']:.1f} img/s: "
               f"{times['boto3 GET+PUT 2 workers'] / times['one read at a time']:.2f}x the loop", flush=True)
+
+
+def local(work: Path, corpus: Path, repeats: int) -> None:
+    """--resize 64 from a local folder to a local folder on the loopback Dask cluster, 2 workers vs 1: no
+    SeaweedFS sharing the 2 cores; a larger corpus than the S3 sections' (at ~1,000 img/s per worker
+    2,000 photos last 2 s, and the plan's fixed phases weigh)."""
+    from shards.workers import LoopbackCluster
+
+    n = sum(1 for _ in corpus.rglob("*.jpg"))
+    with LoopbackCluster(2, env=dict(os.environ)) as two, LoopbackCluster(1, env=dict(os.environ)) as one:
+        def run(cluster, tag):
+            url = work / "out" / tag
+            return lambda: (shutil.rmtree(url, ignore_errors=True),
+                            shard_dataset(str(corpus), str(url), dask=cluster.address, shard_size=-(-n // 16), resize=64))
+
+        times = _median_times({"2 workers": run(two, "l2"), "1 worker": run(one, "l1")}, repeats)
+    print(f"local: --resize 64 on {n} photos, local folder -> local folder: 2 workers {n / times['2 workers']:.1f} "
+          f"img/s, 1 worker {n / times['1 worker']:.1f} img/s: {times['1 worker'] / times['2 workers']:.2f}x ({_load()})",
+          flush=True)
 
 
 def _read_threads(n: int) -> None:
@@ -364,13 +377,14 @@ def first(work: Path, sizes: list[int], window: int, repeats: int, source: str =
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="memory,gets,dask,first")
+    ap.add_argument("--sections", default="memory,gets,dask,local,first")
     ap.add_argument("--memory-sizes", default="50000,200000,1000000")
     ap.add_argument("--first-sizes", default="50000,200000")
     ap.add_argument("--window", type=int, default=20000, help="records per window in the first section (default 20000)")
     ap.add_argument("--first-source", choices=("tree", "manifest"), default="tree",
                     help="the first section's source: the class-folder tree, or a jsonl manifest of its files")
     ap.add_argument("--images", type=int, default=2000, help="photos for the gets and dask sections (default 2000)")
+    ap.add_argument("--local-images", type=int, default=8000, help="photos for the local section (default 8000)")
     ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)
@@ -392,6 +406,10 @@ def main(argv=None) -> int:
             gets(work, corpus)
         if "dask" in sections:
             dask(work, corpus, args.repeats)
+        if "local" in sections:
+            local_corpus = work / f"photos{args.local_images}"
+            _make_corpus(local_corpus, count=args.local_images, size=args.size, classes=20)
+            local(work, local_corpus, args.repeats)
         if "first" in sections:
             first(work, [int(v) for v in args.first_sizes.split(",")], args.window, args.repeats, args.first_source)
     finally:
