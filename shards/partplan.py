@@ -148,6 +148,28 @@ def _buckets(records, scan, buckets: int) -> tuple[np.ndarray, bytes]:
     return _cut(pieces)
 
 
+def bucket_keys(state_url: str, buckets: int) -> tuple[np.ndarray, bytes]:
+    """A state file's content keys and sample keys by hash bucket: (offsets, body) as _buckets cuts them."""
+    records, scan, _ = _load_state(state_url)
+    return _buckets(records, scan, buckets)
+
+
+def read_bucket(url: str, cuts: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(content keys: key, row, ok; sample keys: row, hash, size) of bucket b of bucket_keys' body at `cuts` in a file."""
+    lo, mid, hi = cuts[3 * b:3 * b + 3].tolist()
+    data = storage.read_range(url, lo, hi - lo)
+    return np.frombuffer(data, dtype=_ROW, count=(mid - lo) // _ROW.itemsize), np.frombuffer(data, dtype=_KEY,
+                                                                                             offset=mid - lo)
+
+
+def bucket_texts(url: str, cuts: np.ndarray, b: int, keys: np.ndarray) -> list[bytes]:
+    """The texts of read_bucket's sample keys `keys` of bucket b, in their order (one ranged read)."""
+    hi, stop = cuts[3 * b + 2:3 * b + 4].tolist()
+    body = storage.read_range(url, hi, stop - hi)
+    ends = np.cumsum(keys["size"], dtype=np.int64).tolist()
+    return [body[end - size:end] for end, size in zip(ends, keys["size"].tolist())]
+
+
 def _scan_job(job) -> _Summary:
     from shards.partitions import scan_partition
 
@@ -187,7 +209,7 @@ def _scan_all(split, scan_args, out_url, tag, executor, progress, digest=None):
                 progress(len(summary.records))
             yield summary
     jobs = ((part, scan_args, out_url, tag, len(split.partitions)) for part in split.partitions)
-    listing = merge(split, scanned(_results(executor, _scan_job, jobs)))
+    listing = merge(split, scanned(map_jobs(executor, _scan_job, jobs)))
     if summaries[0].fp is not None:
         listing.fingerprint = digest.hexdigest()
     return listing, summaries
@@ -264,8 +286,8 @@ def _find_duplicates(summaries, records: int, decode: bool, run):
 
 # ----------------------------------------------------------------------------- 3. look
 
-def _look_job(job):
-    """{row: (path, sha256 of its bytes | a ("bad", kind, reason) | None)} of some rows of a partition."""
+def look_job(job):
+    """(state file url, rows, whole) -> {row: (path, sha256 of its bytes if whole | ("bad", kind, reason) | None)}."""
     from shards.plan import hash_records
 
     state_url, rows, whole = job
@@ -285,7 +307,7 @@ def _duplicates(candidates, states: list[str], decode: bool, run):
         wanted[p].add(row)
         wanted[fp].add(frow)
     parts = sorted(wanted)
-    looked = dict(zip(parts, run(_look_job, [(states[p], sorted(wanted[p]), not decode) for p in parts])))
+    looked = dict(zip(parts, run(look_job, [(states[p], sorted(wanted[p]), not decode) for p in parts])))
     first = {(p, row): (fp, frow) for p, row, fp, frow in candidates}
     bad = defaultdict(dict)
     if not decode and first:
@@ -589,7 +611,7 @@ def load_route(task):
 
 # ----------------------------------------------------------------------------- the plan
 
-def _results(pool, fn, jobs):
+def map_jobs(pool, fn, jobs):
     """fn(job) for each job, in order, as they come (in `pool`, or in this process)."""
     if pool is None:
         return map(fn, jobs)
@@ -619,7 +641,7 @@ def plan_partitions(split, cfg, scan_args: tuple, out_url: str, classes_of, excl
     states = [_plan_url(out_url, tag, "s", i) for i in range(count)]
     routes = [_plan_url(out_url, tag, "r", i) for i in range(count)]
     with nullcontext(pool) if pool is not None or workers <= 1 or count == 1 else process_pool(workers) as executor:
-        run = lambda fn, jobs: list(_results(executor, fn, jobs))  # noqa: E731
+        run = lambda fn, jobs: list(map_jobs(executor, fn, jobs))  # noqa: E731
         listing, summaries = _scan_all(split, scan_args, out_url, tag, executor, progress, digest)
         found = _find_duplicates(summaries, len(listing.records), scan_args[1], run)
         if earlier is not None:

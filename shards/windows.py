@@ -21,7 +21,7 @@ a record of an earlier window (or an earlier one of its own) has its content, an
 is renamed if a record of an earlier window has that key. A window needs only the windows before
 it. Each piece of a window writes its records' content keys and sample keys into _BUCKETS hash
 buckets (`<out>/_plan/k-<hash of the piece's state file>.npz`, arrays only as every file in
-_plan/: shards.partplan._buckets' three pieces per bucket); a job per bucket reads that bucket of
+_plan/: shards.partplan.bucket_keys' three pieces per bucket); a job per bucket reads that bucket of
 every earlier piece's file, one file at a time, and keeps only the keys its window has: the
 coordinator holds where each bucket lies in each piece's file, no row per record. Cost: a window
 reads the keys of every record before it (a 32-byte content key, its 8-byte row and a flag, a
@@ -84,38 +84,28 @@ def _manifest_labels(infos) -> tuple[list, list[str], bool]:
 # ----------------------------------------------------------------------------- keys of earlier windows
 
 def _keys_job(job) -> np.ndarray:
-    """Write a piece's content keys and sample keys by bucket (shards.partplan._buckets); returns
+    """Write a piece's content keys and sample keys by bucket (shards.partplan.bucket_keys); returns
     where each bucket's three pieces lie in the file (byte offsets, int64 [3 * _BUCKETS + 1])."""
     from shards.partitions import write_arrays
-    from shards.partplan import _buckets, _load_state
+    from shards.partplan import bucket_keys
 
     state_url, keys_url = job
-    records, scan, _ = _load_state(state_url)
-    cuts, body = _buckets(records, scan, _BUCKETS)
+    cuts, body = bucket_keys(state_url, _BUCKETS)
     spans = write_arrays(keys_url, {"bucket_body": np.frombuffer(body, dtype=np.uint8)})
     return cuts + spans["bucket_body"][0]
 
 
 def _prefix(keys: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of 32-byte keys (a _ROW "key" column) as uint64."""
+    """The first 8 bytes of 32-byte keys (read_bucket's content keys' "key" column) as uint64."""
     return np.frombuffer(keys.tobytes(), dtype=np.uint64)[::4].copy() if len(keys) else np.zeros(0, np.uint64)
 
 
-def _read_bucket(url: str, cuts: np.ndarray, b: int, texts: bool):
-    """(readable content keys as partplan._ROW, sample keys as partplan._KEY, their texts or None) of
-    bucket b of a keys file: one ranged GET, a second for the texts."""
-    from shards.partplan import _KEY, _ROW
+def _read_bucket(url: str, cuts: np.ndarray, b: int):
+    """(readable content keys, sample keys) of bucket b of a keys file (shards.partplan.read_bucket)."""
+    from shards.partplan import read_bucket
 
-    lo, mid, hi, stop = cuts[3 * b:3 * b + 4].tolist()
-    data = storage.read_range(url, lo, hi - lo)
-    content = np.frombuffer(data, dtype=_ROW, count=(mid - lo) // _ROW.itemsize)
-    keys = np.frombuffer(data, dtype=_KEY, offset=mid - lo)
-    return content[content["ok"] != 0], keys, storage.read_range(url, hi, stop - hi) if texts else None
-
-
-def _texts(keys: np.ndarray, body: bytes) -> list[bytes]:
-    ends = np.cumsum(keys["size"], dtype=np.int64).tolist()
-    return [body[end - size:end] for end, size in zip(ends, keys["size"].tolist())]
+    content, keys = read_bucket(url, cuts, b)
+    return content[content["ok"] != 0], keys
 
 
 def _earlier_job(job):
@@ -123,21 +113,22 @@ def _earlier_job(job):
     records whose content key an earlier window's record has, [(piece, row)] whose sample key it has).
     The earlier pieces' buckets are read one at a time, and only their keys this window has are kept."""
     b, earlier, pieces = job  # earlier: [(piece id, keys url, cuts)] in listing order; pieces: this window's
-    read = [_read_bucket(url, cuts, b, True) for url, cuts in pieces]
-    mine = [content for content, _, _ in read]
-    names = [(keys["row"], _texts(keys, body)) for _, keys, body in read]
+    from shards.partplan import bucket_texts
+
+    read = [(_read_bucket(url, cuts, b), url, cuts) for url, cuts in pieces]
+    mine = [content for (content, _), _, _ in read]
+    names = [(keys["row"], bucket_texts(url, cuts, b, keys)) for (_, keys), url, cuts in read]
     wanted = _prefix(np.concatenate([part["key"] for part in mine])) if mine else np.zeros(0, np.uint64)
-    hashes = np.concatenate([keys["hash"] for _, keys, _ in read] or [np.zeros(0, np.uint64)])
+    hashes = np.concatenate([keys["hash"] for (_, keys), _, _ in read] or [np.zeros(0, np.uint64)])
     refs, seen = defaultdict(list), set()
     for piece, url, cuts in earlier:
-        part, keys, _ = _read_bucket(url, cuts, b, False)
+        part, keys = _read_bucket(url, cuts, b)
         part = part[np.isin(_prefix(part["key"]), wanted)]
         for key, row in zip(part["key"].tolist(), part["row"].tolist()):
             refs[key].append((piece, row))
         hit = np.flatnonzero(np.isin(keys["hash"], hashes))
         if len(hit):  # the key strings, read only where a hash is the same
-            hi, stop = cuts[3 * b + 2:3 * b + 4].tolist()
-            texts = _texts(keys, storage.read_range(url, hi, stop - hi))
+            texts = bucket_texts(url, cuts, b, keys)
             seen.update(texts[i] for i in hit.tolist())
     content = [(p, row, refs[key]) for p, part in enumerate(mine)
                for key, row in zip(part["key"].tolist(), part["row"].tolist()) if key in refs]
@@ -180,7 +171,7 @@ class Earlier:
         """({(p, row): (earlier piece, row) of its first copy}, {(piece, row): path}, {(p, row): bad
         result}): the first copy is the first earlier record with the same key (the same bytes: keys read
         from the ends only are confirmed by hashing the records whole)."""
-        from shards.partplan import _look_job
+        from shards.partplan import look_job
 
         if not matches:
             return {}, {}, {}
@@ -191,7 +182,7 @@ class Earlier:
                 wanted[piece].add(earlier_row)
         pieces = sorted(wanted)
         looked = {}
-        for piece, found in zip(pieces, run(_look_job, [(self.states[piece], sorted(wanted[piece]), not self.decode)
+        for piece, found in zip(pieces, run(look_job, [(self.states[piece], sorted(wanted[piece]), not self.decode)
                                                        for piece in pieces])):
             looked.update(((piece, row), result) for row, result in found.items())
         out, unreadable = {}, {}
@@ -252,7 +243,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
 
     from shards.manifest import finish_dataset
     from shards.partitions import attach_records, split_source
-    from shards.partplan import _results, listing_digest, plan_partitions
+    from shards.partplan import listing_digest, map_jobs, plan_partitions
     from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, scan_setup,
                              settings_fingerprint, shard_tasks)
     from shards.sources import SourceError
@@ -295,7 +286,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
                 return
 
     try:
-        counts = _results(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
+        counts = map_jobs(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
         if split.kind in _MANIFESTS:  # every unit's labels before the first window is planned
             counts, names, multi_label = _manifest_labels(counts)
             classes = names if classes is None else classes
