@@ -43,6 +43,7 @@ class Partition:
     units: tuple  # imagefolder: folder names ("": the root's own files); i21k-tars: steps; jsonl: (start, stop, line)
     first: int = 0  # the index of its first unit in the source's
     records: tuple = ()  # scan records (urls) of earlier runs that hold some of its units (see attach_records)
+    listings: tuple = ()  # its units' list_unit(stats=False), if listed already (shards.windows); else the scan lists
 
 
 @dataclass
@@ -334,7 +335,8 @@ def scan_partition(part: Partition, scan_args: tuple, out_url: str):
 
 
 def scan_units(part: Partition, scan_args: tuple, out_url: str):
-    """Yields (listing, scan results, reused) for each unit of the partition: its listing, then its
+    """Yields (listing, scan results, reused) for each unit of the partition: its listing (made now,
+    or carried in part.listings), then its
     scan taken from a record of an earlier run when the listing is unchanged, else made
     (`scan_args`: max_pixels, decode). The units scanned are saved as records (one per partition,
     or per _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run with other
@@ -344,8 +346,10 @@ def scan_units(part: Partition, scan_args: tuple, out_url: str):
     saved = _load_records(part.records)
     scan_id = _scan_id(part.kind, part.url, scan_args)
     fresh, rows = [], 0
-    for index, unit in enumerate(part.units, part.first):
-        listing = list_unit(part.kind, part.url, unit, stats=False)
+    for index, unit, listing in zip(range(part.first, part.first + len(part.units)), part.units,
+                                    part.listings or [None] * len(part.units)):
+        if listing is None:
+            listing = list_unit(part.kind, part.url, unit, stats=False)
         key, scan = _unit_key(unit), None
         if key in saved:
             listing.complete()  # stated now: a record counts only for the same files

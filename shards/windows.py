@@ -5,9 +5,12 @@ A window is a run of consecutive units of the source in listing order (class fol
 prefixes, per-synset tars, a jsonl manifest's 16 MB blocks of whole lines; a csv manifest is one
 unit: shards.partitions.split_source), closed at a unit boundary once it holds at least `window`
 listed records. The windows follow from the units' record counts alone, so they are the same for
-any number of workers and partitions. The class list is known before the first window: --classes,
+any number of workers and partitions. Each unit is listed once (by names, in the workers): the
+coordinator holds the listings of the window being filled and hands them to that window's scan
+jobs. The class list is known before the first window: --classes,
 a tree's class folders, a tars folder's synsets; a manifest's units are all listed first (by names,
-in the workers; the coordinator keeps each unit's count and the set of class names), which gives
+in the workers; the coordinator keeps each unit's count and the set of class names, and the scan
+lists each unit again: a manifest's listing is not held whole), which gives
 its class list (as without a window) and its multi-label flag: set if a listed record has other
 than one label (without a window: a kept one; they differ only if every such record is skipped).
 Each window is planned as the global plan plans a source (shards.partplan.plan_partitions over
@@ -44,35 +47,40 @@ _BUCKETS = 16
 _MANIFESTS = ("jsonl", "csv")
 
 
-def windows_of(counts, window: int):
-    """(first unit, stop) of each window from the units' record counts (an iterable, in listing order):
-    a window closes after the unit that brings it to >= `window` records; the rest is the last one."""
-    start, held, stop = 0, 0, 0
-    for stop, count in enumerate(counts, 1):
-        held += count
+def windows_of(listed, window: int):
+    """(first unit, stop, [what listed gave of each of its units]) of each window from the units'
+    listings or record counts (an iterable, in listing order): a window closes after the unit that
+    brings it to >= `window` records; the rest is the last one. Only one window's items are held."""
+    start, held, items = 0, 0, []
+    for item in listed:
+        items.append(item)
+        held += item if isinstance(item, int) else len(item.records)
         if held >= window:
-            yield start, stop
-            start, held = stop, 0
-    if start < stop:
-        yield start, stop
+            yield start, start + len(items), items
+            start, held, items = start + len(items), 0, []
+    if items:
+        yield start, start + len(items), items
 
 
-def _count_job(job):
-    """The records a unit lists (by names alone: no image is read); of a manifest's unit also its
-    class names and whether a record has other than one label."""
+def _list_job(job):
+    """A unit's listing (list_unit by names alone: no image is read), carried to its scan (so each unit
+    is listed once); of a manifest's unit (every unit is listed before the first window, and a whole
+    manifest's listing is not held) its record count, class names and whether a record has other
+    than one label."""
     from shards.partitions import list_unit
 
     kind, url, unit = job
-    records = list_unit(kind, url, unit, stats=False).records
+    listing = list_unit(kind, url, unit, stats=False)
     if kind not in _MANIFESTS:
-        return len(records)
+        return listing
+    records = listing.records
     off = records.label_offsets()
     return len(records), records.label_names, off is not None and bool((np.diff(off) != 1).any())
 
 
 def _manifest_labels(infos) -> tuple[list, list[str], bool]:
     """(counts, sorted class names, multi-label flag: a record has other than one label) of a
-    manifest from every unit's _count_job."""
+    manifest from every unit's _list_job."""
     counts, names, multi = [], set(), False
     for count, labels, several in infos:
         counts.append(count)
@@ -216,8 +224,9 @@ def _classes(split, cfg) -> list[str]:
     return sorted(p.units[0] for p in split.partitions if p.units[0] and not p.units[0].startswith("."))
 
 
-def _window_split(split, units: list, first: int, pieces: int):
-    """The source split of the units [first, first + len(units)), cut into `pieces` partitions."""
+def _window_split(split, units: list, first: int, pieces: int, listings=None):
+    """The source split of the units [first, first + len(units)), cut into `pieces` partitions (with
+    the units' `listings`, if given)."""
     from shards.partitions import Partition, SourceSplit
 
     per = -(-len(units) // max(1, min(pieces, len(units))))
@@ -226,7 +235,8 @@ def _window_split(split, units: list, first: int, pieces: int):
         every = {part.units[0] for part in split.partitions}
         class_files.update({name: 0 for name in split.class_files if name not in every})
     return SourceSplit(split.kind, split.url,
-                       [Partition(i, split.kind, split.url, tuple(units[lo:lo + per]), first + lo)
+                       [Partition(i, split.kind, split.url, tuple(units[lo:lo + per]), first + lo,
+                                  listings=tuple(listings[lo:lo + per]) if listings else ())
                         for i, lo in enumerate(range(0, len(units), per))],
                        head=split.head, class_files=class_files, class_names=split.class_names)
 
@@ -286,16 +296,19 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
                 return
 
     try:
-        counts = map_jobs(pool, _count_job, ((split.kind, split.url, unit) for unit in units))
+        listings = map_jobs(pool, _list_job, ((split.kind, split.url, unit) for unit in units))
         if split.kind in _MANIFESTS:  # every unit's labels before the first window is planned
-            counts, names, multi_label = _manifest_labels(counts)
+            listings, names, multi_label = _manifest_labels(listings)
             classes = names if classes is None else classes
         histogram = np.zeros(len(classes), np.int64)
-        for start, stop in windows_of(counts, window):
-            part = _window_split(split, units[start:stop], start, partitions or 2 * max(1, cores))
+        for start, stop, items in windows_of(listings, window):
+            part = _window_split(split, units[start:stop], start, partitions or 2 * max(1, cores),
+                                 None if split.kind in _MANIFESTS else items)
+            del items  # held by the window's partitions (one window's listings at a time)
             attach_records(part, out_url, scan_args)
             planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
                                       workers=workers, earlier=earlier, multi_label=multi_label, digest=digest)
+            del part  # and its units' listings: the next window's are listed while its shards are written
             batch = shard_tasks(cfg, out_url, planned, first=len(tasks))
             tasks += batch
             skipped += planned.skipped

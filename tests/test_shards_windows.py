@@ -374,3 +374,33 @@ def test_s3_class_folders_tars_and_a_manifest_give_the_local_windows(s3, tree, t
     local_manifest = run(str(manifest), str(tmp_path / "d"))
     assert len(local_manifest["shards"]) > 6 and local_manifest["multi_label"]
     assert run(s3.url("windows/m.jsonl"), str(tmp_path / "e"), workers=2)["shards"] == local_manifest["shards"]
+
+
+def _tars(tree: Path, out: Path) -> Path:
+    """A folder of per-synset tars n0.tar..n5.tar, one per class folder of the tree."""
+    out.mkdir()
+    for i, name in enumerate(FOLDERS):
+        with tarfile.open(out / f"n{i}.tar", "w") as tar:
+            for image in sorted((tree / name).iterdir()):
+                tar.add(image, arcname=image.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["folders", "tars"])
+def test_each_unit_is_listed_once(tree, tmp_path, monkeypatch, kind):
+    """With --window the listing that closes a window (a class folder's, a tar's index) is the one
+    its scan uses: list_unit is called once per unit (a manifest's units are listed twice: see
+    shards.windows)."""
+    from collections import Counter
+
+    from shards import partitions
+
+    source = tree if kind == "folders" else _tars(tree, tmp_path / "tars")
+    calls, list_unit = Counter(), partitions.list_unit
+    monkeypatch.setattr(partitions, "list_unit", lambda kind, url, unit, **kw: calls.update([repr(unit)])
+                        or list_unit(kind, url, unit, **kw))
+    manifest = shard_dataset(str(source), str(tmp_path / "out"), shard_size=3, seed=4, window=4)
+    assert len(manifest["shards"]) > 6 and manifest["num_samples"] == 25
+    units = partitions.split_source(str(source)).partitions[0].units
+    assert len(units) == 7 if kind == "folders" else 6
+    assert calls == Counter(repr(unit) for unit in units)
