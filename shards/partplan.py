@@ -444,7 +444,7 @@ def _near_job(job):
 def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run, empty=False):
     """Phase 4: (skipped entries, kept count per partition, their kept summaries summed). `empty`: no
     kept record is no error (a window whose records earlier windows have)."""
-    from shards.plan import ShardError, _reason_kind
+    from shards.plan import ShardError, StrictSkipError, _reason_kind
 
     drops, bad, collisions = found
     kept = run(_keep_job, [(states[p], sorted(collisions.get(p, ())), drops.get(p, {}), bad.get(p, {}), class_ids,
@@ -456,9 +456,7 @@ def _keep_all(split, cfg, listing, states, found, class_ids, exclude, run, empty
     for skips, _ in kept:
         skipped += [entry for _, entry in sorted(skips, key=lambda item: item[0])]
     if cfg.strict and skipped:
-        first = skipped[0]
-        raise ShardError(f"--strict: {len(skipped)} record(s) would be skipped; first: "
-                         f"{first.get('path') or first.get('key')}: {first['reason']}")
+        raise StrictSkipError(skipped)
     counts = [summary["kept"] for _, summary in kept]
     if not sum(counts) and not empty:
         raise ShardError(f"{listing.url}: no usable images ({len(skipped)} skipped; first: "

@@ -29,6 +29,20 @@ class ShardSettingsError(ShardError, ValueError):
     """A shard setting is out of range; the message names it and the values it takes."""
 
 
+class StrictSkipError(ShardError):
+    """--strict and records that would be skipped (`skipped`: their entries, the first named)."""
+
+    def __init__(self, skipped: list[dict]):
+        self.skipped = skipped
+        super().__init__(f"--strict: {len(skipped)} record(s) would be skipped; first: {self.name}: "
+                         f"{skipped[0]['reason']}")
+
+    @property
+    def name(self) -> str:
+        """The first record's path (or sample key)."""
+        return self.skipped[0].get("path") or self.skipped[0].get("key")
+
+
 @dataclass
 class ShardSettings:
     """What decides the dataset's content (the workers count does not)."""

@@ -241,6 +241,18 @@ def _window_split(split, units: list, first: int, pieces: int, listings=None):
                        head=split.head, class_files=class_files, class_names=split.class_names)
 
 
+def _strict_message(err, url: str, start: int, stop: int, units: int, written: int) -> str:
+    """The one line of a --strict failure in the window of units [start, stop): the record, why, what
+    is left, what to do."""
+    line = (f"--strict: {url}: {err.name}: {err.skipped[0]['reason']} ({len(err.skipped)} record(s) of the window "
+            f"of units {start}..{stop - 1} of {units} would be skipped)")
+    fix = f"fix or remove {err.name}, or re-run without --strict to skip it"
+    if not written:
+        return f"{line}: {fix}"
+    return (f"{line}; the {written} shard(s) of the windows before it are written, complete and kept (no manifest "
+            f"yet): {fix}; a re-run keeps the finished shards")
+
+
 def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, partitions: int | None = None,
                   progress: bool = False, on_shard_done=None, map_shards=None, **settings) -> dict:
     """shards.shard_dataset with `window`: plan a window, hand its shards to the writers, plan the
@@ -254,7 +266,7 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
     from shards.manifest import finish_dataset
     from shards.partitions import attach_records, split_source
     from shards.partplan import listing_digest, map_jobs, plan_partitions
-    from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, scan_setup,
+    from shards.plan import (ShardError, ShardPlan, ShardSettings, ShardSettingsError, StrictSkipError, scan_setup,
                              settings_fingerprint, shard_tasks)
     from shards.sources import SourceError
     from shards.writer import write_shard
@@ -306,8 +318,12 @@ def shard_windows(source, out_url, *, window: int, pool=None, workers: int = 1, 
                                  None if split.kind in _MANIFESTS else items)
             del items  # held by the window's partitions (one window's listings at a time)
             attach_records(part, out_url, scan_args)
-            planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
-                                      workers=workers, earlier=earlier, multi_label=multi_label, digest=digest)
+            try:
+                planned = plan_partitions(part, cfg, scan_args, out_url, lambda _: classes, exclude, pool=pool,
+                                          workers=workers, earlier=earlier, multi_label=multi_label, digest=digest)
+            except StrictSkipError as err:  # the earlier windows' shards are finished first: all kept, complete
+                collect(block=True)
+                raise ShardError(_strict_message(err, split.url, start, stop, len(units), len(entries))) from None
             del part  # and its units' listings: the next window's are listed while its shards are written
             batch = shard_tasks(cfg, out_url, planned, first=len(tasks))
             tasks += batch

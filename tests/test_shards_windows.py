@@ -404,3 +404,36 @@ def test_each_unit_is_listed_once(tree, tmp_path, monkeypatch, kind):
     units = partitions.split_source(str(source)).partitions[0].units
     assert len(units) == 7 if kind == "folders" else 6
     assert calls == Counter(repr(unit) for unit in units)
+
+
+@pytest.mark.timeout(240)
+def test_strict_names_the_record_and_a_re_run_keeps_the_written_shards(tmp_path):
+    """`vitpipe shard --window --strict` with a bad file in the last window: one line naming the file
+    and why, saying the earlier windows' shards are kept; with the file removed a re-run keeps those
+    shards and makes the bytes of a clean run."""
+    import json
+
+    root = tmp_path / "tree"
+    for i, crop in enumerate(photo_crops(12, size=(96, 72), seed=3)):
+        (root / "abc"[i // 4]).mkdir(parents=True, exist_ok=True)
+        (root / "abc"[i // 4] / f"{i:02d}.jpg").write_bytes(encode(crop, "JPEG", quality=90))
+    bad = root / "c" / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = [str(Path(sys.executable).parent / "vitpipe"), "--quiet", "shard", str(root), str(out), "--window", "4",
+            "--shard-size", "3", "--seed", "4", "--workers", "2", "--strict"]
+    failed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert failed.stderr.count("\n") == 1 and f"{root}: c/bad.jpg: not an image (" in failed.stderr, failed.stderr
+    assert "window of units 3..3 of 4" in failed.stderr and "the 4 shard(s) of the windows before it are written, " \
+        "complete and kept" in failed.stderr and "re-run without --strict" in failed.stderr, failed.stderr
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert len(written) == 4 and not (out / "manifest.json").exists()  # folders a and b: 2 shards each
+    bad.unlink()
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    reference = tmp_path / "ref"
+    expected = _dataset(reference, shard_dataset(str(root), str(reference), shard_size=3, seed=4, window=4,
+                                                    strict=True))
+    assert _dataset(out, json.loads((out / "manifest.json").read_text())) == expected
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in written} == written
