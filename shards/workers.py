@@ -173,12 +173,13 @@ def _configured(settings: dict, fn, *args):
 class LoopbackCluster:
     """A real `dask scheduler` and `workers` `dask worker` processes (one thread each, no nanny: a
     killed worker stays dead) on 127.0.0.1 with free ports, for tests and benchmarks; stopped on exit.
-    `env`: the workers' environment (the S3 endpoint and credentials)."""
+    `env`: the workers' environment (the S3 endpoint and credentials); `log_dir`: where their logs
+    stay, else a temporary folder removed on exit."""
 
     def __init__(self, workers: int, *, env: dict | None = None, log_dir: str | None = None):
         self.n, self.env, self.log_dir = workers, dict(env or os.environ), log_dir
         self.procs: list = []
-        self.address = ""
+        self.address, self._temp = "", None
 
     def __enter__(self):
         import subprocess
@@ -189,13 +190,15 @@ class LoopbackCluster:
 
         dask = os.path.join(os.path.dirname(sys.executable), "dask")
         self.address = f"tcp://127.0.0.1:{free_port()}"
-        logs = self.log_dir or tempfile.mkdtemp(prefix="vitpipe-dask-")
+        if self.log_dir is None:
+            self._temp = tempfile.mkdtemp(prefix="vitpipe-dask-")
+        logs = self.log_dir or self._temp
         common = {"env": self.env, "stdin": subprocess.DEVNULL, "start_new_session": True}
         try:
-            self.procs.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
-                                                self.address.rsplit(":", 1)[1], "--no-dashboard"],
-                                               stdout=open(os.path.join(logs, "scheduler.log"), "wb"),
-                                               stderr=subprocess.STDOUT, **common))
+            with open(os.path.join(logs, "scheduler.log"), "wb") as log:
+                self.procs.append(subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                                    self.address.rsplit(":", 1)[1], "--no-dashboard"],
+                                                   stdout=log, stderr=subprocess.STDOUT, **common))
             for i in range(self.n):
                 self.add_worker(logs, dask, common, i)
             self.wait_for(self.n)
@@ -207,11 +210,10 @@ class LoopbackCluster:
     def add_worker(self, logs, dask, common, i):
         import subprocess
 
-        self.procs.append(subprocess.Popen([dask, "worker", self.address, "--nthreads", "1", "--no-nanny",
-                                            "--no-dashboard", "--memory-limit", "0", "--host", "127.0.0.1",
-                                            "--name", f"w{i}"],
-                                           stdout=open(os.path.join(logs, f"worker{i}.log"), "wb"),
-                                           stderr=subprocess.STDOUT, **common))
+        with open(os.path.join(logs, f"worker{i}.log"), "wb") as log:
+            self.procs.append(subprocess.Popen([dask, "worker", self.address, "--nthreads", "1", "--no-nanny",
+                                                "--no-dashboard", "--memory-limit", "0", "--host", "127.0.0.1",
+                                                "--name", f"w{i}"], stdout=log, stderr=subprocess.STDOUT, **common))
 
     @property
     def workers(self) -> list:
@@ -235,4 +237,9 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._temp is not None:  # made for this cluster: its logs go with it
+            import shutil
+
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
         return False

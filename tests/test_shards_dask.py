@@ -124,3 +124,23 @@ def test_a_coordinator_killed_mid_plan_resumes_from_the_scan_records(s3, s3_digi
         reused = int(log.split("plan: ", 1)[1].split(" unit(s)", 1)[0])
         assert kept <= reused <= 10, log
     assert _shards_at(out) == one_machine
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_loopback_cluster_removes_the_log_folder_it_made(tmp_path, monkeypatch):
+    """Without `log_dir` the scheduler's and worker's logs go to a temporary folder removed on exit;
+    a `log_dir` given by the caller stays with its logs."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes its folders
+    with LoopbackCluster(1):
+        made = list(tmp_path.glob("vitpipe-dask-*"))
+        assert len(made) == 1 and {p.name for p in made[0].iterdir()} == {"scheduler.log", "worker0.log"}
+    assert not made[0].exists()
+    kept = tmp_path / "logs"
+    kept.mkdir()
+    with LoopbackCluster(1, log_dir=str(kept)):
+        pass
+    assert {p.name for p in kept.iterdir()} == {"scheduler.log", "worker0.log"} and (kept / "scheduler.log").stat().st_size
+    assert list(tmp_path.glob("vitpipe-dask-*")) == []
