@@ -5,6 +5,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
@@ -60,7 +61,22 @@ def unordered_map(executor, fn, items, *, ahead: int):
             future.cancel()
 
 
+def forget_parent_thread_exits(worker_id: int | None = None) -> None:
+    """In a forked worker (a shard pool's; a DataLoader's: its worker_init_fn, hence `worker_id`): drop
+    the callbacks the parent registered to run when its threads shut down (``threading._register_atexit``),
+    which multiprocessing runs at the worker's exit. The worker has none of those threads. Prefect's log
+    and event services register one each in a process that ran a flow; in a fork their state is reset,
+    the callback fails, and the worker exits with code 1 (a DataLoader's rank reports "DataLoader worker
+    (pid N) exited unexpectedly" while shutting it down). concurrent.futures' own callbacks stay: they
+    stop executors the worker itself may start."""
+    callbacks = getattr(threading, "_threading_atexits", None)
+    if callbacks:
+        callbacks[:] = [c for c in callbacks
+                        if getattr(getattr(c, "func", c), "__module__", "").startswith("concurrent.futures")]
+
+
 def _init_worker(settings: dict) -> None:
+    forget_parent_thread_exits()  # a pool forked in a process that ran a Prefect flow (the shard_dataset flow)
     # SIGINT/SIGTERM go to the whole process group: the parent decides (no new work), a worker
     # finishes the shard it is writing, so nothing is left half-written
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -74,6 +74,30 @@ def test_shard_stage_without_source_or_manifest_says_what_to_do(tmp_path):
         shard_stage(DatasetParams(url=str(tmp_path / "nothing")))
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_the_shard_flow_s_worker_processes_exit_cleanly(prefect_api, trees, tmp_path, monkeypatch):
+    """The shard_dataset flow forks its scan pool (shards.workers.process_pool) inside a flow run, where
+    Prefect's log and event services have registered callbacks for the shutdown of their threads; a
+    forked worker inherited them, failed in them at exit and exited with code 1."""
+    from shards import workers
+
+    forked, process_pool = [], workers.process_pool
+
+    def recording(n):
+        pool = process_pool(n)
+        forked.extend(pool._processes.values())
+        return pool
+
+    monkeypatch.setattr(workers, "process_pool", recording)
+    manifest = flows.shard_dataset(DatasetParams(source=str(trees["eval"]), url=str(tmp_path / "ds"), name="val",
+                                                 shard_size=100, workers=2))
+    assert manifest["num_samples"] > 0 and len(forked) == 2
+    for proc in forked:
+        proc.join(30)
+    assert [proc.exitcode for proc in forked] == [0, 0]
+
+
 def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "root": root,

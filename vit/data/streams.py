@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -29,6 +28,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import DatasetError
+from shards.workers import forget_parent_thread_exits
 from vit.augment import INCEPTION_MEAN, INCEPTION_STD, ResizeCenterCrop, build_transform, normalize, stack_images
 from vit.data import gpu
 from vit.data.dataset import StreamError, _label_mode, _label_prior, _open_shard, load_dataset_info
@@ -409,7 +409,7 @@ class TrainStream(_DatasetStream):
                                         lendable=lend) for w in range(self.num_workers)]
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=_PREFETCH,
                             multiprocessing_context=_mp_context(), persistent_workers=False,
-                            worker_init_fn=_forget_parent_thread_exits)
+                            worker_init_fn=forget_parent_thread_exits)
         return _start_workers(loader), dataset.rings
 
     def _assemble(self, parts: list[dict], step: int, epoch: int, rings: list[_ChunkRing] | None = None) -> Batch:
@@ -500,19 +500,6 @@ def _start_workers(loader: DataLoader) -> Iterator:
         return iter(loader)
 
 
-def _forget_parent_thread_exits(worker_id: int) -> None:
-    """In a forked DataLoader worker: drop the callbacks the parent registered to run when its threads shut
-    down (``threading._register_atexit``), which multiprocessing runs at the worker's exit. The worker has
-    none of those threads. Prefect's log and event services register one each in a process that ran a flow;
-    in a fork their state is reset, the callback fails, and the worker exits with code 1, which the rank
-    reports as "DataLoader worker (pid N) exited unexpectedly" while shutting it down. concurrent.futures'
-    own callbacks stay: they stop executors the worker itself may start."""
-    callbacks = getattr(threading, "_threading_atexits", None)
-    if callbacks:
-        callbacks[:] = [c for c in callbacks
-                        if getattr(getattr(c, "func", c), "__module__", "").startswith("concurrent.futures")]
-
-
 def _mp_context():
     # fork keeps the process's storage settings (endpoint) and is cheap; spawn where fork is unavailable
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -598,7 +585,7 @@ class EvalStream(_DatasetStream):
         else:
             parts = _start_workers(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                               multiprocessing_context=_mp_context(),
-                                              worker_init_fn=_forget_parent_thread_exits))
+                                              worker_init_fn=forget_parent_thread_exits))
         step = 0
         for part in parts:
             for key, reason in part["corrupt"]:
