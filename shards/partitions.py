@@ -335,12 +335,11 @@ def scan_partition(part: Partition, scan_args: tuple, out_url: str):
 
 
 def scan_units(part: Partition, scan_args: tuple, out_url: str):
-    """Yields (listing, scan results, reused) for each unit of the partition: its listing (made now,
-    or carried in part.listings), then its
-    scan taken from a record of an earlier run when the listing is unchanged, else made
-    (`scan_args`: max_pixels, decode). The units scanned are saved as records (one per partition,
-    or per _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run with other
-    partitions still finds them."""
+    """Yields (listing, scan results, reused) for each unit of the partition: its listing (made now, or
+    carried in part.listings), then its scan taken from a record of an earlier run when the listing
+    is unchanged, else made (`scan_args`: max_pixels, decode). The units scanned are saved as records
+    (one per partition, or per _RECORD_ROWS rows), each holding its units' scans by unit, so a re-run
+    with other partitions still finds them."""
     from shards.plan import _scan_part
 
     saved = _load_records(part.records)

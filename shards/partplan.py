@@ -155,7 +155,7 @@ def bucket_keys(state_url: str, buckets: int) -> tuple[np.ndarray, bytes]:
 
 
 def read_bucket(url: str, cuts: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """(content keys: key, row, ok; sample keys: row, hash, size) of bucket b of bucket_keys' body at `cuts` in a file."""
+    """(content keys: key, row, ok; sample keys: row, hash, size) of bucket b of bucket_keys' body at `cuts`."""
     lo, mid, hi = cuts[3 * b:3 * b + 3].tolist()
     data = storage.read_range(url, lo, hi - lo)
     return np.frombuffer(data, dtype=_ROW, count=(mid - lo) // _ROW.itemsize), np.frombuffer(data, dtype=_KEY,

@@ -142,5 +142,6 @@ def test_a_loopback_cluster_removes_the_log_folder_it_made(tmp_path, monkeypatch
     kept.mkdir()
     with LoopbackCluster(1, log_dir=str(kept)):
         pass
-    assert {p.name for p in kept.iterdir()} == {"scheduler.log", "worker0.log"} and (kept / "scheduler.log").stat().st_size
+    assert {p.name for p in kept.iterdir()} == {"scheduler.log", "worker0.log"}
+    assert (kept / "scheduler.log").stat().st_size
     assert list(tmp_path.glob("vitpipe-dask-*")) == []
