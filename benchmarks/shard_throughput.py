@@ -49,10 +49,10 @@ def _warm(root: Path) -> int:
     return sum(len(p.read_bytes()) for p in _files(root))
 
 
-def _median_times(runs: dict, repeats: int) -> dict:
-    """Median wall time of each run; the runs are interleaved (A B C, B C A, C A B, ...) so that load
-    from other processes on the machine hits every contestant alike, and no contestant always runs
-    right after the same one (the kernel still writing out the previous run's 300 MB)."""
+def _interleaved_times(runs: dict, repeats: int) -> dict:
+    """Each run's wall times, one per repeat; the runs are interleaved (A B C, B C A, C A B, ...) so
+    that load from other processes on the machine hits every contestant alike, and no contestant
+    always runs right after the same one (the kernel still writing out the previous run's 300 MB)."""
     times = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
@@ -61,7 +61,12 @@ def _median_times(runs: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def _median_times(runs: dict, repeats: int) -> dict:
+    """Median wall time of each run (_interleaved_times)."""
+    return {name: statistics.median(values) for name, values in _interleaved_times(runs, repeats).items()}
 
 
 def _tar_cf(root: Path, out: Path) -> None:
@@ -304,8 +309,8 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"| run | images/s | MB/s | ratio | target |")
-    print(f"|---|---:|---:|---:|---|")
+    print("| run | images/s | MB/s | ratio | target |")
+    print("|---|---:|---:|---:|---|")
     for name, ips, mbs, ratio, target in rows:
         print(f"| {name} | {ips:.0f} | {mbs:.1f} | {ratio:.2f}x | {target} |")
     if not peaks:
