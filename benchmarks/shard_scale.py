@@ -354,7 +354,8 @@ def _scaling(section: str, what: str, n: int, times: dict) -> None:
     share = [d / b for d, b in zip(dask, bare)]
     print(f"{section}: {what}: Dask 2 workers {n / med['2 workers']:.1f} img/s, 1 worker {n / med['1 worker']:.1f} img/s: "
           f"{med['1 worker'] / med['2 workers']:.2f}x; the machine's ceiling, 2 bare processes vs 1 doing the same "
-          f"per-image work: {med['bare 1'] / med['bare 2']:.2f}x ({_load()})", flush=True)
+          f"per-image work: {n / med['bare 2']:.1f} vs {n / med['bare 1']:.1f} img/s, "
+          f"{med['bare 1'] / med['bare 2']:.2f}x ({_load()})", flush=True)
     print(f"{section}: per repeat: Dask {' '.join(f'{r:.2f}' for r in dask)}; bare {' '.join(f'{r:.2f}' for r in bare)}; "
           f"Dask's scaling as a share of the bare processes' {' '.join(f'{r:.2f}' for r in share)} "
           f"(median {statistics.median(share):.2f})", flush=True)
