@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shard_throughput import _MEMORY_CHILD, _interleaved_times, _make_corpus, _median_times  # noqa: E402
+from shard_throughput import _MEMORY_CHILD, _make_corpus, _median_times  # noqa: E402
 
 from shards import plan_shards, shard_dataset, storage, write_shard  # noqa: E402
 from shards.storage import _READ_THREADS  # noqa: E402
@@ -256,8 +256,8 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
             return lambda: _paused_both(two, one, lambda: _spread(pool, functools.partial(
                 _boto_loop, src=src, dst=dst, resize=64), keys, k))
 
-        times = _interleaved_times({"2 workers": run(two, "r2", resize=64), "1 worker": run(one, "r1", resize=64),
-                                    "bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}, repeats)
+        times = _pair_times([{"2 workers": run(two, "r2", resize=64), "1 worker": run(one, "r1", resize=64)},
+                             {"bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}], repeats)
         _scaling("dask", f"--resize 64 on {n} photos, S3 -> S3 (bare: a boto3 GET, resize_encode, PUT loop)", n, times)
         with Client(two.address, set_as_default=False) as client:
             def loop():
@@ -307,8 +307,8 @@ def local(work: Path, corpus: Path, repeats: int) -> None:
         def bare(pool, k):
             return lambda: _paused_both(two, one, lambda: _spread(pool, _resize_files, paths, k))
 
-        times = _interleaved_times({"2 workers": run(two, "l2"), "1 worker": run(one, "l1"),
-                                    "bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}, repeats)
+        times = _pair_times([{"2 workers": run(two, "l2"), "1 worker": run(one, "l1")},
+                             {"bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}], repeats)
     _scaling("local", f"--resize 64 on {n} photos, local folder -> local folder", n, times)
 
 
@@ -343,6 +343,20 @@ def _paused(cluster):
 def _paused_both(two, one, fn) -> None:
     with _paused(two), _paused(one):
         fn()
+
+
+def _pair_times(pairs: list[dict], repeats: int) -> dict:
+    """Each run's wall times, one per repeat: the two runs of a pair back to back (the machine's speed
+    drifts from minute to minute), the pairs and the runs within them in turn first."""
+    times = {name: [] for pair in pairs for name in pair}
+    for repeat in range(repeats):
+        for pair in pairs[repeat % len(pairs):] + pairs[:repeat % len(pairs)]:
+            names = list(pair) if repeat % 2 == 0 else list(pair)[::-1]
+            for name in names:
+                start = time.perf_counter()
+                pair[name]()
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _scaling(section: str, what: str, n: int, times: dict) -> None:

@@ -49,10 +49,10 @@ def _warm(root: Path) -> int:
     return sum(len(p.read_bytes()) for p in _files(root))
 
 
-def _interleaved_times(runs: dict, repeats: int) -> dict:
-    """Each run's wall times, one per repeat; the runs are interleaved (A B C, B C A, C A B, ...) so
-    that load from other processes on the machine hits every contestant alike, and no contestant
-    always runs right after the same one (the kernel still writing out the previous run's 300 MB)."""
+def _median_times(runs: dict, repeats: int) -> dict:
+    """Median wall time of each run; the runs are interleaved (A B C, B C A, C A B, ...) so that load
+    from other processes on the machine hits every contestant alike, and no contestant always runs
+    right after the same one (the kernel still writing out the previous run's 300 MB)."""
     times = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
@@ -61,12 +61,7 @@ def _interleaved_times(runs: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _median_times(runs: dict, repeats: int) -> dict:
-    """Median wall time of each run (_interleaved_times)."""
-    return {name: statistics.median(values) for name, values in _interleaved_times(runs, repeats).items()}
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _tar_cf(root: Path, out: Path) -> None:
