@@ -9,11 +9,16 @@
    8 partitions and 16 shards as in the dask section's 2-worker runs);
 3. dask: a real `dask scheduler` + `dask worker` processes on 127.0.0.1: --resize images/s with 2
    workers vs 1 (real photographs, the corpus builder of benchmarks/shard_throughput.py), from S3 to
-   S3 (on 2 cores the SeaweedFS server shares them with the workers), and
-   pass-through S3 -> S3 vs a bare boto3 GET+PUT loop (per worker, same objects), and again with
-   one read at a time per worker (what storage.map_reads' requests in flight give);
+   S3 (on 2 cores the SeaweedFS server shares them with the workers), beside the machine's own
+   ceiling for that work: 2 bare processes vs 1, each a boto3 GET, resize_encode (the writer's
+   call), PUT loop over its half of the photos; and pass-through S3 -> S3 vs a bare boto3 GET+PUT
+   loop per worker (same objects), and again with one read at a time per worker (what
+   storage.map_reads' requests in flight give);
 4. local: --resize images/s with 2 workers vs 1 from a local folder to a local folder (no server),
-   on --local-images photos;
+   on --local-images photos, beside 2 bare processes vs 1 reading and resizing the same photos.
+   The 2 cores of these machines are virtual: 2 bare processes doing the same CPU-bound work range
+   from 1.45x to 2.0x of one from minute to minute, so each repeat's Dask ratio is printed beside
+   that repeat's bare one, and their quotient (Dask's share of what the machine gave);
 5. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
    2 local workers), the global plan and --window (default 20k records: 40 of the 50k tree's 100
    class folders, 10 of the 200k tree's) side by side; --first-source manifest: a jsonl manifest
@@ -32,13 +37,17 @@ ratios of parallel runs are bounded by what the other processes leave.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,8 +211,11 @@ def gets(work: Path, corpus: Path) -> None:
           "shards", flush=True)
 
 
-def _boto_loop(keys: list[str], src: str, dst: str) -> None:
-    """A bare GET+PUT per object (what a hand-written copy does), run on each worker for its half."""
+def _boto_loop(keys: list[str], src: str, dst: str, resize: int = 0) -> None:
+    """A bare GET+PUT per object (what a hand-written copy does), run on each worker for its half;
+    `resize`: with the writer's resize_encode call between them."""
+    from shards.imaging import resize_encode
+    from shards.plan import ShardSettings
     from shards.storage.s3 import _client, split
 
     bucket, prefix = split(src)
@@ -211,6 +223,8 @@ def _boto_loop(keys: list[str], src: str, dst: str) -> None:
     client = _client()
     for key in keys:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        if resize:
+            body = resize_encode(body, shorter=resize, quality=ShardSettings.quality)[0]
         client.put_object(Bucket=bucket, Key=out + "/" + key.rsplit("/", 1)[-1], Body=body)
 
 
@@ -218,26 +232,35 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
     from distributed import Client
 
     from shards.storage.s3 import split
-    from shards.workers import LoopbackCluster
+    from shards.workers import LoopbackCluster, process_pool
 
     src = f"s3://{_BUCKET}/{corpus.name}"
     n = _upload(corpus, src)
     env = dict(os.environ)
-    with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one:
+    keys = [split(item["url"])[1] for item in storage.iter_files(src)]
+    with LoopbackCluster(2, env=env) as two, LoopbackCluster(1, env=env) as one, \
+            process_pool(2) as bare2, process_pool(1) as bare1:
         def run(cluster, tag, **kw):
             # 16 shards, as benchmarks/shard_throughput.py: with 3 (shard_size 200 of 600) 2 workers write 2
             # and 1, which caps them at 1.5x one worker and measures the wait for the last shard
             url = f"s3://{_BUCKET}/out/{tag}"
-            return lambda: (_clear(url), shard_dataset(src, url, dask=cluster.address, shard_size=-(-n // 16), **kw))
 
-        times = _median_times({"resize 2 workers": run(two, "r2", resize=64), "resize 1 worker": run(one, "r1", resize=64)},
-                              repeats)
-        print(f"dask: --resize 64 on {n} photos, S3 -> S3: 2 workers {n / times['resize 2 workers']:.1f} img/s, 1 worker "
-              f"{n / times['resize 1 worker']:.1f} img/s: {times['resize 1 worker'] / times['resize 2 workers']:.2f}x "
-              f"({_load()})", flush=True)
-        keys = [split(item["url"])[1] for item in storage.iter_files(src)]
+            def go():
+                _clear(url)
+                with _paused(two if cluster is one else one):
+                    shard_dataset(src, url, dask=cluster.address, shard_size=-(-n // 16), **kw)
+            return go
+
+        def bare(pool, k):
+            dst = f"s3://{_BUCKET}/out/bare{k}"
+            return lambda: _paused_both(two, one, lambda: _spread(pool, functools.partial(
+                _boto_loop, src=src, dst=dst, resize=64), keys, k))
+
+        times = _pair_times([{"2 workers": run(two, "r2", resize=64), "1 worker": run(one, "r1", resize=64)},
+                             {"bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}], repeats)
+        _scaling("dask", f"--resize 64 on {n} photos, S3 -> S3 (bare: a boto3 GET, resize_encode, PUT loop)", n, times)
         with Client(two.address, set_as_default=False) as client:
-            def bare():
+            def loop():
                 halves = [keys[0::2], keys[1::2]]
                 futures = [client.submit(_boto_loop, half, src, f"s3://{_BUCKET}/out/bare", pure=False)
                            for half in halves]
@@ -246,9 +269,10 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
             def reads(threads, fn):  # storage.map_reads' requests in flight in each worker, then the run
                 return lambda: (client.run(_read_threads, threads), fn())
 
-            times = _median_times({"pass-through 2 workers": reads(_READ_THREADS, run(two, "p2")),
-                                   "boto3 GET+PUT 2 workers": bare,
-                                   "one read at a time": reads(1, run(two, "p1"))}, repeats)
+            with _paused(one):
+                times = _median_times({"pass-through 2 workers": reads(_READ_THREADS, run(two, "p2")),
+                                       "boto3 GET+PUT 2 workers": loop,
+                                       "one read at a time": reads(1, run(two, "p1"))}, repeats)
             client.run(_read_threads, _READ_THREADS)
         ratio = times["boto3 GET+PUT 2 workers"] / times["pass-through 2 workers"]
         print(f"dask: pass-through S3->S3 on 2 workers {n / times['pass-through 2 workers']:.1f} img/s vs a bare boto3 "
@@ -262,20 +286,93 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
 def local(work: Path, corpus: Path, repeats: int) -> None:
     """--resize 64 from a local folder to a local folder on the loopback Dask cluster, 2 workers vs 1: no
     SeaweedFS sharing the 2 cores; a larger corpus than the S3 sections' (at ~1,000 img/s per worker
-    2,000 photos last 2 s, and the plan's fixed phases weigh)."""
-    from shards.workers import LoopbackCluster
+    2,000 photos last 2 s, and the plan's fixed phases weigh). Beside it, interleaved, the machine's
+    own ceiling for the same work: 2 bare processes vs 1 reading and resizing the same photos
+    (the writer's resize_encode call, no plan, no tar, no Dask)."""
+    from shards.workers import LoopbackCluster, process_pool
 
-    n = sum(1 for _ in corpus.rglob("*.jpg"))
-    with LoopbackCluster(2, env=dict(os.environ)) as two, LoopbackCluster(1, env=dict(os.environ)) as one:
+    paths = sorted(str(p) for p in corpus.rglob("*.jpg"))
+    n = len(paths)
+    with LoopbackCluster(2, env=dict(os.environ)) as two, LoopbackCluster(1, env=dict(os.environ)) as one, \
+            process_pool(2) as bare2, process_pool(1) as bare1:
         def run(cluster, tag):
             url = work / "out" / tag
-            return lambda: (shutil.rmtree(url, ignore_errors=True),
-                            shard_dataset(str(corpus), str(url), dask=cluster.address, shard_size=-(-n // 16), resize=64))
 
-        times = _median_times({"2 workers": run(two, "l2"), "1 worker": run(one, "l1")}, repeats)
-    print(f"local: --resize 64 on {n} photos, local folder -> local folder: 2 workers {n / times['2 workers']:.1f} "
-          f"img/s, 1 worker {n / times['1 worker']:.1f} img/s: {times['1 worker'] / times['2 workers']:.2f}x ({_load()})",
-          flush=True)
+            def go():
+                shutil.rmtree(url, ignore_errors=True)
+                with _paused(two if cluster is one else one):
+                    shard_dataset(str(corpus), str(url), dask=cluster.address, shard_size=-(-n // 16), resize=64)
+            return go
+
+        def bare(pool, k):
+            return lambda: _paused_both(two, one, lambda: _spread(pool, _resize_files, paths, k))
+
+        times = _pair_times([{"2 workers": run(two, "l2"), "1 worker": run(one, "l1")},
+                             {"bare 2": bare(bare2, 2), "bare 1": bare(bare1, 1)}], repeats)
+    _scaling("local", f"--resize 64 on {n} photos, local folder -> local folder", n, times)
+
+
+def _resize_files(paths: list[str]) -> None:
+    """The writer's per-image work for --resize 64 from a local folder, bare: read, resize_encode."""
+    from shards.imaging import resize_encode
+    from shards.plan import ShardSettings
+
+    for path in paths:
+        resize_encode(Path(path).read_bytes(), shorter=64, quality=ShardSettings.quality)
+
+
+def _spread(pool, fn, items: list, k: int) -> None:
+    """fn over `items` in `k` processes of `pool` (started before: no fork in the time), a slice each."""
+    for future in [pool.submit(fn, items[i::k]) for i in range(k)]:
+        future.result()
+
+
+@contextmanager
+def _paused(cluster):
+    """The other cluster's processes stopped (SIGSTOP) while this one runs: an idle Dask scheduler and
+    worker still wake on their timers (about 0.07 of a core here), a load no user's single cluster has."""
+    for proc in cluster.procs:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in cluster.procs:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+def _paused_both(two, one, fn) -> None:
+    with _paused(two), _paused(one):
+        fn()
+
+
+def _pair_times(pairs: list[dict], repeats: int) -> dict:
+    """Each run's wall times, one per repeat: the two runs of a pair back to back (the machine's speed
+    drifts from minute to minute), the pairs and the runs within them in turn first."""
+    times = {name: [] for pair in pairs for name in pair}
+    for repeat in range(repeats):
+        for pair in pairs[repeat % len(pairs):] + pairs[:repeat % len(pairs)]:
+            names = list(pair) if repeat % 2 == 0 else list(pair)[::-1]
+            for name in names:
+                start = time.perf_counter()
+                pair[name]()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _scaling(section: str, what: str, n: int, times: dict) -> None:
+    """Print 2 workers vs 1 (Dask) beside 2 bare processes vs 1: medians of the times, and the ratios of
+    each repeat (the contestants of one repeat run back to back, under the same load)."""
+    med = {name: statistics.median(values) for name, values in times.items()}
+    dask = [a / b for a, b in zip(times["1 worker"], times["2 workers"])]
+    bare = [a / b for a, b in zip(times["bare 1"], times["bare 2"])]
+    share = [d / b for d, b in zip(dask, bare)]
+    print(f"{section}: {what}: Dask 2 workers {n / med['2 workers']:.1f} img/s, 1 worker {n / med['1 worker']:.1f} img/s: "
+          f"{med['1 worker'] / med['2 workers']:.2f}x; the machine's ceiling, 2 bare processes vs 1 doing the same "
+          f"per-image work: {n / med['bare 2']:.1f} vs {n / med['bare 1']:.1f} img/s, "
+          f"{med['bare 1'] / med['bare 2']:.2f}x ({_load()})", flush=True)
+    print(f"{section}: per repeat: Dask {' '.join(f'{r:.2f}' for r in dask)}; bare {' '.join(f'{r:.2f}' for r in bare)}; "
+          f"Dask's scaling as a share of the bare processes' {' '.join(f'{r:.2f}' for r in share)} "
+          f"(median {statistics.median(share):.2f})", flush=True)
 
 
 def _read_threads(n: int) -> None:

@@ -304,8 +304,8 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"| run | images/s | MB/s | ratio | target |")
-    print(f"|---|---:|---:|---:|---|")
+    print("| run | images/s | MB/s | ratio | target |")
+    print("|---|---:|---:|---:|---|")
     for name, ips, mbs, ratio, target in rows:
         print(f"| {name} | {ips:.0f} | {mbs:.1f} | {ratio:.2f}x | {target} |")
     if not peaks:
