@@ -115,7 +115,7 @@ for what, size in held.items():
 print(f"peak RSS {rss() / 1e6:.1f} MB", flush=True)
 """
 # the coordinator's own steps between the workers' phases (shards.partplan)
-_PHASES = "shards.partitions.merge,shards.partplan._duplicates,shards.partplan.shard_bounds"
+_PHASES = "shards.partitions.merge,shards.partplan._duplicates,shards.partplan._shard_bounds"
 _BUCKET = "bench"
 
 

@@ -587,7 +587,7 @@ def load_route(task):
     width, height, nbytes, sha}, class_ids, class_off)."""
     from shards.table import RecordTable
 
-    wanted = [(url, lo, hi) for url, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
+    wanted = [(url, int(lo), int(hi)) for url, (lo, hi) in zip(task.routes, task.spans) if hi > lo]
     pieces = [_unpack_section(data) for data in storage.map_reads(
         lambda where: storage.read_range(where[0], where[1], where[2] - where[1]), wanted,
         wanted[0][0] if wanted else "")]

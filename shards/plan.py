@@ -118,7 +118,7 @@ class ShardTask:
     source_fingerprint: str = ""  # the listing's (paths, sizes, mtimes): part of the digest, as keys may hash only the ends
     rows: np.ndarray | None = None  # row numbers in `records` (None: records holds exactly this task's rows)
     routes: tuple = ()  # the route files of the partitions (shards.partplan), while not loaded
-    spans: tuple = ()  # [start, stop) of this task's section in each route file (empty: none there)
+    spans: tuple | np.ndarray = ()  # int64 [routes, 2]: [start, stop) of its section in each route file (empty: none there)
     count: int = -1  # its records, while not loaded
 
     _COLUMNS = ("ext", "width", "height", "nbytes", "sha")
@@ -495,7 +495,7 @@ def scan_setup(cfg: ShardSettings):
 
 def shard_tasks(cfg: ShardSettings, out_url: str, planned, first: int = 0) -> list[ShardTask]:
     """The routed tasks of a plan's shards (shards.partplan.Planned), numbered from `first`."""
-    tasks = []
+    tasks, routes = [], tuple(planned.routes)  # one tuple, and views of one spans array, shared by the tasks
     for index, (lo, hi) in enumerate(planned.bounds, first):
         shard_name = f"{cfg.name}-{index:06d}.tar"
         tasks.append(ShardTask(index=index - first, name=shard_name, url=storage.join(out_url, shard_name),
@@ -503,8 +503,7 @@ def shard_tasks(cfg: ShardSettings, out_url: str, planned, first: int = 0) -> li
                                height=None, nbytes=None, sha=None, classes=planned.classes,
                                multi_label=planned.multi_label, resize=cfg.resize, quality=cfg.quality,
                                max_pixels=cfg.max_pixels, source_fingerprint=planned.listing.fingerprint,
-                               routes=tuple(planned.routes),
-                               spans=tuple(map(tuple, planned.spans[:, index - first:index - first + 2].tolist())),
+                               routes=routes, spans=planned.spans[:, index - first:index - first + 2],
                                count=hi - lo))
     return tasks
 
