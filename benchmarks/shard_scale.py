@@ -3,7 +3,8 @@
 1. memory: the coordinator's peak RSS (ru_maxrss of a fresh process that plans and writes, the
    scan and the writes in 2 worker processes) at 50k / 200k / 1M tiny distinct JPEGs (short
    paths), bytes per record between the sizes, and that slope extrapolated to ImageNet-21k (14M)
-   and JFT-300M (300M);
+   and JFT-300M (300M); and what grows with partitions x shards instead: the route offsets and the
+   shard tasks of JFT-300M in shards of 10k at 400 partitions;
 2. gets: GET requests per image for an S3 source (real SeaweedFS): whole-object GETs and ranged
    GETs of the ends (the scan); and the GETs and PUTs of the plan's own files (`<out>/_plan/` on S3,
    8 partitions and 16 shards as in the dask section's 2-worker runs);
@@ -143,6 +144,30 @@ def memory(work: Path, sizes: list[int]) -> None:
     print(f"memory: {hi // 1000}k/{lo // 1000}k peak ratio {peaks[hi] / peaks[lo]:.2f}x; {slope:.0f} bytes per record; "
           f"extrapolated: ImageNet-21k 14M {(peaks[lo] + slope * (14e6 - lo)) / 1e9:.1f} GB, "
           f"JFT-300M {(peaks[lo] + slope * (300e6 - lo)) / 1e9:.1f} GB", flush=True)
+    _task_memory(400, 30000)
+
+
+def _task_memory(partitions: int, shards: int) -> None:
+    """What grows with partitions x shards instead of records: the route offsets the coordinator holds
+    (Planned.spans) and the shard tasks made from them (shards.plan.shard_tasks; tracemalloc), at the
+    size of JFT-300M in shards of 10k cut into `partitions`."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from shards.plan import ShardSettings, shard_tasks
+
+    planned = SimpleNamespace(bounds=[(10 * i, 10 * i + 10) for i in range(shards)], classes=["c"],
+                              multi_label=False, listing=SimpleNamespace(fingerprint="f"),
+                              routes=[f"s3://bucket/out/_plan/r-{i:05d}.npz" for i in range(partitions)],
+                              spans=np.zeros((partitions, shards + 1), dtype=np.int64))
+    tracemalloc.start()
+    tasks = shard_tasks(ShardSettings(), "s3://bucket/out", planned)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print(f"memory: {len(tasks)} shard tasks at {partitions} partitions hold {held / 1e6:.1f} MB beside the route "
+          f"offsets' {planned.spans.nbytes / 1e6:.1f} MB", flush=True)
 
 
 def attribute(work: Path, n: int) -> None:
