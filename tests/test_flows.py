@@ -116,7 +116,9 @@ def _config(root: str, data_root: str, trees, *, finetune_set: list[str]) -> Pip
     })
 
 
-def _task_runs(prefix: str) -> list:
+def _task_runs(prefix: str, *, besides: frozenset = frozenset()) -> list:
+    """The task runs named `prefix`* on the server, other than those with ids in `besides` (made by
+    earlier tests against the same server)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
     from prefect.client.schemas.sorting import TaskRunSort
@@ -124,13 +126,14 @@ def _task_runs(prefix: str) -> list:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=prefix)),
                                      sort=TaskRunSort.ID_DESC, limit=200)
-    return [r for r in runs if r.name.startswith(prefix)]
+    return [r for r in runs if r.name.startswith(prefix) and r.id not in besides]
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_api, s3, trees, tmp_path, monkeypatch):
     root = s3.url(f"pipe-{time.time_ns()}")
+    earlier = frozenset(r.id for prefix in ("write-shard", "launch-ranks") for r in _task_runs(prefix))
     monkeypatch.setenv("VITPIPE_FAULT", "step=2:fail")  # test-only: rank 0 dies after step 2 (first launch only)
     # bad input: resume a fine-tune that has no checkpoint
     bad = _config(root, f"{root}/datasets", trees, finetune_set=['checkpoint.resume="must"'])
@@ -139,9 +142,9 @@ def test_pipeline_retries_fails_and_resumes_after_last_completed_stage(prefect_a
 
     # one write-shard task per shard, each completed (on the Dask workers)
     manifests = [storage.read_json(storage.join(d.url, "manifest.json")) for d in (bad.pretrain_data, bad.finetune_data, bad.eval_data)]
-    writes = _task_runs("write-shard")
+    writes = _task_runs("write-shard", besides=earlier)
     assert len(writes) == sum(m["num_shards"] for m in manifests) >= 12 and all(r.state.is_completed() for r in writes)
-    launches = _task_runs("launch-ranks")  # pretrain: failed + relaunched; finetune: refused before any launch
+    launches = _task_runs("launch-ranks", besides=earlier)  # pretrain: failed + relaunched; finetune: refused before any launch
     assert sorted(r.state.type.value for r in launches) == ["COMPLETED", "FAILED"]
 
     runs = {r.kind: r for r in registry.list_runs(root)}
