@@ -16,7 +16,8 @@
    loop per worker (same objects), and again with one read at a time per worker (what
    storage.map_reads' requests in flight give);
 4. local: --resize images/s with 2 workers vs 1 from a local folder to a local folder (no server),
-   on --local-images photos, beside 2 bare processes vs 1 reading and resizing the same photos.
+   on --local-images photos (16,000: about 400 MB), beside 2 bare processes vs 1 reading and
+   resizing the same photos.
    The 2 cores of these machines are virtual: 2 bare processes doing the same CPU-bound work range
    from 1.45x to 2.0x of one from minute to minute, so each repeat's Dask ratio is printed beside
    that repeat's bare one, and their quotient (Dask's share of what the machine gave);
@@ -30,7 +31,7 @@
     .venv/bin/python benchmarks/shard_scale.py [--sections memory,attribute,gets,dask,local,first]
         [--memory-sizes 50000,200000,1000000]
         [--first-sizes 50000,200000] [--window 20000] [--first-source tree|manifest]
-        [--images 2000] [--local-images 8000] [--repeats 3] [--workdir DIR]
+        [--images 2000] [--local-images 16000] [--repeats 3] [--workdir DIR]
 
 The load on the machine (os.getloadavg) is printed beside each figure: on a shared 2-core machine
 ratios of parallel runs are bounded by what the other processes leave.
@@ -310,10 +311,10 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
 
 def local(work: Path, corpus: Path, repeats: int) -> None:
     """--resize 64 from a local folder to a local folder on the loopback Dask cluster, 2 workers vs 1: no
-    SeaweedFS sharing the 2 cores; a larger corpus than the S3 sections' (at ~1,000 img/s per worker
-    2,000 photos last 2 s, and the plan's fixed phases weigh). Beside it, interleaved, the machine's
-    own ceiling for the same work: 2 bare processes vs 1 reading and resizing the same photos
-    (the writer's resize_encode call, no plan, no tar, no Dask)."""
+    SeaweedFS sharing the 2 cores; a larger corpus than the S3 sections' (at 1,200-1,400 img/s per
+    worker 2,000 photos last 1.5 s and 8,000 photos 6 s, and the plan's fixed 0.3-0.5 s weighs).
+    Beside it, interleaved, the machine's own ceiling for the same work: 2 bare processes vs 1
+    reading and resizing the same photos (the writer's resize_encode call, no plan, no tar, no Dask)."""
     from shards.workers import LoopbackCluster, process_pool
 
     paths = sorted(str(p) for p in corpus.rglob("*.jpg"))
@@ -506,7 +507,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-source", choices=("tree", "manifest"), default="tree",
                     help="the first section's source: the class-folder tree, or a jsonl manifest of its files")
     ap.add_argument("--images", type=int, default=2000, help="photos for the gets and dask sections (default 2000)")
-    ap.add_argument("--local-images", type=int, default=8000, help="photos for the local section (default 8000)")
+    ap.add_argument("--local-images", type=int, default=16000,
+                    help="photos for the local section (default 16000: at 8000 the plan's fixed 0.3-0.5 s is a tenth of a 2-worker run)")
     ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)
