@@ -19,8 +19,8 @@
    on --local-images photos (16,000: about 400 MB), beside 2 bare processes vs 1 reading and
    resizing the same photos.
    The 2 cores of these machines are virtual: 2 bare processes doing the same CPU-bound work range
-   from 1.45x to 2.0x of one from minute to minute, so each repeat's Dask ratio is printed beside
-   that repeat's bare one, and their quotient (Dask's share of what the machine gave);
+   from about 1.6x to 2.0x of one from repeat to repeat, so each repeat's Dask ratio is printed
+   beside that repeat's bare one, and their quotient (Dask's share of what the machine gave);
 5. first: time to the first shard written for a 200k-record source vs a 50k one (shards of 10k,
    2 local workers), the global plan and --window (default 20k records: 40 of the 50k tree's 100
    class folders, 10 of the 200k tree's) side by side; --first-source manifest: a jsonl manifest
@@ -312,7 +312,7 @@ def dask(work: Path, corpus: Path, repeats: int) -> None:
 def local(work: Path, corpus: Path, repeats: int) -> None:
     """--resize 64 from a local folder to a local folder on the loopback Dask cluster, 2 workers vs 1: no
     SeaweedFS sharing the 2 cores; a larger corpus than the S3 sections' (at 1,200-1,400 img/s per
-    worker 2,000 photos last 1.5 s and 8,000 photos 6 s, and the plan's fixed 0.3-0.5 s weighs).
+    worker 2,000 photos last 1.5 s and 8,000 photos 6 s, and the plan's fixed phases weigh).
     Beside it, interleaved, the machine's own ceiling for the same work: 2 bare processes vs 1
     reading and resizing the same photos (the writer's resize_encode call, no plan, no tar, no Dask)."""
     from shards.workers import LoopbackCluster, process_pool
@@ -508,7 +508,7 @@ def main(argv=None) -> int:
                     help="the first section's source: the class-folder tree, or a jsonl manifest of its files")
     ap.add_argument("--images", type=int, default=2000, help="photos for the gets and dask sections (default 2000)")
     ap.add_argument("--local-images", type=int, default=16000,
-                    help="photos for the local section (default 16000: at 8000 the plan's fixed 0.3-0.5 s is a tenth of a 2-worker run)")
+                    help="photos for the local section (default 16000: fewer, and the plan's fixed phases weigh)")
     ap.add_argument("--size", default="500x375", help="photo size WxH (default 500x375, ImageNet-like)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None)
